@@ -1,0 +1,139 @@
+"""``edgert export``: model source -> artifact directory (atomic)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgert.__about__ import __version__
+from edgert.artifact import atomic_directory, hash_files, write_manifest
+from edgert.config import LlamaConfig
+from edgert.errors import ConfigError
+from edgert.export.graph_specs import decode_graph_spec
+from edgert.export.llama import LlamaDecoder
+from edgert.export.loaded import LoadedModel
+from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
+from edgert.export.sources import load_model
+from edgert.manifest import FORMAT, FORMAT_VERSION, KVCacheSpec, Manifest, TokenizerSpec
+
+GRAPH_FILES = {"portable": "model.onnx", "ort_gqa": "model.ort.onnx"}
+WEIGHTS_FILE = "model.onnx.data"
+TOKENIZER_FILE = "tokenizer.json"
+KV_MEMORY_FRACTION = 0.25  # the cache may take at most this share of available memory
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Options of ``edgert export``; ``max_context=None`` means the model's maximum."""
+
+    max_context: int | None = None
+    overwrite: bool = False
+
+
+def _available_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil is a dependency, but keep export usable without it
+        return 1 << 40
+
+
+def choose_capacity(config: LlamaConfig, requested: int | None,
+                    log: Callable[[str], None]) -> int:
+    """KV capacity: the request, else the model maximum lowered to fit memory (said in log)."""
+    if requested is not None:
+        if requested < 2:
+            raise ConfigError(f"--max-context must be at least 2, got {requested}")
+        if requested > config.max_position_embeddings:
+            raise ConfigError(
+                f"--max-context {requested} exceeds the model's maximum context "
+                f"{config.max_position_embeddings}; pass a value <= "
+                f"{config.max_position_embeddings}")
+        return requested
+    capacity = config.max_position_embeddings
+    per_token = KVCacheSpec(1, config.num_hidden_layers, config.num_key_value_heads,
+                            config.head_dim).bytes
+    budget = int(_available_memory() * KV_MEMORY_FRACTION)
+    if capacity * per_token > budget:
+        lowered = max(256, budget // per_token // 256 * 256)
+        log(f"note: KV cache for the full {capacity} tokens needs "
+            f"{capacity * per_token / 2**20:.0f} MiB; capacity lowered to {lowered} "
+            "(set --max-context to choose)")
+        capacity = lowered
+    return capacity
+
+
+def _build_decoder(loaded: LoadedModel, variant: str) -> LlamaDecoder:
+    decoder = LlamaDecoder(loaded.config, attention=variant)
+    with torch.no_grad():
+        decoder.load_hf_state_dict(loaded.state_dict)
+    return decoder.eval()
+
+
+def _eos_ids(loaded: LoadedModel) -> list[int]:
+    """EOS ids from the config plus the tokenizer's eos token (they can differ in HF dirs)."""
+    from tokenizers import Tokenizer
+
+    ids = list(loaded.config.eos_token_id)
+    if loaded.tokenizer.eos_token:
+        tok_id = Tokenizer.from_str(loaded.tokenizer.tokenizer_json).token_to_id(
+            loaded.tokenizer.eos_token)
+        if tok_id is not None and tok_id not in ids:
+            ids.append(tok_id)
+    return ids
+
+
+def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = ExportOptions(),
+                  log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Export an already-loaded model to ``output`` (written atomically)."""
+    config = loaded.config
+    capacity = choose_capacity(config, options.max_context, log)
+    graphs = {}
+    for variant, file in GRAPH_FILES.items():
+        log(f"exporting {file} ({variant} attention)...")
+        graphs[file] = trace_decoder(_build_decoder(loaded, variant))
+    eos_ids = _eos_ids(loaded)
+    with atomic_directory(output, overwrite=options.overwrite) as tmp:
+        written = save_graphs_sharing_weights(graphs, tmp, WEIGHTS_FILE)
+        (tmp / TOKENIZER_FILE).write_text(loaded.tokenizer.tokenizer_json)
+        written.append(TOKENIZER_FILE)
+        log("hashing files...")
+        manifest = Manifest(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            edgert_version=__version__,
+            architecture=loaded.architecture,
+            config=config,
+            dtype="float32",
+            quantization=None,
+            kv_cache=KVCacheSpec(capacity, config.num_hidden_layers,
+                                 config.num_key_value_heads, config.head_dim),
+            graphs={v: decode_graph_spec(f, v, config) for v, f in GRAPH_FILES.items()},
+            weights_file=WEIGHTS_FILE,
+            tokenizer=TokenizerSpec(
+                file=TOKENIZER_FILE,
+                chat_template=loaded.tokenizer.chat_template,
+                bos_token=loaded.tokenizer.bos_token,
+                eos_token=loaded.tokenizer.eos_token,
+                eos_token_ids=eos_ids,
+                add_bos_token=loaded.tokenizer.add_bos_token,
+            ),
+            source=loaded.source,
+            files=hash_files(tmp, written),
+        )
+        write_manifest(tmp, manifest.to_dict())
+    log(f"wrote {output}")
+    return output
+
+
+def export_model(source: str, output: Path, options: ExportOptions = ExportOptions(),
+                 log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Load ``source`` (registered name, HF directory or GGUF) and export it to ``output``."""
+    log(f"loading {source}...")
+    loaded = load_model(source)
+    return export_loaded(loaded, output, options, log)

@@ -1,0 +1,50 @@
+"""Documented input/output specs of the decode graphs (written into the manifest)."""
+
+from __future__ import annotations
+
+from edgert.config import LlamaConfig
+from edgert.export.attention import ATTENTION_VARIANTS
+from edgert.manifest import GraphSpec, TensorSpec
+
+
+def decode_graph_spec(file: str, variant_name: str, config: LlamaConfig) -> GraphSpec:
+    variant = ATTENTION_VARIANTS[variant_name]
+    hkv, d = config.num_key_value_heads, config.head_dim
+    cache_len = "capacity" if variant.shared_cache else "past"
+    inputs = [
+        TensorSpec("input_ids", [1, "q"], "int64", "the q new tokens"),
+        TensorSpec("position_ids", [1, "q"], "int64",
+                   "absolute positions: prefix length + index (prefill), + tree depth (tree)"),
+        TensorSpec("tree_mask", [1, 1, "q", "q"], "float32",
+                   "additive mask among the new tokens: 0 where token i may see token j "
+                   "(causal for prefill, ancestors for a tree), -1e9 elsewhere; every new "
+                   "token sees the whole cached prefix"),
+        TensorSpec("logits_index", ["n"], "int64",
+                   "which of the q positions to return logits and hidden states for"),
+    ]
+    if variant.shared_cache:
+        inputs += [
+            TensorSpec("seqlens_k", [1], "int32", "prefix length + q - 1"),
+            TensorSpec("total_sequence_length", [], "int32", "prefix length + q"),
+        ]
+    outputs = [
+        TensorSpec("logits", [1, "n", config.vocab_size], "float32", "next-token logits"),
+        TensorSpec("hidden", [1, "n", config.hidden_size], "float32",
+                   "final-norm hidden state (the Medusa heads' input)"),
+    ]
+    for i in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            if variant.shared_cache:
+                inputs.append(TensorSpec(f"past_{kind}_{i}", [1, hkv, "capacity", d], "float32",
+                                         f"layer {i} {kind} cache buffer, bound in place"))
+                outputs.append(TensorSpec(
+                    f"present_{kind}_{i}", [1, hkv, "capacity", d], "float32",
+                    f"the same buffer as past_{kind}_{i}; the q new entries written at "
+                    "[prefix, prefix+q)"))
+            else:
+                inputs.append(TensorSpec(f"past_{kind}_{i}", [1, hkv, cache_len, d], "float32",
+                                         f"layer {i} cached {kind}s of the prefix"))
+                outputs.append(TensorSpec(f"present_{kind}_{i}", [1, hkv, "q", d], "float32",
+                                          f"layer {i} {kind}s of the q new tokens"))
+    return GraphSpec(file=file, attention=variant_name, shared_cache=variant.shared_cache,
+                     inputs=inputs, outputs=outputs)

@@ -1,0 +1,60 @@
+"""Backends run one decode step of an artifact's graph; found by name in ``BACKENDS``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgert.errors import BackendError
+from edgert.manifest import Manifest
+from edgert.runtime.kv_cache import KVCache
+
+
+@dataclass
+class StepInputs:
+    """One forward: q new tokens after ``past_len`` cached ones."""
+
+    input_ids: np.ndarray  # [1,q] int64
+    position_ids: np.ndarray  # [1,q] int64
+    tree_mask: np.ndarray  # [1,1,q,q] float32, additive
+    logits_index: np.ndarray  # [n] int64
+    past_len: int
+
+
+@dataclass
+class StepOutputs:
+    logits: np.ndarray  # [n,V]
+    hidden: np.ndarray  # [n,H]
+
+
+class Backend(Protocol):
+    """Runs a step; writes the q new K/V entries into ``cache`` at [past_len, past_len+q)."""
+
+    name: str
+    device: str
+
+    def forward(self, step: StepInputs) -> StepOutputs: ...
+
+
+BackendFactory = Callable[[Path, Manifest, KVCache, str, int], Backend]
+
+
+def _ort_factory(path, manifest, cache, device, threads):
+    from edgert.runtime.backends.ort import OrtBackend
+
+    return OrtBackend(path, manifest, cache, device, threads)
+
+
+BACKENDS: dict[str, BackendFactory] = {"ort": _ort_factory}
+
+
+def create_backend(name: str, path: Path, manifest: Manifest, cache: KVCache, device: str,
+                   threads: int = 0) -> Backend:
+    factory = BACKENDS.get(name)
+    if factory is None:
+        raise BackendError(f"unknown backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
+    return factory(path, manifest, cache, device, threads)

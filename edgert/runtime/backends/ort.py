@@ -1,0 +1,95 @@
+"""ONNX Runtime backend: ``model.ort.onnx`` (GroupQueryAttention) over the shared KV cache.
+
+Each layer's cache buffer is bound once, through IOBinding, as both ``past_*`` and
+``present_*``: GQA reads the prefix in place and writes the q new entries at
+[past_len, past_len+q). Nothing proportional to the context is copied per step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgert.errors import ArtifactError, BackendError
+from edgert.manifest import Manifest
+from edgert.runtime.backends import StepInputs, StepOutputs
+from edgert.runtime.kv_cache import KVCache
+
+GRAPH_KEY = "ort_gqa"
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device not in PROVIDERS:
+        raise BackendError(f"unknown device '{device}' for the ort backend; choose one of "
+                           f"{', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[device][0]
+    if wanted not in ort.get_available_providers():
+        raise BackendError(
+            f"ONNX Runtime here has no {wanted} (available: "
+            f"{', '.join(ort.get_available_providers())}); for --device cuda install "
+            "onnxruntime-gpu on a machine with an NVIDIA GPU, or use --device cpu")
+    return PROVIDERS[device]
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, path: Path, manifest: Manifest, cache: KVCache, device: str = "cpu",
+                 threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        graph = manifest.graphs.get(GRAPH_KEY)
+        if graph is None:
+            raise ArtifactError(f"artifact {path} has no '{GRAPH_KEY}' graph for ONNX Runtime; "
+                                "re-export it with this edgert")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path / graph.file), options,
+                                                providers=_providers(device))
+        except BackendError:
+            raise
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            first_line = str(exc).strip().splitlines()[0][:300]
+            raise ArtifactError(f"ONNX Runtime cannot load {path / graph.file} ({first_line}); "
+                                "the artifact is corrupt, re-export it") from None
+        self.device = device
+        self.cache = cache
+        self.binding = self.session.io_binding()
+        # logits and hidden are bound first so they are outputs 0 and 1 of get_outputs()
+        self.binding.bind_output("logits", "cpu")
+        self.binding.bind_output("hidden", "cpu")
+        self._cache_values = []
+        for i, buf in enumerate(cache.buffers()):
+            kind = "key" if i % 2 == 0 else "value"
+            layer = i // 2
+            value = ort.OrtValue.ortvalue_from_numpy(buf)  # aliases the cache memory
+            self.binding.bind_ortvalue_input(f"past_{kind}_{layer}", value)
+            self.binding.bind_ortvalue_output(f"present_{kind}_{layer}", value)
+            self._cache_values.append(value)
+
+    def forward(self, step: StepInputs) -> StepOutputs:
+        q = step.input_ids.shape[1]
+        total = step.past_len + q
+        b = self.binding
+        b.bind_cpu_input("input_ids", step.input_ids)
+        b.bind_cpu_input("position_ids", step.position_ids)
+        b.bind_cpu_input("tree_mask", step.tree_mask)
+        b.bind_cpu_input("logits_index", step.logits_index)
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        b.bind_output("logits", "cpu")
+        b.bind_output("hidden", "cpu")
+        self.session.run_with_iobinding(b)
+        outputs = b.get_outputs()
+        return StepOutputs(logits=outputs[0].numpy()[0], hidden=outputs[1].numpy()[0])

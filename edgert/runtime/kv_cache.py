@@ -1,0 +1,71 @@
+"""The KV cache: one allocation at load, fixed capacity, written by index, never grown."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgert.errors import CapacityError
+from edgert.manifest import KVCacheSpec
+
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class KVCache:
+    """Per layer a key and a value buffer ``[1, Hkv, capacity, D]``, views of one array.
+
+    ``length`` tokens are committed. A forward writes its q new entries at
+    ``[length, length + q)``; ``advance`` commits them as they are, ``commit_path`` moves a
+    chosen subset (an accepted tree path) to the front of that region. Only those entries move.
+    """
+
+    def __init__(self, spec: KVCacheSpec) -> None:
+        self.spec = spec
+        shape = (spec.num_layers, 2, 1, spec.num_kv_heads, spec.capacity, spec.head_dim)
+        self._storage = np.empty(shape, dtype=_DTYPES[spec.dtype])
+        self._storage.fill(0)  # touch every page now: memory is taken at load, not while decoding
+        self.keys = [self._storage[i, 0] for i in range(spec.num_layers)]
+        self.values = [self._storage[i, 1] for i in range(spec.num_layers)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._storage.nbytes)
+
+    @property
+    def storage(self) -> np.ndarray:
+        return self._storage
+
+    def buffers(self) -> list[np.ndarray]:
+        """past_key_0, past_value_0, past_key_1, ... in graph order."""
+        return [buf for i in range(self.spec.num_layers) for buf in (self.keys[i], self.values[i])]
+
+    def check_room(self, n: int) -> None:
+        if self.length + n > self.capacity:
+            raise CapacityError(
+                f"{self.length} cached + {n} new tokens exceed the KV capacity "
+                f"{self.capacity}; shorten the request or re-export with a larger --max-context")
+
+    def advance(self, n: int) -> None:
+        """Commit the n entries just written at [length, length + n)."""
+        self.check_room(n)
+        self.length += n
+
+    def commit_path(self, offsets: np.ndarray) -> None:
+        """Keep the entries at ``length + offsets`` (ascending), moved to
+        ``[length, length + len(offsets))``, and commit them."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        count = len(offsets)
+        self.check_room(int(offsets.max(initial=-1)) + 1)
+        src = self.length + offsets
+        dst = np.arange(self.length, self.length + count)
+        if not np.array_equal(src, dst):
+            # [L,2,1,Hkv,n,D] gather of only the accepted entries
+            self._storage[:, :, :, :, dst] = self._storage[:, :, :, :, src]
+        self.length += count
+
+    def reset(self) -> None:
+        self.length = 0

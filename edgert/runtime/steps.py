@@ -1,0 +1,46 @@
+"""Phase functions of the decode loop (gpt-fast style): each one forward over the fixed cache."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgert.runtime.backends import Backend, StepInputs, StepOutputs
+from edgert.runtime.kv_cache import KVCache
+
+MASK_VALUE = np.float32(-1e9)
+
+
+def causal_mask(q: int) -> np.ndarray:
+    """[1,1,q,q] additive mask: token i sees new tokens 0..i."""
+    return np.triu(np.full((q, q), MASK_VALUE, dtype=np.float32), k=1)[None, None]
+
+
+def prefill(backend: Backend, cache: KVCache, ids: list[int], chunk: int) -> StepOutputs:
+    """Run the prompt through the model in chunks of at most ``chunk`` tokens.
+
+    Returns the logits/hidden state of the last prompt token ([1,V], [1,H]).
+    """
+    cache.check_room(len(ids))
+    out = None
+    for start in range(0, len(ids), chunk):
+        piece = np.asarray(ids[start:start + chunk], dtype=np.int64)[None]  # [1,q]
+        q = piece.shape[1]
+        pos = np.arange(cache.length, cache.length + q, dtype=np.int64)[None]
+        out = backend.forward(StepInputs(piece, pos, causal_mask(q),
+                                         np.array([q - 1], dtype=np.int64), cache.length))
+        cache.advance(q)
+    return out
+
+
+_ONE_MASK = np.zeros((1, 1, 1, 1), dtype=np.float32)
+_LAST = np.zeros((1,), dtype=np.int64)
+
+
+def decode_one(backend: Backend, cache: KVCache, token: int) -> StepOutputs:
+    """One new token at position ``cache.length``: [1,V] logits, [1,H] hidden."""
+    cache.check_room(1)
+    step = StepInputs(np.array([[token]], dtype=np.int64),
+                      np.array([[cache.length]], dtype=np.int64), _ONE_MASK, _LAST, cache.length)
+    out = backend.forward(step)
+    cache.advance(1)
+    return out
