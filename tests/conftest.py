@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import build_tiny_llama_dir  # noqa: E402
+
+TINY_CAPACITY = 768
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_dir, tmp_path_factory) -> Path:
+    from edgert.export.exporter import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("tiny_art") / "artifact"
+    export_model(str(tiny_dir), out, ExportOptions(max_context=TINY_CAPACITY), log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_dir):
+    from tiny_model import load_reference
+
+    return load_reference(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_artifact):
+    import edgert
+
+    return edgert.load(tiny_artifact)
