@@ -1,0 +1,70 @@
+"""Shared pieces of the benchmarks: prompts, medians, RSS, report printing, reference models."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def load_prompts(limit: int | None = None) -> list[dict]:
+    prompts = json.loads((BENCH_DIR / "prompts.json").read_text())
+    return prompts[:limit] if limit else prompts
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    line = " | ".join(c.ljust(w) for c, w in zip(columns, widths))
+    print(line)
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def emit(record: dict, rows: list[dict], columns: list[str], json_path: str | None) -> None:
+    print_table(rows, columns)
+    print(json.dumps(record))
+    if json_path:
+        Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def transformers_model_from_artifact(manifest):
+    """The same fp32 model in transformers, loaded from the artifact's source (GGUF or dir)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = manifest.source
+    path = Path(source["path"])
+    if source["kind"] == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model.eval()
