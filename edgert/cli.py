@@ -43,13 +43,58 @@ def main() -> None:
               help="KV-cache capacity in tokens. Default: the model's maximum, lowered to fit "
                    "memory (a note says so).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--heads", type=click.Path(path_type=Path), default=None,
+              help="Medusa heads directory (heads.json + heads.safetensors). Default: the "
+                   "registered model's committed heads, if any.")
+@click.option("--no-heads", is_flag=True, help="Export without Medusa heads.")
+@click.option("--medusa-topk", type=int, default=10, show_default=True,
+              help="How many candidates per head the heads graph returns.")
 @friendly_errors
-def export(model: str, output: Path, max_context: int | None, force: bool) -> None:
+def export(model: str, output: Path, max_context: int | None, force: bool, heads: Path | None,
+           no_heads: bool, medusa_topk: int) -> None:
     """Export MODEL (a registered name, a Hugging Face directory or a .gguf file) to an
     ONNX artifact. Default MODEL: smollm2-135m."""
     from edgert.export.exporter import ExportOptions, export_model
 
-    export_model(model, output, ExportOptions(max_context=max_context, overwrite=force))
+    export_model(model, output, ExportOptions(max_context=max_context, overwrite=force,
+                                              heads=heads, use_heads=not no_heads,
+                                              medusa_topk=medusa_topk))
+
+
+@main.command("train-heads")
+@click.argument("model", default="smollm2-135m")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Heads directory to write; its cache/ keeps data and checkpoints (resume).")
+@click.option("--num-heads", type=int, default=4, show_default=True)
+@click.option("--num-layers", type=int, default=1, show_default=True,
+              help="Residual blocks per head.")
+@click.option("--steps", type=int, default=600, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Positions per step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--data", "data_file", type=click.Path(path_type=Path, exists=True), default=None,
+              help="JSONL of {prompt, response} or {text}; default: self-distillation on the "
+                   "shipped prompt set.")
+@click.option("--max-prompts", type=int, default=None,
+              help="Use only the first N shipped prompts (default: all).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True,
+              help="Length of the backbone's self-distillation responses.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps: int,
+                batch_size: int, lr: float, data_file: Path | None, max_prompts: int | None,
+                max_new_tokens: int, seed: int) -> None:
+    """Train Medusa-1 heads for MODEL on its own responses (frozen backbone)."""
+    from edgert.medusa.distill import DistillOptions
+    from edgert.medusa.pipeline import TrainHeadsOptions, train_heads_for_model
+    from edgert.medusa.train import TrainOptions
+
+    options = TrainHeadsOptions(
+        train=TrainOptions(num_heads=num_heads, num_layers=num_layers, steps=steps,
+                           batch_size=batch_size, lr=lr, seed=seed),
+        distill=DistillOptions(max_new_tokens=max_new_tokens, seed=seed),
+        data_file=data_file, max_prompts=max_prompts)
+    train_heads_for_model(model, output, options)
 
 
 @main.command()
@@ -91,6 +136,39 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
     click.echo()
     click.echo(f"[{stats['new_tokens']} tokens, prefill {stats['prefill_ms']:.0f} ms, "
                f"decode {stats['decode_tokens_per_s']:.1f} tok/s]", err=True)
+
+
+@main.command("eval-heads")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, exists=True),
+              default=None, help="Text file, one prompt per line (default: edgert's held-out "
+                                 "prompts, never used in training).")
+@click.option("--max-new-tokens", type=int, default=96, show_default=True,
+              help="Greedy continuation length per prompt.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"top1": [...], "top5": [...]}.')
+@friendly_errors
+def eval_heads(artifact: Path, prompts_file: Path | None, max_new_tokens: int,
+               as_json: bool) -> None:
+    """Per-head top-1/top-5 accuracy of ARTIFACT's Medusa heads against its own greedy output."""
+    from tqdm import tqdm
+
+    from edgert.medusa.evaluate import evaluate_heads
+    from edgert.medusa.prompts import heldout_prompts
+    from edgert.runtime.engine import load
+
+    engine = load(artifact)
+    prompts = ([line for line in prompts_file.read_text().splitlines() if line.strip()]
+               if prompts_file else heldout_prompts())
+    with tqdm(total=len(prompts), desc="eval-heads", unit="prompt", disable=as_json) as bar:
+        acc = evaluate_heads(engine, prompts, max_new_tokens, bar.update)
+    if as_json:
+        click.echo(json.dumps(acc.to_dict()))
+        return
+    click.echo(f"{acc.prompts} prompts ({acc.skipped} too long for the KV capacity skipped), "
+               f"greedy continuation of up to {max_new_tokens} tokens")
+    click.echo("head | predicts | top-1  | top-5  | positions")
+    for i, (t1, t5, n) in enumerate(zip(acc.top1, acc.top5, acc.positions)):
+        click.echo(f"{i:4d} | t+{i + 2:<6d} | {t1:.4f} | {t5:.4f} | {n}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.llama import LlamaDecoder
 from edgert.export.loaded import LoadedModel
 from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
-from edgert.export.sources import load_model
+from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
+from edgert.export.sources import REGISTERED_MODELS, load_model
+from edgert.medusa.heads import MedusaHeads, load_heads
 from edgert.manifest import FORMAT, FORMAT_VERSION, KVCacheSpec, Manifest, TokenizerSpec
 
 GRAPH_FILES = {"portable": "model.onnx", "ort_gqa": "model.ort.onnx"}
@@ -28,10 +30,18 @@ KV_MEMORY_FRACTION = 0.25  # the cache may take at most this share of available 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Options of ``edgert export``; ``max_context=None`` means the model's maximum."""
+    """Options of ``edgert export``.
+
+    ``max_context=None``: the model's maximum (lowered to fit memory). ``heads``: a Medusa
+    heads directory; ``None`` takes the registered model's committed heads when it has some,
+    ``use_heads=False`` exports without heads.
+    """
 
     max_context: int | None = None
     overwrite: bool = False
+    heads: Path | None = None
+    use_heads: bool = True
+    medusa_topk: int = 10
 
 
 def _available_memory() -> int:
@@ -68,6 +78,27 @@ def choose_capacity(config: LlamaConfig, requested: int | None,
     return capacity
 
 
+def resolve_heads(loaded: LoadedModel, options: ExportOptions) -> MedusaHeads | None:
+    """The heads to export: --heads, else the registered model's committed heads, else none."""
+    if not options.use_heads:
+        return None
+    path = options.heads
+    if path is None:
+        registered = REGISTERED_MODELS.get(loaded.source.get("registered_name", ""))
+        default = registered.assets_dir / "heads" if registered else None
+        if default is None or not (default / "heads.json").is_file():
+            return None
+        path = default
+    return load_heads(Path(path), loaded.config)
+
+
+def _medusa_manifest(heads: MedusaHeads, topk: int, path: str) -> dict:
+    cfg = heads.config
+    return {"graph": "medusa", "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
+            "projection": cfg.projection, "topk": topk, "heads_source": path,
+            "training": cfg.training}
+
+
 def _build_decoder(loaded: LoadedModel, variant: str) -> LlamaDecoder:
     decoder = LlamaDecoder(loaded.config, attention=variant)
     with torch.no_grad():
@@ -93,10 +124,22 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
     """Export an already-loaded model to ``output`` (written atomically)."""
     config = loaded.config
     capacity = choose_capacity(config, options.max_context, log)
+    heads = resolve_heads(loaded, options)
     graphs = {}
     for variant, file in GRAPH_FILES.items():
         log(f"exporting {file} ({variant} attention)...")
         graphs[file] = trace_decoder(_build_decoder(loaded, variant))
+    graph_specs = {v: decode_graph_spec(f, v, config) for v, f in GRAPH_FILES.items()}
+    medusa = None
+    if heads is not None:
+        if not 1 <= options.medusa_topk <= config.vocab_size:
+            raise ConfigError(f"--medusa-topk must be in [1, {config.vocab_size}], got "
+                              f"{options.medusa_topk}")
+        log(f"exporting {MEDUSA_FILE} ({heads.config.num_heads} Medusa heads)...")
+        graphs[MEDUSA_FILE] = trace_medusa(heads, loaded.lm_head_t(), options.medusa_topk)
+        graph_specs["medusa"] = medusa_graph_spec(heads, options.medusa_topk)
+        medusa = _medusa_manifest(heads, options.medusa_topk,
+                                  str(options.heads or "registered model's heads"))
     eos_ids = _eos_ids(loaded)
     with atomic_directory(output, overwrite=options.overwrite) as tmp:
         written = save_graphs_sharing_weights(graphs, tmp, WEIGHTS_FILE)
@@ -113,7 +156,7 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             quantization=None,
             kv_cache=KVCacheSpec(capacity, config.num_hidden_layers,
                                  config.num_key_value_heads, config.head_dim),
-            graphs={v: decode_graph_spec(f, v, config) for v, f in GRAPH_FILES.items()},
+            graphs=graph_specs,
             weights_file=WEIGHTS_FILE,
             tokenizer=TokenizerSpec(
                 file=TOKENIZER_FILE,
@@ -125,6 +168,7 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             ),
             source=loaded.source,
             files=hash_files(tmp, written),
+            medusa=medusa,
         )
         write_manifest(tmp, manifest.to_dict())
     log(f"wrote {output}")

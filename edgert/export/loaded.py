@@ -29,3 +29,10 @@ class LoadedModel:
     state_dict: dict[str, torch.Tensor]
     tokenizer: TokenizerBundle
     source: dict[str, str] = field(default_factory=dict)
+
+    def lm_head_t(self) -> torch.Tensor:
+        """The output projection transposed, [H, V] (the embedding when weights are tied)."""
+        weight = self.state_dict.get("lm_head.weight")
+        if weight is None or self.config.tie_word_embeddings:
+            weight = self.state_dict["model.embed_tokens.weight"]
+        return weight.t().contiguous()

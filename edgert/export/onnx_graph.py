@@ -22,6 +22,7 @@ from edgert.export.llama import LlamaDecoder
 
 OPSET = 17
 EXTERNAL_THRESHOLD = 1024
+MAX_INLINE_BYTES = 1 << 30  # protobuf's 2 GiB limit, with margin
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def save_graphs_sharing_weights(graphs: dict[str, onnx.ModelProto], directory: P
     """Save several graphs whose large initializers are the same tensors into one data file.
 
     The first graph writes ``data_name``; later graphs reference the same offsets, which is
-    checked tensor by tensor (name, dtype, shape). Returns the file names written.
+    checked tensor by tensor (name, dtype, shape); tensors only a later graph has stay inside
+    that graph's file. Returns the file names written.
     """
     first_name, first = next(iter(graphs.items()))
     onnx.save_model(first, str(directory / first_name), save_as_external_data=True,
@@ -136,12 +138,11 @@ def save_graphs_sharing_weights(graphs: dict[str, onnx.ModelProto], directory: P
                 if external_data_helper.uses_external_data(init)}
     written = [first_name, data_name]
     for name, graph in list(graphs.items())[1:]:
+        inline_bytes = 0
         for init in graph.graph.initializer:
             ref = external.get(init.name)
-            if ref is None:
-                if init.ByteSize() > EXTERNAL_THRESHOLD * 4:
-                    raise EdgertError(f"graph {name}: initializer {init.name} is not in the "
-                                      "shared weights file; this is an exporter bug")
+            if ref is None:  # a tensor of this graph only (e.g. Medusa head blocks): inline
+                inline_bytes += init.ByteSize()
                 continue
             if ref.data_type != init.data_type or list(ref.dims) != list(init.dims):
                 raise EdgertError(f"graph {name}: initializer {init.name} differs from "
@@ -151,6 +152,10 @@ def save_graphs_sharing_weights(graphs: dict[str, onnx.ModelProto], directory: P
             init.data_location = onnx.TensorProto.EXTERNAL
             del init.external_data[:]
             init.external_data.extend(ref.external_data)
+        if inline_bytes > MAX_INLINE_BYTES:
+            raise EdgertError(f"graph {name} carries {inline_bytes / 2**20:.0f} MiB of weights "
+                              f"of its own (limit {MAX_INLINE_BYTES / 2**20:.0f} MiB); use heads "
+                              "with a shared projection")
         onnx.save_model(graph, str(directory / name))
         written.append(name)
     return written

@@ -36,8 +36,13 @@ class Backend(Protocol):
 
     name: str
     device: str
+    has_heads: bool
 
     def forward(self, step: StepInputs) -> StepOutputs: ...
+
+    def medusa_topk(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Medusa heads on hidden [n,H]: (ids [K,n,k], logits [K,n,k])."""
+        ...
 
 
 BackendFactory = Callable[[Path, Manifest, KVCache, str, int], Backend]

@@ -39,6 +39,23 @@ def _providers(device: str) -> list[str]:
     return PROVIDERS[device]
 
 
+def _session(path: Path, device: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=_providers(device))
+    except BackendError:
+        raise
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        first_line = str(exc).strip().splitlines()[0][:300]
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first_line}); the artifact is "
+                            "corrupt, re-export it") from None
+
+
 class OrtBackend:
     name = "ort"
 
@@ -50,19 +67,9 @@ class OrtBackend:
         if graph is None:
             raise ArtifactError(f"artifact {path} has no '{GRAPH_KEY}' graph for ONNX Runtime; "
                                 "re-export it with this edgert")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path / graph.file), options,
-                                                providers=_providers(device))
-        except BackendError:
-            raise
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            first_line = str(exc).strip().splitlines()[0][:300]
-            raise ArtifactError(f"ONNX Runtime cannot load {path / graph.file} ({first_line}); "
-                                "the artifact is corrupt, re-export it") from None
+        self.session = _session(path / graph.file, device, threads)
+        medusa = manifest.graphs.get("medusa")
+        self.heads_session = _session(path / medusa.file, device, threads) if medusa else None
         self.device = device
         self.cache = cache
         self.binding = self.session.io_binding()
@@ -77,6 +84,15 @@ class OrtBackend:
             self.binding.bind_ortvalue_input(f"past_{kind}_{layer}", value)
             self.binding.bind_ortvalue_output(f"present_{kind}_{layer}", value)
             self._cache_values.append(value)
+
+    @property
+    def has_heads(self) -> bool:
+        return self.heads_session is not None
+
+    def medusa_topk(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """hidden [n,H] -> (ids [K,n,k], logits [K,n,k]) of the Medusa heads."""
+        ids, logits = self.heads_session.run(None, {"hidden": hidden})
+        return ids, logits
 
     def forward(self, step: StepInputs) -> StepOutputs:
         q = step.input_ids.shape[1]
