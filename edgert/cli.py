@@ -49,16 +49,19 @@ def main() -> None:
 @click.option("--no-heads", is_flag=True, help="Export without Medusa heads.")
 @click.option("--medusa-topk", type=int, default=10, show_default=True,
               help="How many candidates per head the heads graph returns.")
+@click.option("--tree", default=None,
+              help="Medusa tree: a JSON file of top-k rank paths, or a shipped name (chain, cpu, "
+                   "gpu). Default: the registered model's tuned tree, else 'cpu'.")
 @friendly_errors
 def export(model: str, output: Path, max_context: int | None, force: bool, heads: Path | None,
-           no_heads: bool, medusa_topk: int) -> None:
+           no_heads: bool, medusa_topk: int, tree: str | None) -> None:
     """Export MODEL (a registered name, a Hugging Face directory or a .gguf file) to an
     ONNX artifact. Default MODEL: smollm2-135m."""
     from edgert.export.exporter import ExportOptions, export_model
 
     export_model(model, output, ExportOptions(max_context=max_context, overwrite=force,
                                               heads=heads, use_heads=not no_heads,
-                                              medusa_topk=medusa_topk))
+                                              medusa_topk=medusa_topk, tree=tree))
 
 
 @main.command("train-heads")
@@ -117,16 +120,19 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="Intra-op threads (0 = the runtime's default).")
+@click.option("--no-medusa", is_flag=True,
+              help="Decode one token per forward even when the artifact has Medusa heads.")
 @friendly_errors
 def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
         top_k: int, seed: int | None, raw: bool, as_json: bool, backend: str, device: str,
-        threads: int) -> None:
-    """Generate text from ARTIFACT for one prompt."""
+        threads: int, no_medusa: bool) -> None:
+    """Generate text from ARTIFACT for one prompt (Medusa decoding when it has heads)."""
     from edgert.runtime.engine import load
 
     engine = load(artifact, backend=backend, device=device, threads=threads)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  top_k=top_k, seed=seed, chat=not raw)
+                  top_k=top_k, seed=seed, chat=not raw,
+                  medusa=False if no_medusa else None)
     if as_json:
         click.echo(json.dumps(engine.generate(prompt, **kwargs).to_dict()))
         return
@@ -134,8 +140,10 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
     for piece in engine.stream(prompt, stats=stats, **kwargs):
         click.echo(piece, nl=False)
     click.echo()
+    medusa = (f", {stats['mean_accepted']:.2f} tokens/step" if engine.has_medusa and not no_medusa
+              else "")
     click.echo(f"[{stats['new_tokens']} tokens, prefill {stats['prefill_ms']:.0f} ms, "
-               f"decode {stats['decode_tokens_per_s']:.1f} tok/s]", err=True)
+               f"decode {stats['decode_tokens_per_s']:.1f} tok/s{medusa}]", err=True)
 
 
 @main.command("eval-heads")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
 from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
 from edgert.export.sources import REGISTERED_MODELS, load_model
 from edgert.medusa.heads import MedusaHeads, load_heads
+from edgert.medusa.tree import build_tree_buffers
+from edgert.medusa.trees import resolve_tree
 from edgert.manifest import FORMAT, FORMAT_VERSION, KVCacheSpec, Manifest, TokenizerSpec
 
 GRAPH_FILES = {"portable": "model.onnx", "ort_gqa": "model.ort.onnx"}
@@ -42,6 +45,7 @@ class ExportOptions:
     heads: Path | None = None
     use_heads: bool = True
     medusa_topk: int = 10
+    tree: str | Path | None = None  # a shipped tree name or a JSON file; None: the default
 
 
 def _available_memory() -> int:
@@ -92,6 +96,23 @@ def resolve_heads(loaded: LoadedModel, options: ExportOptions) -> MedusaHeads | 
     return load_heads(Path(path), loaded.config)
 
 
+def resolve_export_tree(loaded: LoadedModel, heads: MedusaHeads, options: ExportOptions) -> dict:
+    """--tree, else the registered model's tuned tree (models/<name>/tree.json), else 'cpu'."""
+    spec = options.tree
+    if spec is None:
+        registered = REGISTERED_MODELS.get(loaded.source.get("registered_name", ""))
+        tuned = registered.assets_dir / "tree.json" if registered else None
+        spec = tuned if tuned is not None and tuned.is_file() else "cpu"
+    name, choices = resolve_tree(spec, heads.config.num_heads, options.medusa_topk)
+    tree = build_tree_buffers(choices, options.medusa_topk, heads.config.num_heads)
+    tuned_for = None
+    if Path(str(spec)).is_file():
+        data = json.loads(Path(spec).read_text())
+        tuned_for = data.get("tuned_for") if isinstance(data, dict) else None
+    return {"name": name, "choices": [list(p) for p in tree.paths], "nodes": tree.size - 1,
+            "tuned_for": tuned_for}
+
+
 def _medusa_manifest(heads: MedusaHeads, topk: int, path: str) -> dict:
     cfg = heads.config
     return {"graph": "medusa", "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
@@ -130,7 +151,7 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         log(f"exporting {file} ({variant} attention)...")
         graphs[file] = trace_decoder(_build_decoder(loaded, variant))
     graph_specs = {v: decode_graph_spec(f, v, config) for v, f in GRAPH_FILES.items()}
-    medusa = None
+    medusa = tree = None
     if heads is not None:
         if not 1 <= options.medusa_topk <= config.vocab_size:
             raise ConfigError(f"--medusa-topk must be in [1, {config.vocab_size}], got "
@@ -140,6 +161,7 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         graph_specs["medusa"] = medusa_graph_spec(heads, options.medusa_topk)
         medusa = _medusa_manifest(heads, options.medusa_topk,
                                   str(options.heads or "registered model's heads"))
+        tree = resolve_export_tree(loaded, heads, options)
     eos_ids = _eos_ids(loaded)
     with atomic_directory(output, overwrite=options.overwrite) as tmp:
         written = save_graphs_sharing_weights(graphs, tmp, WEIGHTS_FILE)
@@ -169,6 +191,7 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             source=loaded.source,
             files=hash_files(tmp, written),
             medusa=medusa,
+            tree=tree,
         )
         write_manifest(tmp, manifest.to_dict())
     log(f"wrote {output}")

@@ -13,7 +13,15 @@ import numpy as np
 from edgert.artifact import load_manifest
 from edgert.errors import CapacityError, GenerationError
 from edgert.runtime.backends import create_backend
+from edgert.medusa.tree import TreeBuffers, build_tree_buffers
 from edgert.runtime.kv_cache import KVCache
+from edgert.runtime.medusa import (
+    DEFAULT_TYPICAL_ALPHA,
+    DEFAULT_TYPICAL_THRESHOLD,
+    accept,
+    propose_tree,
+    verify_tree,
+)
 from edgert.runtime.sampling import SamplingParams, select_token
 from edgert.runtime.steps import decode_one, prefill
 from edgert.runtime.tokenizer import Messages, StreamDecoder, Tokenizer
@@ -59,6 +67,19 @@ class Engine:
                                       threads)
         self.prefill_chunk = prefill_chunk
         self.eos_ids = set(self.manifest.tokenizer.eos_token_ids)
+        self.tree: TreeBuffers | None = None
+        if self.backend.has_heads and self.manifest.tree:
+            self.set_tree(self.manifest.tree["choices"])
+
+    def set_tree(self, choices) -> None:
+        """Use another Medusa tree (list of top-k rank paths) from now on."""
+        medusa = self.manifest.medusa
+        self.tree = build_tree_buffers(choices, medusa["topk"], medusa["num_heads"])
+        self._tree_mask = self.tree.additive_mask()
+
+    @property
+    def has_medusa(self) -> bool:
+        return self.tree is not None
 
     # -- prompt handling ------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
@@ -90,62 +111,128 @@ class Engine:
                 "max_new_tokens, shorten the prompt, or re-export with a larger --max-context")
 
     # -- the loop -------------------------------------------------------------------------
-    def _generate_ids(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
+    @dataclass
+    class _Options:
+        max_new_tokens: int
+        params: SamplingParams
+        medusa: bool
+        threshold: float
+        alpha: float
+
+    def _generate_ids(self, prompt_ids: list[int], opts: Engine._Options,
                       stats: dict[str, Any]) -> Iterator[int]:
-        """Prefill then plain decode; yields each new token id; fills ``stats`` as it goes."""
-        rng = np.random.default_rng(params.seed)
+        """Prefill then decode (plain or Medusa); yields each new token id until EOS or the
+        limit; fills ``stats`` as it goes."""
+        rng = np.random.default_rng(opts.params.seed)
         self.cache.reset()
         t0 = time.perf_counter()
         out = prefill(self.backend, self.cache, prompt_ids, self.prefill_chunk)
         t1 = time.perf_counter()
         stats["prefill_ms"] = (t1 - t0) * 1e3
+        first = select_token(out.logits[-1], opts.params, rng)
+        loop = (self._medusa_tokens(out, first, opts, rng, stats) if opts.medusa
+                else self._plain_tokens(first, opts.params, rng, stats))
         new = 0
-        token = select_token(out.logits[-1], params, rng)
-        while True:
+        for token in loop:
             new += 1
             stats["new_tokens"] = new
             yield token
-            if token in self.eos_ids or new >= max_new_tokens:
+            if token in self.eos_ids or new >= opts.max_new_tokens:
                 break
-            out = decode_one(self.backend, self.cache, token)
-            token = select_token(out.logits[-1], params, rng)
         elapsed = time.perf_counter() - t1
-        # the first token comes from prefill; the rest each took one decode forward
+        # the first token comes from prefill; the rest from decode forwards
         stats["decode_tokens_per_s"] = (new - 1) / elapsed if new > 1 and elapsed > 0 else 0.0
+
+    def _plain_tokens(self, token: int, params: SamplingParams, rng: np.random.Generator,
+                      stats: dict[str, Any], emitted: bool = False) -> Iterator[int]:
+        """One forward per token; ``token`` is the pending one (yielded first unless
+        ``emitted``)."""
+        if not emitted:
+            yield token
+        while True:
+            out = decode_one(self.backend, self.cache, token)
+            stats["steps"] += 1
+            token = select_token(out.logits[-1], params, rng)
+            yield token
+
+    def _medusa_tokens(self, out, token: int, opts: Engine._Options, rng: np.random.Generator,
+                       stats: dict[str, Any]) -> Iterator[int]:
+        """One tree verification per step; falls back to plain steps when the tree no longer
+        fits in the cache (near the capacity)."""
+        tree = self.tree
+        yield token
+        head_ids = self.backend.medusa_topk(out.hidden[-1:])[0][:, 0]  # [K,k]
+        emitted = 0
+        while self.cache.length + tree.size <= self.cache.capacity:
+            tokens = propose_tree(tree, token, head_ids)
+            out = verify_tree(self.backend, self.cache, tree, tokens, self._tree_mask)
+            acc = accept(tree, tokens, out.logits, opts.params, rng, opts.threshold, opts.alpha)
+            self.cache.commit_path(acc.nodes)
+            stats["steps"] += 1
+            new = [*tokens[acc.nodes[1:]].tolist(), acc.next_token]
+            emitted += len(new)
+            stats["mean_accepted"] = emitted / stats["steps"]
+            yield from new
+            token = acc.next_token
+            head_ids = self.backend.medusa_topk(out.hidden[acc.nodes[-1:]])[0][:, 0]
+        yield from self._plain_tokens(token, opts.params, rng, stats, emitted=True)
 
     def _base_stats(self) -> dict[str, Any]:
         return {"prefill_ms": 0.0, "decode_tokens_per_s": 0.0, "new_tokens": 0,
-                "kv_capacity": self.cache.capacity, "kv_bytes": self.cache.nbytes}
+                "kv_capacity": self.cache.capacity, "kv_bytes": self.cache.nbytes,
+                "steps": 0, "mean_accepted": 1.0}
+
+    def _options(self, max_new_tokens, temperature, top_p, top_k, seed, medusa, threshold,
+                 alpha) -> Engine._Options:
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        if medusa is None:
+            medusa = self.has_medusa
+        elif medusa and not self.has_medusa:
+            raise GenerationError("this artifact has no Medusa heads and tree; export it with "
+                                  "heads, or pass medusa=False (CLI: --no-medusa)")
+        return Engine._Options(max_new_tokens, params, bool(medusa), threshold, alpha)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 chat: bool = True) -> Result:
+                 chat: bool = True, medusa: bool | None = None,
+                 typical_threshold: float = DEFAULT_TYPICAL_THRESHOLD,
+                 typical_alpha: float = DEFAULT_TYPICAL_ALPHA) -> Result:
         """Generate a completion. ``temperature=0`` is greedy; stops at EOS or the limit.
+
+        ``medusa`` (default: when the artifact has heads) decodes with Medusa tree steps:
+        greedy acceptance at ``temperature=0`` (output identical to plain greedy), typical
+        acceptance otherwise (a candidate is kept when its probability exceeds
+        ``min(typical_threshold, typical_alpha * exp(-entropy))``).
 
         Returns a :class:`Result` with ``prompt_ids``, ``output_ids`` (EOS included when it was
         produced), ``text`` (special tokens removed) and ``stats``.
         """
-        params = SamplingParams(temperature, top_p, top_k, seed)
+        opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, medusa,
+                             typical_threshold, typical_alpha)
         prompt_ids = self.encode(prompt, chat)
         self._check_request(prompt_ids, max_new_tokens)
         stats = self._base_stats()
-        output = list(self._generate_ids(prompt_ids, max_new_tokens, params, stats))
+        output = list(self._generate_ids(prompt_ids, opts, stats))
         return Result(prompt_ids, output, self.tokenizer.decode(output), stats)
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               chat: bool = True, stats: dict[str, Any] | None = None) -> Iterator[str]:
+               chat: bool = True, medusa: bool | None = None,
+               typical_threshold: float = DEFAULT_TYPICAL_THRESHOLD,
+               typical_alpha: float = DEFAULT_TYPICAL_ALPHA,
+               stats: dict[str, Any] | None = None) -> Iterator[str]:
         """Like :meth:`generate`, but yields text pieces as tokens are decided.
 
         Pass a dict as ``stats`` to receive the statistics when the stream ends.
         """
-        params = SamplingParams(temperature, top_p, top_k, seed)
+        opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, medusa,
+                             typical_threshold, typical_alpha)
         prompt_ids = self.encode(prompt, chat)
         self._check_request(prompt_ids, max_new_tokens)
         stats = stats if stats is not None else {}
         stats.update(self._base_stats())
         detok = StreamDecoder(self.tokenizer)
-        for token in self._generate_ids(prompt_ids, max_new_tokens, params, stats):
+        for token in self._generate_ids(prompt_ids, opts, stats):
             piece = detok.push(token)
             if piece:
                 yield piece
