@@ -100,3 +100,19 @@ def load_manifest(path: Path, verify: bool = True) -> Manifest:
     if verify:
         verify_files(Path(path), manifest)
     return manifest
+
+
+def update_manifest(path: Path, changes: dict) -> Manifest:
+    """Rewrite fields of ``edgert.json`` in place, atomically (temp file + rename).
+
+    Only the manifest changes; the hashed files are untouched, so hashes stay valid.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    data = manifest.to_dict()
+    data.update(changes)
+    updated = Manifest.from_dict(data)
+    tmp = path / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(updated.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path / MANIFEST_NAME)
+    return updated

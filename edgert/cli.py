@@ -179,5 +179,48 @@ def eval_heads(artifact: Path, prompts_file: Path | None, max_new_tokens: int,
         click.echo(f"{i:4d} | t+{i + 2:<6d} | {t1:.4f} | {t5:.4f} | {n}")
 
 
+@main.command("tune-tree")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--max-nodes", type=int, default=64, show_default=True,
+              help="Largest tree considered (nodes after the root).")
+@click.option("--prompts", "max_prompts", type=int, default=24, show_default=True,
+              help="How many held-out prompts measure the heads' accuracy.")
+@click.option("--save", type=click.Path(path_type=Path), default=None,
+              help="Also write the tree (with what it was tuned for) to this JSON file.")
+@click.option("--dry-run", is_flag=True, help="Report only; leave the artifact unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@friendly_errors
+def tune_tree_cmd(artifact: Path, max_nodes: int, max_prompts: int, save: Path | None,
+                  dry_run: bool, as_json: bool) -> None:
+    """Measure head accuracy and verification latency here; store the fastest tree in
+    ARTIFACT's manifest."""
+    from tqdm import tqdm
+
+    from edgert.medusa.prompts import heldout_prompts
+    from edgert.medusa.tune_tree import tune_tree
+    from edgert.runtime.engine import load
+
+    engine = load(artifact)
+    prompts = heldout_prompts()[:max_prompts]
+    with tqdm(total=len(prompts), desc="head accuracy", unit="prompt", disable=as_json) as bar:
+        record = tune_tree(engine, prompts, max_nodes, write=not dry_run, progress=bar.update)
+    if save:
+        save.write_text(json.dumps({k: v for k, v in record.items() if k != "curve"},
+                                   indent=1) + "\n")
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    tuned = record["tuned_for"]
+    click.echo(f"plain step {tuned['plain_step_ms']:.1f} ms; heads {tuned['heads_ms']:.1f} ms")
+    click.echo("nodes | expected tokens/step | step ms | predicted tok/s")
+    for c in record["curve"]:
+        if c["nodes"] in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64) or c["nodes"] == record["nodes"]:
+            mark = "  <- chosen" if c["nodes"] == record["nodes"] else ""
+            click.echo(f"{c['nodes']:5d} | {c['expected_tokens']:20.2f} | {c['step_ms']:7.1f} | "
+                       f"{c['tokens_per_s']:15.1f}{mark}")
+    click.echo(("would write" if dry_run else "wrote") + f" tree '{record['name']}' "
+               f"({record['nodes']} nodes) to {artifact}")
+
+
 if __name__ == "__main__":
     main()

@@ -50,7 +50,8 @@ class LlamaConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+                raise ConfigError(
+                    f"config field '{name}' must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -88,8 +89,9 @@ class LlamaConfig:
         if unknown:
             raise ConfigError(
                 f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+        missing_marker = dataclasses.MISSING
         required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+                    if f.default is missing_marker and f.default_factory is missing_marker]
         missing = [name for name in required if name not in data]
         if missing:
             raise ConfigError(f"model config is missing required field(s) {missing}")
@@ -126,5 +128,5 @@ class LlamaConfig:
                 eos_token_id=eos_ids,
             )
         except KeyError as exc:
-            raise ConfigError(
-                f"config.json is missing '{exc.args[0]}', which a Llama-family model needs") from None
+            raise ConfigError(f"config.json is missing '{exc.args[0]}', which a Llama-family "
+                              "model needs") from None

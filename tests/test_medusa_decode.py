@@ -67,7 +67,8 @@ def test_typical_acceptance_matches_the_formula():
     ok_node = {}
     for node in range(1, TREE.size):
         parent = TREE.parents[node]
-        ok_node[node] = probs[parent, tokens[node]] > min(threshold, alpha * np.exp(-entropy[parent]))
+        limit = min(threshold, alpha * np.exp(-entropy[parent]))
+        ok_node[node] = probs[parent, tokens[node]] > limit
     best = []
     for row in TREE.retrieve:
         path = [0]
@@ -86,7 +87,8 @@ def test_typical_accepts_a_confident_candidate_and_rejects_an_unlikely_one():
     logits = np.full((3, V), -10.0, dtype=np.float32)
     logits[0, 4] = 10.0  # root is sure of 4
     logits[1, 5] = 10.0  # node 1 is sure of 5, candidate is 6
-    acc = accept_typical(tree, tokens, logits, SamplingParams(temperature=1.0), np.random.default_rng(0))
+    acc = accept_typical(tree, tokens, logits, SamplingParams(temperature=1.0),
+                         np.random.default_rng(0))
     assert acc.nodes.tolist() == [0, 1] and acc.next_token == 5
 
 
@@ -132,6 +134,7 @@ def test_medusa_greedy_is_lossless_with_random_heads(tiny_dir, random_heads_dir,
 
 def test_medusa_greedy_is_lossless_with_good_heads(tiny_dir, tiny_reference, tmp_path):
     """Heads that predict well (distilled from this model): long accepted paths, same output."""
+    from edgert.export.sources import load_model
     from edgert.medusa.distill import (
         DistillOptions,
         PromptEncoder,
@@ -139,7 +142,6 @@ def test_medusa_greedy_is_lossless_with_good_heads(tiny_dir, tiny_reference, tmp
         generate_responses,
         hidden_and_targets,
     )
-    from edgert.export.sources import load_model
     from edgert.medusa.train import TrainOptions, train_heads
 
     loaded = load_model(str(tiny_dir))

@@ -127,7 +127,8 @@ def write_tiny_gguf(hf_dir, path):
             proj = hf_name.split(".")[-1]
             if proj in heads:
                 n = heads[proj]
-                w = w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+                half = w.shape[0] // n // 2
+                w = w.reshape(n, 2, half, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
             writer.add_tensor(f"blk.{i}.{gg_name}.weight", np.ascontiguousarray(w))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

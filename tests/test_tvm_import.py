@@ -23,7 +23,8 @@ def test_portable_graph_builds_for_llvm_and_matches_ort(tiny_artifact):
 
     rng = np.random.default_rng(0)
     q, past = 4, 3
-    feeds = {"input_ids": rng.integers(0, 300, (1, q)), "position_ids": np.arange(past, past + q)[None],
+    feeds = {"input_ids": rng.integers(0, 300, (1, q)),
+             "position_ids": np.arange(past, past + q)[None],
              "tree_mask": causal_mask(q), "logits_index": np.arange(q, dtype=np.int64)}
     for inp in model.graph.input:
         if inp.name.startswith("past_"):

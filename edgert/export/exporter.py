@@ -17,13 +17,13 @@ from edgert.errors import ConfigError
 from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.llama import LlamaDecoder
 from edgert.export.loaded import LoadedModel
-from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
 from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
+from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
 from edgert.export.sources import REGISTERED_MODELS, load_model
+from edgert.manifest import FORMAT, FORMAT_VERSION, KVCacheSpec, Manifest, TokenizerSpec
 from edgert.medusa.heads import MedusaHeads, load_heads
 from edgert.medusa.tree import build_tree_buffers
 from edgert.medusa.trees import resolve_tree
-from edgert.manifest import FORMAT, FORMAT_VERSION, KVCacheSpec, Manifest, TokenizerSpec
 
 GRAPH_FILES = {"portable": "model.onnx", "ort_gqa": "model.ort.onnx"}
 WEIGHTS_FILE = "model.onnx.data"

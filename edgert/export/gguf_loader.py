@@ -62,7 +62,8 @@ def _config_from_gguf(reader) -> tuple[str, LlamaConfig]:
     rope_scaling = None
     scaling_type = _field(reader, p + "rope.scaling.type")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(_field(reader, p + "rope.scaling.factor"))}
+        factor = float(_field(reader, p + "rope.scaling.factor"))
+        rope_scaling = {"rope_type": "linear", "factor": factor}
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -151,7 +152,8 @@ def load_gguf(path: Path) -> LoadedModel:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # gguf raises bare ValueError/struct errors on bad files
-        raise ModelSourceError(f"{path} is not a readable GGUF file ({exc}); check the path") from None
+        raise ModelSourceError(
+            f"{path} is not a readable GGUF file ({exc}); check the path") from None
     arch, config = _config_from_gguf(reader)
     state = _state_dict_from_gguf(reader, config)
     return LoadedModel(

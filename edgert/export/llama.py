@@ -113,7 +113,8 @@ class LlamaDecoder(nn.Module):
         if not config.tie_word_embeddings:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.lm_head_t = nn.Parameter(torch.zeros(config.hidden_size, config.vocab_size))
-        self.layers = nn.ModuleList(DecoderLayer(config, self.attention.core) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.attention.core)
+                                    for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         inv_freq = torch.tensor(inverse_frequencies(config), dtype=torch.float32)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -169,7 +169,7 @@ def hidden_and_targets(model, pairs: list[tuple[list[int], list[int]]], num_head
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         with torch.no_grad():
             states = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for row, ((prompt, response), seq) in enumerate(zip(batch, seqs)):
+        for row, ((prompt, _), seq) in enumerate(zip(batch, seqs)):
             length = len(seq)
             h = states[row, :length]
             with torch.no_grad():

@@ -24,10 +24,12 @@ class HeadAccuracy:
     positions: list[int]
     prompts: int
     skipped: int = 0
+    rank_accuracy: list[list[float]] | None = None  # [K, k]: P(rank r of head i is right)
 
     def to_dict(self) -> dict:
         return {"top1": self.top1, "top5": self.top5, "positions": self.positions,
-                "prompts": self.prompts, "skipped": self.skipped}
+                "prompts": self.prompts, "skipped": self.skipped,
+                "rank_accuracy": self.rank_accuracy}
 
 
 def greedy_with_hidden(engine, ids: list[int], max_new_tokens: int
@@ -56,6 +58,7 @@ def evaluate_heads(engine, prompts: list[str] | None = None, max_new_tokens: int
     num_heads = engine.manifest.medusa["num_heads"]
     hits1 = np.zeros(num_heads)
     hits5 = np.zeros(num_heads)
+    rank_hits = np.zeros((num_heads, engine.manifest.medusa["topk"]))
     counts = np.zeros(num_heads, dtype=np.int64)
     skipped = 0
     for prompt in prompts:
@@ -76,8 +79,10 @@ def evaluate_heads(engine, prompts: list[str] | None = None, max_new_tokens: int
             cand = ids[i, :valid]
             hits1[i] += int((cand[:, 0:1] == target).sum())
             hits5[i] += int((cand[:, :5] == target).any(axis=1).sum())
+            rank_hits[i] += (cand == target).sum(axis=0)
             counts[i] += valid
         progress(1)
     denom = np.maximum(counts, 1)
     return HeadAccuracy((hits1 / denom).round(4).tolist(), (hits5 / denom).round(4).tolist(),
-                        counts.tolist(), len(prompts) - skipped, skipped)
+                        counts.tolist(), len(prompts) - skipped, skipped,
+                        (rank_hits / denom[:, None]).round(5).tolist())

@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from edgert.export.loaded import LoadedModel
 from edgert.export.sources import load_model
 from edgert.medusa.distill import (

@@ -12,8 +12,8 @@ import numpy as np
 
 from edgert.artifact import load_manifest
 from edgert.errors import CapacityError, GenerationError
-from edgert.runtime.backends import create_backend
 from edgert.medusa.tree import TreeBuffers, build_tree_buffers
+from edgert.runtime.backends import create_backend
 from edgert.runtime.kv_cache import KVCache
 from edgert.runtime.medusa import (
     DEFAULT_TYPICAL_ALPHA,
@@ -118,6 +118,7 @@ class Engine:
         medusa: bool
         threshold: float
         alpha: float
+        ignore_eos: bool = False
 
     def _generate_ids(self, prompt_ids: list[int], opts: Engine._Options,
                       stats: dict[str, Any]) -> Iterator[int]:
@@ -137,7 +138,7 @@ class Engine:
             new += 1
             stats["new_tokens"] = new
             yield token
-            if token in self.eos_ids or new >= opts.max_new_tokens:
+            if (token in self.eos_ids and not opts.ignore_eos) or new >= opts.max_new_tokens:
                 break
         elapsed = time.perf_counter() - t1
         # the first token comes from prefill; the rest from decode forwards
@@ -183,32 +184,35 @@ class Engine:
                 "steps": 0, "mean_accepted": 1.0}
 
     def _options(self, max_new_tokens, temperature, top_p, top_k, seed, medusa, threshold,
-                 alpha) -> Engine._Options:
+                 alpha, ignore_eos=False) -> Engine._Options:
         params = SamplingParams(temperature, top_p, top_k, seed)
         if medusa is None:
             medusa = self.has_medusa
         elif medusa and not self.has_medusa:
             raise GenerationError("this artifact has no Medusa heads and tree; export it with "
                                   "heads, or pass medusa=False (CLI: --no-medusa)")
-        return Engine._Options(max_new_tokens, params, bool(medusa), threshold, alpha)
+        return Engine._Options(max_new_tokens, params, bool(medusa), threshold, alpha,
+                               ignore_eos)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  chat: bool = True, medusa: bool | None = None,
                  typical_threshold: float = DEFAULT_TYPICAL_THRESHOLD,
-                 typical_alpha: float = DEFAULT_TYPICAL_ALPHA) -> Result:
+                 typical_alpha: float = DEFAULT_TYPICAL_ALPHA,
+                 ignore_eos: bool = False) -> Result:
         """Generate a completion. ``temperature=0`` is greedy; stops at EOS or the limit.
 
         ``medusa`` (default: when the artifact has heads) decodes with Medusa tree steps:
         greedy acceptance at ``temperature=0`` (output identical to plain greedy), typical
         acceptance otherwise (a candidate is kept when its probability exceeds
-        ``min(typical_threshold, typical_alpha * exp(-entropy))``).
+        ``min(typical_threshold, typical_alpha * exp(-entropy))``). ``ignore_eos`` keeps
+        generating past EOS up to ``max_new_tokens`` (benchmarks, memory checks).
 
         Returns a :class:`Result` with ``prompt_ids``, ``output_ids`` (EOS included when it was
         produced), ``text`` (special tokens removed) and ``stats``.
         """
         opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, medusa,
-                             typical_threshold, typical_alpha)
+                             typical_threshold, typical_alpha, ignore_eos)
         prompt_ids = self.encode(prompt, chat)
         self._check_request(prompt_ids, max_new_tokens)
         stats = self._base_stats()

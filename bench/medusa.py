@@ -1,0 +1,163 @@
+"""Medusa decoding speed: edgert plain greedy, Medusa greedy, Medusa typical, and peers.
+
+    python bench/medusa.py artifacts/smollm2-135m [--new-tokens 256] [--runs 3]
+
+All engines run in this process, one after another, on the same prompts (bench/prompts.json:
+32 prompts, chat/code/math/writing) and the same prompt ids. edgert modes: median tokens/s over
+``--runs`` runs of the whole set (modes interleaved within each run). Peers: transformers
+generate (``--peer-prompts`` prompts, 1 run: it is slow) and onnxruntime-genai fp32 (all
+prompts, ``--runs`` runs). Also checks losslessness (Medusa greedy ids == plain greedy ids, per
+prompt) and fixed memory (KV bytes and peak RSS of a process generating 100 vs 2,000 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+import edgert  # noqa: E402
+
+MODES = {
+    "plain greedy": {"medusa": False},
+    "medusa greedy": {"medusa": True},
+    "medusa typical": {"medusa": True, "temperature": 0.7, "seed": 0},
+}
+
+RSS_CHILD = """
+import json, resource, sys
+import edgert
+engine = edgert.load(sys.argv[1], verify=False)
+r = engine.generate("Once upon a time", max_new_tokens=int(sys.argv[2]), chat=False,
+                    temperature=0.8, seed=0, ignore_eos=True)
+print(json.dumps({"new_tokens": len(r.output_ids), "kv_bytes": r.stats["kv_bytes"],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run_modes(engine, prompts, new_tokens, runs):
+    per_run = defaultdict(list)
+    outputs, accepted, kinds = {}, defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0.0])
+    for run in range(runs):
+        for mode, kwargs in MODES.items():
+            tokens, elapsed = 0, 0.0
+            for p in prompts:
+                t0 = time.perf_counter()
+                r = engine.generate(p["prompt"], max_new_tokens=new_tokens, **kwargs)
+                dt = time.perf_counter() - t0
+                tokens += len(r.output_ids)
+                elapsed += dt
+                if run == 0:
+                    outputs[(mode, p["prompt"])] = r.output_ids
+                    accepted[mode][0] += len(r.output_ids) - 1
+                    accepted[mode][1] += r.stats["steps"]
+                    kinds[(mode, p["kind"])][0] += len(r.output_ids)
+                    kinds[(mode, p["kind"])][1] += dt
+            per_run[mode].append(tokens / elapsed)
+    return per_run, outputs, accepted, kinds
+
+
+def run_peer(peer, engine, prompts, new_tokens, runs):
+    per_run, outs = [], {}
+    for _ in range(runs):
+        tokens, elapsed = 0, 0.0
+        for p in prompts:
+            ids = engine.encode(p["prompt"])
+            t0 = time.perf_counter()
+            out = peer.generate(ids, new_tokens)
+            elapsed += time.perf_counter() - t0
+            tokens += len(out)
+            outs[p["prompt"]] = out
+        per_run.append(tokens / elapsed)
+    return common.median(per_run), outs
+
+
+def rss_check(artifact: Path) -> dict:
+    out = {}
+    for n in (100, 2000):
+        proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(artifact), str(n)],
+                              capture_output=True, text=True, check=True)
+        out[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--prompts", type=int, default=None, help="first N prompts (default all)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--peers", default="transformers,genai")
+    parser.add_argument("--peer-prompts", type=int, default=8,
+                        help="prompts for the transformers peer (slow)")
+    parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--json", dest="json_path", default=None)
+    args = parser.parse_args()
+
+    prompts = common.load_prompts(args.prompts)
+    engine = edgert.load(args.artifact)
+    if not engine.has_medusa:
+        sys.exit("error: the artifact has no Medusa heads; export it with heads first")
+    engine.generate("warm up", max_new_tokens=8)
+    per_run, outputs, accepted, kinds = run_modes(engine, prompts, args.new_tokens, args.runs)
+    tps = {mode: common.median(v) for mode, v in per_run.items()}
+    plain = tps["plain greedy"]
+    mismatched = [p["prompt"] for p in prompts
+                  if outputs[("medusa greedy", p["prompt"])] != outputs[("plain greedy",
+                                                                          p["prompt"])]]
+    rows = []
+    for mode in MODES:
+        done, steps = accepted[mode]
+        rows.append({"engine": f"edgert {mode}", "tok/s": tps[mode],
+                     "mean accepted": done / max(steps, 1), "vs plain": tps[mode] / plain})
+    record = {
+        "bench": "medusa", "model": engine.manifest.source.get("name"),
+        "precision": engine.manifest.dtype, "backend": "ort", "prompts": len(prompts),
+        "new_tokens": args.new_tokens, "runs": args.runs, "machine": common.machine(),
+        "tree": {"name": engine.manifest.tree["name"], "nodes": engine.tree.size - 1,
+                 "tuned_for": (engine.manifest.tree.get("tuned_for") or {}).get("device")},
+        "tokens_per_s": tps, "per_run": per_run,
+        "mean_accepted": {m: accepted[m][0] / max(accepted[m][1], 1) for m in MODES},
+        "speedup_vs_plain": {m: tps[m] / plain for m in MODES},
+        "lossless": {"identical": len(prompts) - len(mismatched), "of": len(prompts),
+                     "mismatched": mismatched},
+        "by_kind": {f"{m}/{k}": kinds[(m, k)][0] / kinds[(m, k)][1]
+                    for (m, k) in kinds},
+    }
+    import peers
+
+    for name in [p for p in args.peers.split(",") if p]:
+        peer = peers.PEERS[name](engine.manifest)
+        subset = prompts[:args.peer_prompts] if name == "transformers" else prompts
+        runs = 1 if name == "transformers" else args.runs
+        rate, outs = run_peer(peer, engine, subset, args.new_tokens, runs)
+        same = sum(outs[p["prompt"]] == outputs[("plain greedy", p["prompt"])] for p in subset)
+        record[f"peer_{name}"] = {"engine": peer.name, "tokens_per_s": rate,
+                                  "prompts": len(subset), "runs": runs,
+                                  "same_output_as_edgert": f"{same}/{len(subset)}"}
+        record[f"medusa_vs_{name}"] = tps["medusa greedy"] / rate
+        rows.append({"engine": peer.name, "tok/s": rate, "mean accepted": 1.0,
+                     "vs plain": rate / plain})
+    if not args.no_rss:
+        record["fixed_memory"] = rss_check(args.artifact)
+    common.emit(record, rows, ["engine", "tok/s", "mean accepted", "vs plain"], args.json_path)
+    print(f"lossless: {record['lossless']['identical']}/{len(prompts)} prompts identical; "
+          + ", ".join(f"Medusa greedy vs {k[10:]}: {v:.2f}x" for k, v in record.items()
+                      if k.startswith("medusa_vs_")))
+    if "fixed_memory" in record:
+        fm = record["fixed_memory"]
+        print("fixed memory: " + "; ".join(
+            f"{n} tokens: kv {v['kv_bytes'] / 2**20:.0f} MiB, peak RSS {v['peak_rss_mb']:.0f} MB"
+            for n, v in fm.items()))
+
+
+if __name__ == "__main__":
+    main()

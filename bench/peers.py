@@ -1,0 +1,109 @@
+"""Peer engines for the benchmarks: transformers generate and onnxruntime-genai, on the same
+fp32 weights as the edgert artifact, run in the same process on the same prompt ids."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PEERS_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "peers"
+
+
+def write_hf_dir(source: str, out: Path) -> Path:
+    """The artifact's source model as a plain transformers directory (fp32 safetensors)."""
+    from safetensors.torch import save_file
+
+    from edgert.export.sources import load_model
+
+    if (out / "config.json").is_file():
+        return out
+    loaded = load_model(source)
+    cfg = loaded.config
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,  # explicit: older readers default it to 10000
+        "rope_scaling": cfg.rope_scaling, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id),
+        "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous() for k, v in loaded.state_dict.items()}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "tokenizer.json").write_text(loaded.tokenizer.tokenizer_json)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": loaded.tokenizer.bos_token, "eos_token": loaded.tokenizer.eos_token,
+        "chat_template": loaded.tokenizer.chat_template,
+        "model_max_length": cfg.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (out / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id)}))
+    return out
+
+
+class TransformersPeer:
+    name = "transformers generate (fp32)"
+
+    def __init__(self, manifest) -> None:
+        import common
+
+        self.model = common.transformers_model_from_artifact(manifest)
+        self.eos = manifest.tokenizer.eos_token_ids
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=self.eos,
+                                      pad_token_id=self.eos[0])
+        return out[0, len(prompt_ids):].tolist()
+
+
+class GenaiPeer:
+    """onnxruntime-genai with its own builder's model (fp32 or int4, CPU)."""
+
+    def __init__(self, manifest, precision: str = "fp32") -> None:
+        import onnxruntime_genai as og
+
+        source = manifest.source.get("registered_name") or manifest.source["path"]
+        hf_dir = write_hf_dir(source, PEERS_DIR / "hf")
+        out = PEERS_DIR / f"ort-genai-{precision}"
+        if not (out / "genai_config.json").is_file():
+            t0 = time.time()
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder",
+                            "-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", "cpu"],
+                           check=True, capture_output=True)
+            print(f"built onnxruntime-genai {precision} model in {time.time() - t0:.0f} s",
+                  file=sys.stderr)
+        self.name = f"onnxruntime-genai {precision}"
+        self.og = og
+        self.model = og.Model(str(out))
+        self.eos = set(manifest.tokenizer.eos_token_ids)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(prompt_ids)
+        out: list[int] = []
+        while not generator.is_done() and len(out) < max_new_tokens:
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            out.append(token)
+            if token in self.eos:
+                break
+        return out
+
+
+PEERS = {"transformers": TransformersPeer, "genai": GenaiPeer}
