@@ -47,7 +47,7 @@ def dense_attention(query, keys, values, bias, num_heads, num_kv_heads, head_dim
 
 
 class PortableCore(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.h, self.hkv, self.d = (config.num_attention_heads, config.num_key_value_heads,
                                     config.head_dim)
@@ -109,7 +109,7 @@ def fix_gqa_optional_inputs(graph) -> None:
 
 
 class GQACore(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.h, self.hkv, self.d = (config.num_attention_heads, config.num_key_value_heads,
                                     config.head_dim)
@@ -157,14 +157,28 @@ class AttentionVariant:
     """How one exported graph does attention, and which extra inputs it takes."""
 
     name: str
-    core: type[nn.Module]
+    core: Callable[..., nn.Module]
     extra_inputs: tuple[str, ...]
     shared_cache: bool  # True: past/present are the runtime's capacity-sized buffers, aliased
     context: Callable  # (tree_mask, past_key_0, extra inputs) -> ctx passed to every core
+
+
+def _dhsa_core(config, layer_index=0, **options):
+    from edgert.export.dhsa_attention import DHSACore
+
+    return DHSACore(config, layer_index, **options)
+
+
+def _dhsa_context(tree_mask, past_k0, extra):
+    from edgert.export.dhsa_attention import dhsa_context
+
+    return dhsa_context(tree_mask, past_k0, extra)
 
 
 ATTENTION_VARIANTS: dict[str, AttentionVariant] = {
     "portable": AttentionVariant("portable", PortableCore, (), False, _portable_context),
     "ort_gqa": AttentionVariant("ort_gqa", GQACore, ("seqlens_k", "total_sequence_length"),
                                 True, _gqa_context),
+    # prefill only (no past): the whole prompt in one call, DHSA sparse attention
+    "dhsa": AttentionVariant("dhsa", _dhsa_core, ("dhsa_fixed_chunk",), False, _dhsa_context),
 }

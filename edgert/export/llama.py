@@ -18,6 +18,8 @@ runtime's fixed-capacity cache, read and written in place).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -106,15 +108,17 @@ class LlamaDecoder(nn.Module):
     Gather along axis 1 of that same tensor, so the 576 x 49152 matrix is stored once.
     """
 
-    def __init__(self, config: LlamaConfig, attention: str = "portable") -> None:
+    def __init__(self, config: LlamaConfig, attention: str = "portable", **core_options) -> None:
         super().__init__()
         self.config = config
         self.attention: AttentionVariant = ATTENTION_VARIANTS[attention]
         if not config.tie_word_embeddings:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.lm_head_t = nn.Parameter(torch.zeros(config.hidden_size, config.vocab_size))
-        self.layers = nn.ModuleList(DecoderLayer(config, self.attention.core)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, functools.partial(self.attention.core, layer_index=i,
+                                                   **core_options))
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         inv_freq = torch.tensor(inverse_frequencies(config), dtype=torch.float32)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -1,0 +1,67 @@
+"""DHSA parameters (stored in the artifact manifest under ``dhsa``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from edgert.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DHSAParams:
+    """Prefill sparse-attention settings.
+
+    block_size: query block length; each block selects its keys once.
+    budget: keys each query block attends to (local + sinks + top-scoring).
+    local: the most recent allowed keys every block keeps (with block_size=local: the block).
+    sink: the first keys of the sequence every block keeps.
+    dense_tail: the last queries (the instruction) attend densely to everything before them.
+    boundary_window, boundary_threshold, nms_radius: the training-free chunk-boundary rule
+        (attention-mass ratio left/right of a position over ``boundary_window`` keys, kept when
+        >= threshold, non-max suppressed within +-nms_radius).
+    probe_stride: probe queries for that rule: every probe_stride-th token plus the dense tail.
+    boundary_layer: the layer whose attention places the boundaries (shared by all layers).
+    fixed_chunk: 0 = dynamic boundaries; N > 0 = fixed N-token chunks (the baseline).
+    min_context: prompts longer than this prefill through DHSA (shorter ones densely).
+    """
+
+    block_size: int = 128
+    budget: int = 1024
+    local: int = 128
+    sink: int = 64
+    dense_tail: int = 64
+    boundary_window: int = 4
+    boundary_threshold: float = 2.0
+    nms_radius: int = 8
+    probe_stride: int = 64
+    boundary_layer: int = 0
+    fixed_chunk: int = 0
+    min_context: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "budget", "local", "boundary_window", "nms_radius",
+                     "probe_stride", "min_context"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"dhsa.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sink", "dense_tail", "fixed_chunk", "boundary_layer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"dhsa.{name} must be >= 0, got {getattr(self, name)}")
+        if self.local + self.sink > self.budget:
+            raise ConfigError(f"dhsa.local + dhsa.sink ({self.local + self.sink}) must not "
+                              f"exceed dhsa.budget ({self.budget})")
+        if self.min_context < self.budget:
+            raise ConfigError(f"dhsa.min_context ({self.min_context}) must be >= dhsa.budget "
+                              f"({self.budget}): shorter prompts are cheaper dense")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DHSAParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown dhsa field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,166 @@
+"""NumPy reference of one DHSA prefill attention call (causal, GQA).
+
+    q [Hq,T,D], k/v [Hkv,T,D] (rotary applied)
+    1. boundaries (training-free, shared by all layers; computed at ``boundary_layer``):
+       probe queries R = every probe_stride-th token + the last dense_tail tokens;
+       A = causal softmax(q k^T / sqrt(D)) over R, averaged over heads  [|R|, T];
+       for candidate c (boundary between c and c+1), over probes r >= c + w:
+           past = sum A[r, c-w+1 .. c],  future = sum A[r, c+1 .. c+w]
+           ratio = (max + eps) / (min + eps)      (valid for 2w-1 <= c < T-2w)
+       boundaries = ratio >= threshold and a local maximum within +-nms_radius,
+       plus one before the dense tail; (fixed_chunk > 0: every fixed_chunk tokens instead)
+    2. chunks: key chunk j = [s_j, s_{j+1});  vec_j = mean(k_bar[chunk]) * sqrt(len)
+       query block b (block_size tokens): vec_b = mean(q_bar[block]) * sqrt(len)
+       (q_bar, k_bar: averaged over heads)
+    3. token score[b, t] = vec_b . vec_{chunk(t)}; allowed: t < end of block b (causal);
+       the first ``sink`` and the last ``local`` allowed tokens are forced in;
+       selected = top ``budget`` (stable: lower index first on ties)
+    4. each query p of block b attends to its selected keys with index <= p;
+       the last dense_tail queries attend to every key <= p (dense).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgert.dhsa.params import DHSAParams
+
+EPS = 1e-6
+NEG = np.float32(-np.inf)
+
+
+def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _repeat_kv(x: np.ndarray, group: int) -> np.ndarray:
+    return np.repeat(x, group, axis=0)
+
+
+def probe_rows(seq_len: int, params: DHSAParams) -> np.ndarray:
+    strided = np.arange(params.probe_stride - 1, seq_len, params.probe_stride)
+    tail = np.arange(max(0, seq_len - max(params.dense_tail, 1)), seq_len)
+    return np.unique(np.concatenate([strided, tail]))
+
+
+def boundary_ratios(q: np.ndarray, k: np.ndarray, params: DHSAParams) -> np.ndarray:
+    """ratio[c] for a boundary between c and c+1 (0 where not a valid candidate)."""
+    hq, seq_len, d = q.shape
+    w = params.boundary_window
+    rows = probe_rows(seq_len, params)
+    keys = _repeat_kv(k, hq // k.shape[0])
+    scores = np.einsum("hrd,htd->hrt", q[:, rows], keys) / np.sqrt(d)
+    scores = np.where(np.arange(seq_len)[None, None, :] <= rows[None, :, None], scores, NEG)
+    attn = _softmax(scores.astype(np.float32)).mean(axis=0)  # [R,T]
+    csum = np.concatenate([np.zeros((len(rows), 1), np.float32), np.cumsum(attn, axis=1)], 1)
+    c = np.arange(seq_len)
+    lo, mid, hi = np.clip(c - w + 1, 0, seq_len), c + 1, np.clip(c + w + 1, 0, seq_len)
+    past_rows = csum[:, mid.clip(max=seq_len)] - csum[:, lo]  # [R,T]
+    future_rows = csum[:, hi] - csum[:, mid.clip(max=seq_len)]
+    probe_ok = rows[:, None] >= (c + w)[None, :]
+    past = (past_rows * probe_ok).sum(0)
+    future = (future_rows * probe_ok).sum(0)
+    ratio = (np.maximum(past, future) + EPS) / (np.minimum(past, future) + EPS)
+    valid = (c >= 2 * w - 1) & (c < seq_len - 2 * w)
+    return np.where(valid, ratio, 0.0).astype(np.float32)
+
+
+def chunk_starts(ratio: np.ndarray, params: DHSAParams) -> np.ndarray:
+    """Boolean [T]: token t starts a chunk. Token 0 always does."""
+    seq_len = len(ratio)
+    starts = np.zeros(seq_len, dtype=bool)
+    starts[0] = True
+    if params.fixed_chunk:
+        starts[::params.fixed_chunk] = True
+        return starts
+    r = params.nms_radius
+    padded = np.pad(ratio, r, constant_values=-np.inf)
+    window_max = np.lib.stride_tricks.sliding_window_view(padded, 2 * r + 1).max(axis=1)
+    peaks = (ratio >= params.boundary_threshold) & (ratio >= window_max)
+    starts[1:] |= peaks[:-1]  # boundary after c: chunk starts at c + 1
+    if params.dense_tail and seq_len > params.dense_tail:
+        starts[seq_len - params.dense_tail] = True  # the instruction is a chunk of its own
+    return starts
+
+
+def token_scores(q: np.ndarray, k: np.ndarray, starts: np.ndarray,
+                 params: DHSAParams) -> np.ndarray:
+    """[nb, T] score of every key token for every query block (its chunk's score)."""
+    _, seq_len, _ = q.shape
+    q_bar = q.mean(axis=0)  # [T,D]
+    k_bar = k.mean(axis=0)
+    ids = np.cumsum(starts) - 1  # chunk id per token
+    n_chunks = ids[-1] + 1
+    sums = np.zeros((n_chunks, k_bar.shape[1]), np.float32)
+    np.add.at(sums, ids, k_bar)
+    lengths = np.bincount(ids, minlength=n_chunks).astype(np.float32)
+    chunk_vec = sums / np.sqrt(lengths)[:, None]  # mean * sqrt(len)
+    bs = params.block_size
+    nb = -(-seq_len // bs)
+    padded = np.zeros((nb * bs, q_bar.shape[1]), np.float32)
+    padded[:seq_len] = q_bar
+    block_len = np.minimum(bs, seq_len - np.arange(nb) * bs).astype(np.float32)
+    block_vec = padded.reshape(nb, bs, -1).sum(axis=1) / np.sqrt(block_len)[:, None]
+    return (block_vec @ chunk_vec.T)[:, ids]  # upsample chunk scores to tokens
+
+
+@dataclass
+class Selection:
+    index: np.ndarray  # [nb, budget] key positions per query block (sorted by score)
+    valid: np.ndarray  # [nb, budget] bool: a real, causally allowed key
+
+
+def select_keys(scores: np.ndarray, seq_len: int, params: DHSAParams) -> Selection:
+    nb = scores.shape[0]
+    t = np.arange(seq_len)[None, :]
+    block_end = np.minimum((np.arange(nb)[:, None] + 1) * params.block_size, seq_len)
+    allowed = t < block_end
+    forced = allowed & ((t < params.sink) | (t >= block_end - params.local))
+    ranked = np.where(forced, np.inf, np.where(allowed, scores, NEG)).astype(np.float32)
+    budget = min(params.budget, seq_len)
+    order = np.argsort(-ranked, axis=1, kind="stable")[:, :budget]
+    valid = np.take_along_axis(ranked, order, axis=1) > NEG
+    return Selection(order, valid)
+
+
+def sparse_attention(q, k, v, sel: Selection, params: DHSAParams) -> np.ndarray:
+    hq, seq_len, d = q.shape
+    group = hq // k.shape[0]
+    keys, values = _repeat_kv(k, group), _repeat_kv(v, group)
+    out = np.zeros_like(q)
+    bs = params.block_size
+    for b in range(sel.index.shape[0]):
+        qs = np.arange(b * bs, min((b + 1) * bs, seq_len))
+        idx = sel.index[b]
+        s = np.einsum("hqd,hkd->hqk", q[:, qs], keys[:, idx]) / np.sqrt(d)
+        ok = sel.valid[b][None, None, :] & (idx[None, None, :] <= qs[None, :, None])
+        p = _softmax(np.where(ok, s, NEG))
+        out[:, qs] = np.einsum("hqk,hkd->hqd", p, values[:, idx])
+    tail = params.dense_tail
+    if tail:
+        qs = np.arange(max(0, seq_len - tail), seq_len)
+        s = np.einsum("hqd,htd->hqt", q[:, qs], keys) / np.sqrt(d)
+        s = np.where(np.arange(seq_len)[None, None, :] <= qs[None, :, None], s, NEG)
+        out[:, qs] = np.einsum("hqt,htd->hqd", _softmax(s), values)
+    return out
+
+
+def dense_attention(q, k, v) -> np.ndarray:
+    hq, seq_len, d = q.shape
+    group = hq // k.shape[0]
+    s = np.einsum("hqd,htd->hqt", q, _repeat_kv(k, group)) / np.sqrt(d)
+    causal = np.tril(np.ones((seq_len, seq_len), bool))
+    return np.einsum("hqt,htd->hqd", _softmax(np.where(causal, s, NEG)), _repeat_kv(v, group))
+
+
+def dhsa_attention(q, k, v, params: DHSAParams, starts: np.ndarray | None = None):
+    """One DHSA call; ``starts`` (chunk starts) computed from this call's q/k if not given.
+    Returns (out [Hq,T,D], starts, selection)."""
+    if starts is None:
+        starts = chunk_starts(boundary_ratios(q, k, params), params)
+    sel = select_keys(token_scores(q, k, starts, params), q.shape[1], params)
+    return sparse_attention(q, k, v, sel, params), starts, sel

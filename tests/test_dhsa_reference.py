@@ -1,0 +1,112 @@
+"""The NumPy DHSA reference against dense attention and constructed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgert.dhsa.params import DHSAParams
+from edgert.dhsa.reference import (
+    boundary_ratios,
+    chunk_starts,
+    dense_attention,
+    dhsa_attention,
+    select_keys,
+    token_scores,
+)
+from edgert.errors import ConfigError
+
+SMALL = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8, probe_stride=8,
+                   min_context=64)
+
+
+def random_qkv(seq_len, hq=4, hkv=2, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((hq, seq_len, d)).astype(np.float32),
+            rng.standard_normal((hkv, seq_len, d)).astype(np.float32),
+            rng.standard_normal((hkv, seq_len, d)).astype(np.float32))
+
+
+def test_budget_covering_the_context_equals_dense():
+    q, k, v = random_qkv(100)
+    params = DHSAParams(block_size=16, budget=100, local=16, sink=4, dense_tail=8,
+                        probe_stride=8, min_context=100)
+    out, _, sel = dhsa_attention(q, k, v, params)
+    np.testing.assert_allclose(out, dense_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_selection_is_causal():
+    q, k, v = random_qkv(150)
+    out, starts, sel = dhsa_attention(q, k, v, SMALL)
+    for b in range(sel.index.shape[0]):
+        block_end = (b + 1) * SMALL.block_size
+        assert (sel.index[b][sel.valid[b]] < block_end).all()
+    # changing the future does not change the past: outputs before 80 are unaffected
+    k2, v2 = k.copy(), v.copy()
+    k2[:, 80:] += 3.0
+    v2[:, 80:] -= 2.0
+    out2, _, _ = dhsa_attention(q, k2, v2, SMALL, starts=starts)
+    np.testing.assert_allclose(out2[:, :80], out[:, :80], atol=1e-6)
+
+
+def test_local_sink_and_budget_are_respected():
+    q, k, v = random_qkv(200)
+    _, _, sel = dhsa_attention(q, k, v, SMALL)
+    for b in range(sel.index.shape[0]):
+        chosen = set(sel.index[b][sel.valid[b]].tolist())
+        end = min((b + 1) * SMALL.block_size, 200)
+        assert set(range(max(0, end - SMALL.local), end)) <= chosen
+        assert set(range(min(SMALL.sink, end))) <= chosen
+        assert len(chosen) <= SMALL.budget
+
+
+def test_relevant_keys_are_selected():
+    """A 'needle' chunk whose keys align with the last block's queries is picked."""
+    seq_len, d = 256, 16
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((4, seq_len, d)).astype(np.float32) * 0.1
+    k = rng.standard_normal((2, seq_len, d)).astype(np.float32) * 0.1
+    v = rng.standard_normal((2, seq_len, d)).astype(np.float32)
+    direction = np.zeros(d, np.float32)
+    direction[3] = 1.0
+    needle = np.arange(90, 102)
+    k[:, needle] += 2.0 * direction
+    q[:, 240:] += 2.0 * direction  # the last block asks for it
+    starts = np.zeros(seq_len, bool)
+    starts[::12] = True  # chunks aligned with the needle (90 = 7*12 + 6 -> split)
+    starts[90] = starts[102] = True
+    sel = select_keys(token_scores(q, k, starts, SMALL), seq_len, SMALL)
+    last = sel.index[-1][sel.valid[-1]]
+    assert set(needle.tolist()) <= set(last.tolist())
+
+
+def test_boundaries_found_where_attention_mass_jumps():
+    """Probes attend strongly to tokens 40..59 only: boundaries at the edges of that span."""
+    seq_len, d = 128, 8
+    q = np.zeros((2, seq_len, d), np.float32)
+    k = np.zeros((1, seq_len, d), np.float32)
+    q[:, :, 0] = 4.0
+    k[:, 40:60, 0] = 4.0
+    params = DHSAParams(block_size=16, budget=64, local=16, sink=0, dense_tail=0,
+                        probe_stride=4, min_context=64)
+    ratio = boundary_ratios(q, k, params)
+    starts = chunk_starts(ratio, params)
+    assert starts[40] and starts[60]
+    assert starts.sum() <= 4  # 0, 40, 60 (+ at most one spurious)
+
+
+def test_fixed_chunks():
+    params = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=0,
+                        fixed_chunk=10, min_context=64)
+    starts = chunk_starts(np.zeros(45, np.float32), params)
+    assert np.flatnonzero(starts).tolist() == [0, 10, 20, 30, 40]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"local": 900, "sink": 200}, "must not exceed"),
+    ({"min_context": 100}, "min_context"),
+    ({"block_size": 0}, "block_size"),
+])
+def test_invalid_params(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DHSAParams(**kwargs)
