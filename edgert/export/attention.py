@@ -161,6 +161,8 @@ class AttentionVariant:
     extra_inputs: tuple[str, ...]
     shared_cache: bool  # True: past/present are the runtime's capacity-sized buffers, aliased
     context: Callable  # (tree_mask, past_key_0, extra inputs) -> ctx passed to every core
+    example_extra: Callable[[int, int], list[torch.Tensor]]  # (q, past) -> extra inputs
+    prefill_only: bool = False  # the whole prompt in one call, no past
 
 
 def _dhsa_core(config, layer_index=0, **options):
@@ -176,9 +178,14 @@ def _dhsa_context(tree_mask, past_k0, extra):
 
 
 ATTENTION_VARIANTS: dict[str, AttentionVariant] = {
-    "portable": AttentionVariant("portable", PortableCore, (), False, _portable_context),
-    "ort_gqa": AttentionVariant("ort_gqa", GQACore, ("seqlens_k", "total_sequence_length"),
-                                True, _gqa_context),
-    # prefill only (no past): the whole prompt in one call, DHSA sparse attention
-    "dhsa": AttentionVariant("dhsa", _dhsa_core, ("dhsa_fixed_chunk",), False, _dhsa_context),
+    "portable": AttentionVariant("portable", PortableCore, (), False, _portable_context,
+                                 lambda q, past: []),
+    "ort_gqa": AttentionVariant(
+        "ort_gqa", GQACore, ("seqlens_k", "total_sequence_length"), True, _gqa_context,
+        lambda q, past: [torch.tensor([past + q - 1], dtype=torch.int32),
+                         torch.tensor(past + q, dtype=torch.int32)]),
+    # the whole prompt in one call (no past), DHSA sparse attention in every layer
+    "dhsa": AttentionVariant("dhsa", _dhsa_core, ("dhsa_fixed_chunk",), False, _dhsa_context,
+                             lambda q, past: [torch.tensor(0, dtype=torch.int64)],
+                             prefill_only=True),
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ import torch
 from edgert.__about__ import __version__
 from edgert.artifact import atomic_directory, hash_files, write_manifest
 from edgert.config import LlamaConfig
+from edgert.dhsa.params import DHSAParams
 from edgert.errors import ConfigError
 from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.llama import LlamaDecoder
@@ -26,6 +27,7 @@ from edgert.medusa.tree import build_tree_buffers
 from edgert.medusa.trees import resolve_tree
 
 GRAPH_FILES = {"portable": "model.onnx", "ort_gqa": "model.ort.onnx"}
+DHSA_FILE = "model.dhsa.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 KV_MEMORY_FRACTION = 0.25  # the cache may take at most this share of available memory
@@ -46,6 +48,7 @@ class ExportOptions:
     use_heads: bool = True
     medusa_topk: int = 10
     tree: str | Path | None = None  # a shipped tree name or a JSON file; None: the default
+    dhsa: DHSAParams | None = field(default_factory=DHSAParams)  # None: no DHSA prefill graph
 
 
 def _available_memory() -> int:
@@ -120,8 +123,8 @@ def _medusa_manifest(heads: MedusaHeads, topk: int, path: str) -> dict:
             "training": cfg.training}
 
 
-def _build_decoder(loaded: LoadedModel, variant: str) -> LlamaDecoder:
-    decoder = LlamaDecoder(loaded.config, attention=variant)
+def _build_decoder(loaded: LoadedModel, variant: str, **core_options) -> LlamaDecoder:
+    decoder = LlamaDecoder(loaded.config, attention=variant, **core_options)
     with torch.no_grad():
         decoder.load_hf_state_dict(loaded.state_dict)
     return decoder.eval()
@@ -151,6 +154,15 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         log(f"exporting {file} ({variant} attention)...")
         graphs[file] = trace_decoder(_build_decoder(loaded, variant))
     graph_specs = {v: decode_graph_spec(f, v, config) for v, f in GRAPH_FILES.items()}
+    dhsa = options.dhsa
+    if dhsa is not None and capacity <= dhsa.min_context:
+        log(f"note: no DHSA prefill graph: the KV capacity {capacity} is not above DHSA's "
+            f"min_context {dhsa.min_context}")
+        dhsa = None
+    if dhsa is not None:
+        log(f"exporting {DHSA_FILE} (DHSA prefill, budget {dhsa.budget})...")
+        graphs[DHSA_FILE] = trace_decoder(_build_decoder(loaded, "dhsa", dhsa=dhsa))
+        graph_specs["dhsa"] = decode_graph_spec(DHSA_FILE, "dhsa", config)
     medusa = tree = None
     if heads is not None:
         if not 1 <= options.medusa_topk <= config.vocab_size:
@@ -192,6 +204,7 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             files=hash_files(tmp, written),
             medusa=medusa,
             tree=tree,
+            dhsa=dhsa.to_dict() if dhsa is not None else None,
         )
         write_manifest(tmp, manifest.to_dict())
     log(f"wrote {output}")

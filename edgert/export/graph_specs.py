@@ -22,6 +22,8 @@ def decode_graph_spec(file: str, variant_name: str, config: LlamaConfig) -> Grap
         TensorSpec("logits_index", ["n"], "int64",
                    "which of the q positions to return logits and hidden states for"),
     ]
+    if variant.prefill_only:
+        return _prefill_graph_spec(file, variant_name, config, inputs)
     if variant.shared_cache:
         inputs += [
             TensorSpec("seqlens_k", [1], "int32", "prefix length + q - 1"),
@@ -48,3 +50,24 @@ def decode_graph_spec(file: str, variant_name: str, config: LlamaConfig) -> Grap
                                           f"layer {i} {kind}s of the q new tokens"))
     return GraphSpec(file=file, attention=variant_name, shared_cache=variant.shared_cache,
                      inputs=inputs, outputs=outputs)
+
+
+def _prefill_graph_spec(file: str, variant_name: str, config: LlamaConfig,
+                        common: list[TensorSpec]) -> GraphSpec:
+    """A whole-prompt prefill graph (DHSA): no past, no tree mask (causal inside)."""
+    hkv, d = config.num_key_value_heads, config.head_dim
+    inputs = [t for t in common if t.name != "tree_mask"]
+    inputs.append(TensorSpec("dhsa_fixed_chunk", [], "int64",
+                             "0: DHSA's dynamic chunk boundaries; N > 0: fixed N-token chunks "
+                             "(the block-sparse baseline)"))
+    outputs = [
+        TensorSpec("logits", [1, "n", config.vocab_size], "float32", "next-token logits"),
+        TensorSpec("hidden", [1, "n", config.hidden_size], "float32",
+                   "final-norm hidden state (the Medusa heads' input)"),
+    ]
+    for i in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            outputs.append(TensorSpec(f"present_{kind}_{i}", [1, hkv, "q", d], "float32",
+                                      f"layer {i} {kind}s of the prompt (copied into the cache)"))
+    return GraphSpec(file=file, attention=variant_name, shared_cache=False, inputs=inputs,
+                     outputs=outputs)

@@ -46,16 +46,15 @@ def decoder_io_names(model: LlamaDecoder) -> GraphIO:
 
 def example_inputs(model: LlamaDecoder, q: int = 3, past: int = 2) -> tuple[torch.Tensor, ...]:
     cfg = model.config
+    if model.attention.prefill_only:
+        q, past = model.example_length, 0
     ids = torch.zeros((1, q), dtype=torch.int64)
     pos = torch.arange(past, past + q, dtype=torch.int64).unsqueeze(0)
     mask = torch.zeros((1, 1, q, q), dtype=torch.float32)
     logits_index = torch.tensor([q - 1], dtype=torch.int64)
     length = past + q + 2 if model.attention.shared_cache else past
     kv = torch.zeros((1, cfg.num_key_value_heads, length, cfg.head_dim), dtype=torch.float32)
-    extra: list[torch.Tensor] = []
-    if model.attention.shared_cache:
-        extra = [torch.tensor([past + q - 1], dtype=torch.int32),
-                 torch.tensor(past + q, dtype=torch.int32)]
+    extra = model.attention.example_extra(q, past)
     return (ids, pos, mask, logits_index, *extra, *([kv] * (2 * cfg.num_hidden_layers)))
 
 
@@ -70,6 +69,8 @@ def _dynamic_axes(model: LlamaDecoder, names: GraphIO) -> dict[str, dict[int, st
     }
     cache_axis = "capacity" if model.attention.shared_cache else "past"
     present_axis = "capacity" if model.attention.shared_cache else "q"
+    if model.attention.prefill_only:
+        del axes["tree_mask"]
     for name in names.inputs:
         if name.startswith("past_"):
             axes[name] = {2: cache_axis}

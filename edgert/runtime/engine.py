@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgert.artifact import load_manifest
+from edgert.dhsa.params import DHSAParams
 from edgert.errors import CapacityError, GenerationError
 from edgert.medusa.tree import TreeBuffers, build_tree_buffers
 from edgert.runtime.backends import create_backend
@@ -23,7 +24,7 @@ from edgert.runtime.medusa import (
     verify_tree,
 )
 from edgert.runtime.sampling import SamplingParams, select_token
-from edgert.runtime.steps import decode_one, prefill
+from edgert.runtime.steps import decode_one, prefill, prefill_sparse
 from edgert.runtime.tokenizer import Messages, StreamDecoder, Tokenizer
 
 Prompt = str | Messages
@@ -67,6 +68,10 @@ class Engine:
                                       threads)
         self.prefill_chunk = prefill_chunk
         self.eos_ids = set(self.manifest.tokenizer.eos_token_ids)
+        self.dhsa = (DHSAParams.from_dict(self.manifest.dhsa)
+                     if self.manifest.dhsa and self.backend.has_dhsa else None)
+        # DHSA chunking: 0 = dynamic boundaries; N > 0 = fixed N-token chunks (a baseline)
+        self.dhsa_fixed_chunk = 0
         self.tree: TreeBuffers | None = None
         if self.backend.has_heads and self.manifest.tree:
             self.set_tree(self.manifest.tree["choices"])
@@ -119,6 +124,7 @@ class Engine:
         threshold: float
         alpha: float
         ignore_eos: bool = False
+        dhsa: bool | None = None
 
     def _generate_ids(self, prompt_ids: list[int], opts: Engine._Options,
                       stats: dict[str, Any]) -> Iterator[int]:
@@ -126,10 +132,15 @@ class Engine:
         limit; fills ``stats`` as it goes."""
         rng = np.random.default_rng(opts.params.seed)
         self.cache.reset()
+        sparse = self._use_dhsa(opts.dhsa, len(prompt_ids))
         t0 = time.perf_counter()
-        out = prefill(self.backend, self.cache, prompt_ids, self.prefill_chunk)
+        if sparse:
+            out = prefill_sparse(self.backend, self.cache, prompt_ids, self.dhsa_fixed_chunk)
+        else:
+            out = prefill(self.backend, self.cache, prompt_ids, self.prefill_chunk)
         t1 = time.perf_counter()
         stats["prefill_ms"] = (t1 - t0) * 1e3
+        stats["prefill"] = "dhsa" if sparse else "dense"
         first = select_token(out.logits[-1], opts.params, rng)
         loop = (self._medusa_tokens(out, first, opts, rng, stats) if opts.medusa
                 else self._plain_tokens(first, opts.params, rng, stats))
@@ -143,6 +154,23 @@ class Engine:
         elapsed = time.perf_counter() - t1
         # the first token comes from prefill; the rest from decode forwards
         stats["decode_tokens_per_s"] = (new - 1) / elapsed if new > 1 and elapsed > 0 else 0.0
+
+    def _use_dhsa(self, requested: bool | None, prompt_len: int) -> bool:
+        """Default: DHSA above its min_context; True forces it (prompt >= its budget)."""
+        if requested is False:
+            return False
+        if self.dhsa is None:
+            if requested:
+                raise GenerationError("this artifact has no DHSA prefill graph; re-export it "
+                                      "with a KV capacity above 1024 (or pass dhsa=False)")
+            return False
+        if requested:
+            if prompt_len < self.dhsa.budget:
+                raise GenerationError(f"DHSA needs a prompt of at least its budget "
+                                      f"({self.dhsa.budget} tokens), got {prompt_len}; pass "
+                                      "dhsa=None to decide automatically")
+            return True
+        return prompt_len > self.dhsa.min_context
 
     def _plain_tokens(self, token: int, params: SamplingParams, rng: np.random.Generator,
                       stats: dict[str, Any], emitted: bool = False) -> Iterator[int]:
@@ -184,7 +212,7 @@ class Engine:
                 "steps": 0, "mean_accepted": 1.0}
 
     def _options(self, max_new_tokens, temperature, top_p, top_k, seed, medusa, threshold,
-                 alpha, ignore_eos=False) -> Engine._Options:
+                 alpha, ignore_eos=False, dhsa=None) -> Engine._Options:
         params = SamplingParams(temperature, top_p, top_k, seed)
         if medusa is None:
             medusa = self.has_medusa
@@ -192,14 +220,14 @@ class Engine:
             raise GenerationError("this artifact has no Medusa heads and tree; export it with "
                                   "heads, or pass medusa=False (CLI: --no-medusa)")
         return Engine._Options(max_new_tokens, params, bool(medusa), threshold, alpha,
-                               ignore_eos)
+                               ignore_eos, dhsa)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  chat: bool = True, medusa: bool | None = None,
                  typical_threshold: float = DEFAULT_TYPICAL_THRESHOLD,
                  typical_alpha: float = DEFAULT_TYPICAL_ALPHA,
-                 ignore_eos: bool = False) -> Result:
+                 ignore_eos: bool = False, dhsa: bool | None = None) -> Result:
         """Generate a completion. ``temperature=0`` is greedy; stops at EOS or the limit.
 
         ``medusa`` (default: when the artifact has heads) decodes with Medusa tree steps:
@@ -207,12 +235,14 @@ class Engine:
         acceptance otherwise (a candidate is kept when its probability exceeds
         ``min(typical_threshold, typical_alpha * exp(-entropy))``). ``ignore_eos`` keeps
         generating past EOS up to ``max_new_tokens`` (benchmarks, memory checks).
+        ``dhsa`` (default: for prompts longer than the artifact's DHSA ``min_context``)
+        prefills through dynamic hierarchical sparse attention; decoding stays dense.
 
         Returns a :class:`Result` with ``prompt_ids``, ``output_ids`` (EOS included when it was
         produced), ``text`` (special tokens removed) and ``stats``.
         """
         opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, medusa,
-                             typical_threshold, typical_alpha, ignore_eos)
+                             typical_threshold, typical_alpha, ignore_eos, dhsa)
         prompt_ids = self.encode(prompt, chat)
         self._check_request(prompt_ids, max_new_tokens)
         stats = self._base_stats()
@@ -223,14 +253,14 @@ class Engine:
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                chat: bool = True, medusa: bool | None = None,
                typical_threshold: float = DEFAULT_TYPICAL_THRESHOLD,
-               typical_alpha: float = DEFAULT_TYPICAL_ALPHA,
+               typical_alpha: float = DEFAULT_TYPICAL_ALPHA, dhsa: bool | None = None,
                stats: dict[str, Any] | None = None) -> Iterator[str]:
         """Like :meth:`generate`, but yields text pieces as tokens are decided.
 
         Pass a dict as ``stats`` to receive the statistics when the stream ends.
         """
         opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, medusa,
-                             typical_threshold, typical_alpha)
+                             typical_threshold, typical_alpha, dhsa=dhsa)
         prompt_ids = self.encode(prompt, chat)
         self._check_request(prompt_ids, max_new_tokens)
         stats = stats if stats is not None else {}

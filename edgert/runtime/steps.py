@@ -32,6 +32,15 @@ def prefill(backend: Backend, cache: KVCache, ids: list[int], chunk: int) -> Ste
     return out
 
 
+def prefill_sparse(backend: Backend, cache: KVCache, ids: list[int],
+                   fixed_chunk: int = 0) -> StepOutputs:
+    """DHSA prefill: the whole prompt in one call of the sparse graph (empty cache only)."""
+    cache.check_room(len(ids))
+    out = backend.prefill_sparse(np.asarray(ids, dtype=np.int64)[None], fixed_chunk)
+    cache.advance(len(ids))
+    return out
+
+
 _ONE_MASK = np.zeros((1, 1, 1, 1), dtype=np.float32)
 _LAST = np.zeros((1,), dtype=np.int64)
 

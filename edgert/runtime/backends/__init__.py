@@ -44,6 +44,12 @@ class Backend(Protocol):
         """Medusa heads on hidden [n,H]: (ids [K,n,k], logits [K,n,k])."""
         ...
 
+    has_dhsa: bool
+
+    def prefill_sparse(self, ids: np.ndarray, fixed_chunk: int = 0) -> StepOutputs:
+        """Whole-prompt DHSA prefill into an empty cache (K/V written at [0, T))."""
+        ...
+
 
 BackendFactory = Callable[[Path, Manifest, KVCache, str, int], Backend]
 

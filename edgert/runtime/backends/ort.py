@@ -70,6 +70,8 @@ class OrtBackend:
         self.session = _session(path / graph.file, device, threads)
         medusa = manifest.graphs.get("medusa")
         self.heads_session = _session(path / medusa.file, device, threads) if medusa else None
+        dhsa = manifest.graphs.get("dhsa")
+        self.dhsa_session = _session(path / dhsa.file, device, threads) if dhsa else None
         self.device = device
         self.cache = cache
         self.binding = self.session.io_binding()
@@ -93,6 +95,21 @@ class OrtBackend:
         """hidden [n,H] -> (ids [K,n,k], logits [K,n,k]) of the Medusa heads."""
         ids, logits = self.heads_session.run(None, {"hidden": hidden})
         return ids, logits
+
+    @property
+    def has_dhsa(self) -> bool:
+        return self.dhsa_session is not None
+
+    def prefill_sparse(self, ids: np.ndarray, fixed_chunk: int = 0) -> StepOutputs:
+        """Whole-prompt DHSA prefill into an empty cache: ids [1,T]; K/V land at [0, T)."""
+        q = ids.shape[1]
+        outputs = self.dhsa_session.run(None, {
+            "input_ids": ids, "position_ids": np.arange(q, dtype=np.int64)[None],
+            "logits_index": np.array([q - 1], dtype=np.int64),
+            "dhsa_fixed_chunk": np.array(fixed_chunk, dtype=np.int64)})
+        for buf, present in zip(self.cache.buffers(), outputs[2:]):
+            buf[:, :, :q] = present
+        return StepOutputs(logits=outputs[0][0], hidden=outputs[1][0])
 
     def forward(self, step: StepInputs) -> StepOutputs:
         q = step.input_ids.shape[1]

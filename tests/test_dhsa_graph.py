@@ -1,0 +1,130 @@
+"""The exported DHSA prefill graph against the NumPy reference and against dense prefill."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import edgert
+from edgert.config import LlamaConfig
+from edgert.dhsa import reference
+from edgert.dhsa.params import DHSAParams
+from edgert.export.dhsa_attention import DHSACore
+
+ATOL = 2e-6  # float32 reordering only: the same keys are selected
+SMALL = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8, probe_stride=8,
+                   min_context=64)
+CFG = LlamaConfig(vocab_size=10, hidden_size=64, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+class CoreOnly(nn.Module):
+    def __init__(self, params: DHSAParams) -> None:
+        super().__init__()
+        self.core = DHSACore(CFG, 0, dhsa=params)
+
+    def forward(self, query, key, value, fixed):
+        ctx = {"fixed_chunk": fixed, "starts": None}
+        return self.core(query, key, value, None, None, ctx)[0]
+
+
+@pytest.fixture(scope="module")
+def core_session():
+    buf = io.BytesIO()
+    t0 = SMALL.budget
+    example = (torch.zeros(1, t0, 64), torch.zeros(1, t0, 32), torch.zeros(1, t0, 32),
+               torch.tensor(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(CoreOnly(SMALL).eval(), example, buf,
+                          input_names=["query", "key", "value", "fixed"], output_names=["out"],
+                          dynamic_axes={n: {1: "T"} for n in ("query", "key", "value", "out")},
+                          opset_version=17, dynamo=False)
+    return ort.InferenceSession(buf.getvalue())
+
+
+def run_core(session, q, k, v, fixed):
+    hq, t, d = q.shape
+    out = session.run(None, {"query": q.transpose(1, 0, 2).reshape(1, t, hq * d),
+                             "key": k.transpose(1, 0, 2).reshape(1, t, -1),
+                             "value": v.transpose(1, 0, 2).reshape(1, t, -1),
+                             "fixed": np.array(fixed, dtype=np.int64)})[0]
+    return out.reshape(t, hq, d).transpose(1, 0, 2)
+
+
+@pytest.mark.parametrize("seq_len", [48, 100, 150, 257])
+@pytest.mark.parametrize("fixed", [0, 10])
+def test_graph_matches_reference(core_session, seq_len, fixed):
+    rng = np.random.default_rng(seq_len + fixed)
+    q = rng.standard_normal((4, seq_len, 16)).astype(np.float32)
+    k = rng.standard_normal((2, seq_len, 16)).astype(np.float32)
+    v = rng.standard_normal((2, seq_len, 16)).astype(np.float32)
+    expected, _, _ = reference.dhsa_attention(q, k, v, dataclasses.replace(SMALL,
+                                                                           fixed_chunk=fixed))
+    np.testing.assert_allclose(run_core(core_session, q, k, v, fixed), expected, atol=ATOL)
+
+
+def test_graph_matches_reference_with_structured_boundaries(core_session):
+    """Inputs with real attention-mass jumps, so the dynamic boundary rule fires."""
+    seq_len, d = 160, 16
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((4, seq_len, d)).astype(np.float32) * 0.2
+    k = rng.standard_normal((2, seq_len, d)).astype(np.float32) * 0.2
+    v = rng.standard_normal((2, seq_len, d)).astype(np.float32)
+    q[:, :, 0] += 3.0
+    k[:, 40:60, 0] += 3.0
+    k[:, 100:110, 0] += 3.0
+    expected, starts, _ = reference.dhsa_attention(q, k, v, SMALL)
+    assert starts.sum() >= 3
+    np.testing.assert_allclose(run_core(core_session, q, k, v, 0), expected, atol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def dhsa_artifact(tiny_dir, tmp_path_factory):
+    from edgert.export.exporter import ExportOptions, export_model
+
+    params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
+                        probe_stride=8, min_context=128)
+    out = tmp_path_factory.mktemp("dhsa") / "artifact"
+    export_model(str(tiny_dir), out, ExportOptions(max_context=512, dhsa=params),
+                 log=lambda m: None)
+    return out
+
+
+def test_full_budget_prefill_equals_dense(dhsa_artifact):
+    """A prompt exactly as long as the budget: every key is selected, so DHSA is dense."""
+    engine = edgert.load(dhsa_artifact)
+    ids = np.random.default_rng(0).integers(3, 300, engine.dhsa.budget).tolist()
+    from edgert.runtime.steps import prefill, prefill_sparse
+
+    engine.cache.reset()
+    sparse = prefill_sparse(engine.backend, engine.cache, ids)
+    sparse_kv = engine.cache.storage[..., :len(ids), :].copy()
+    engine.cache.reset()
+    dense = prefill(engine.backend, engine.cache, ids, 512)
+    np.testing.assert_allclose(sparse.logits, dense.logits, atol=1e-4)
+    np.testing.assert_allclose(sparse_kv, engine.cache.storage[..., :len(ids), :], atol=1e-4)
+
+
+def test_short_prompts_are_unchanged(dhsa_artifact):
+    engine = edgert.load(dhsa_artifact)
+    auto = engine.generate("Explain loops", max_new_tokens=24)
+    dense = engine.generate("Explain loops", max_new_tokens=24, dhsa=False)
+    assert auto.stats["prefill"] == "dense" and auto.output_ids == dense.output_ids
+
+
+def test_long_prompts_use_dhsa(dhsa_artifact):
+    engine = edgert.load(dhsa_artifact)
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    result = engine.generate(text, max_new_tokens=8, chat=False)
+    assert len(result.prompt_ids) > engine.dhsa.min_context
+    assert result.stats["prefill"] == "dhsa"
+    with pytest.raises(edgert.GenerationError, match="at least its budget"):
+        engine.generate("short", dhsa=True)
