@@ -66,7 +66,6 @@ def test_relevant_keys_are_selected():
     rng = np.random.default_rng(1)
     q = rng.standard_normal((4, seq_len, d)).astype(np.float32) * 0.1
     k = rng.standard_normal((2, seq_len, d)).astype(np.float32) * 0.1
-    v = rng.standard_normal((2, seq_len, d)).astype(np.float32)
     direction = np.zeros(d, np.float32)
     direction[3] = 1.0
     needle = np.arange(90, 102)

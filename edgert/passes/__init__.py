@@ -1,0 +1,1 @@
+"""edgert's compiler passes (ONNX -> TVM Relax) and the kernels they lower attention into."""

@@ -1,0 +1,1 @@
+"""TIR/TE kernels edgert's passes call: tree-verification attention, KV append, DHSA."""
