@@ -65,7 +65,7 @@ def test_tree_attention_kernel_matches_numpy(tree_kernel, past, parents):
     order = tree_order_from_parents(np.array(parents))
     out = tvm.runtime.tensor(np.zeros((n, HQ, D), np.float32))
     tree_kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(kc), tvm.runtime.tensor(vc),
-                tvm.runtime.tensor(order), out, past)
+                tvm.runtime.tensor(order), past, out)
     np.testing.assert_allclose(out.numpy(), tree_attention_reference(q, kc, vc, order, past),
                                atol=1e-5)
 

@@ -116,7 +116,8 @@ def tree_attention_te(num_heads: int, num_kv_heads: int, head_dim: int, dtype: s
                                             axis=rj3), name="acc")
     out = te.compute((n, num_heads, head_dim),
                      lambda i, h, x: acc[i, h, x] / row_sum[h, i], name="out")
-    func = te.create_prim_func([q, k_cache, v_cache, order, out, past])
+    # call_tir order: inputs, scalar args, then the output buffer
+    func = te.create_prim_func([q, k_cache, v_cache, order, past, out])
     return func.with_attr("global_symbol", "edgert_tree_attention")
 
 
