@@ -64,6 +64,22 @@ def export(model: str, output: Path, max_context: int | None, force: bool, heads
                                               medusa_topk=medusa_topk, tree=tree))
 
 
+@main.command("compile")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--target", default="llvm", show_default=True,
+              help="llvm, cuda, opencl, metal or webgpu (vulkan needs a TVM with SPIR-V).")
+@click.option("--device", default=None, help="Target device refinement, e.g. adreno (opencl).")
+@click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
+              help="Write the IR after each pipeline phase into this directory.")
+@friendly_errors
+def compile_cmd(artifact: Path, target: str, device: str | None, dump_ir: Path | None) -> None:
+    """Compile ARTIFACT with TVM and edgert's passes into ARTIFACT/tvm/TARGET/."""
+    from edgert.compile import compile_artifact
+
+    record = compile_artifact(artifact, target, device, dump_ir)
+    click.echo(f"{target}: {', '.join(record['files'])} ({record['seconds']} s)")
+
+
 @main.command("train-heads")
 @click.argument("model", default="smollm2-135m")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
@@ -116,7 +132,8 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (prompt_ids, output_ids, text, stats) instead of "
                    "streaming text.")
-@click.option("--backend", default="ort", show_default=True, help="Inference backend.")
+@click.option("--backend", default="ort", show_default=True,
+              help="ort (ONNX Runtime) or tvm (needs `edgert compile` first).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="Intra-op threads (0 = the runtime's default).")

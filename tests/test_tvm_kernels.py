@@ -43,9 +43,9 @@ def test_reference_with_causal_order_is_causal_attention():
 
 @pytest.fixture(scope="module")
 def tree_kernel():
-    from edgert.passes.kernels.tree_attention import tree_attention_te
+    from edgert.passes.kernels.tree_attention import tree_attention_tir
 
-    mod = tvm.IRModule({"edgert_tree_attention": tree_attention_te(HQ, HKV, D)})
+    mod = tvm.IRModule({"edgert_tree_attention": tree_attention_tir(HQ, HKV, D)})
     return tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_tree_attention"]
 
 

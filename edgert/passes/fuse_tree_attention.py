@@ -28,7 +28,7 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from edgert.errors import EdgertError
-from edgert.passes.kernels.tree_attention import kv_append_tir, tree_attention_te
+from edgert.passes.kernels.tree_attention import kv_append_tir, tree_attention_tir
 
 
 def core_pattern():
@@ -86,15 +86,19 @@ class FuseTreeAttention:
     Parameters
     ----------
     num_heads, num_kv_heads, head_dim : the model's attention shape.
+    gpu : emit the GPU loop mapping of the kernels (thread blocks) instead of the CPU one.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 gpu: bool = False) -> None:
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
+        self.gpu = gpu
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         bb = relax.BlockBuilder(mod)
-        attn = bb.add_func(tree_attention_te(self.h, self.hkv, self.d), "edgert_tree_attention")
-        append = bb.add_func(kv_append_tir(self.hkv, self.d), "edgert_kv_append")
+        attn = bb.add_func(tree_attention_tir(self.h, self.hkv, self.d, self.gpu),
+                           "edgert_tree_attention")
+        append = bb.add_func(kv_append_tir(self.hkv, self.d, self.gpu), "edgert_kv_append")
         mod = bb.get()
         func = mod["main"]
         params = {p.name: p for p in func.params}
@@ -125,7 +129,7 @@ class FuseTreeAttention:
             rewritten.append(past_k)
             return relax.op.reshape(out, [1, q_len, self.h * self.d])
 
-        body = rewrite_call(core_pattern()[0] if False else root, rewrite, func).body
+        body = rewrite_call(root, rewrite, func).body
         if len(rewritten) != len(caches) // 2:
             raise EdgertError(f"FuseTreeAttention rewrote {len(rewritten)} attention cores but "
                               f"the model has {len(caches) // 2} layers")

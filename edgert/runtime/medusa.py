@@ -46,7 +46,7 @@ def verify_tree(backend: Backend, cache: KVCache, tree: TreeBuffers, tokens: np.
     """One forward over the tree; its K/V are written at [length, length + N+1), uncommitted."""
     cache.check_room(tree.size)
     step = StepInputs(tokens[None], (cache.length + tree.depths)[None], mask,
-                      np.arange(tree.size, dtype=np.int64), cache.length)
+                      np.arange(tree.size, dtype=np.int64), cache.length, tree.parents)
     return backend.forward(step)
 
 

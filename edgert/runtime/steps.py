@@ -27,7 +27,8 @@ def prefill(backend: Backend, cache: KVCache, ids: list[int], chunk: int) -> Ste
         q = piece.shape[1]
         pos = np.arange(cache.length, cache.length + q, dtype=np.int64)[None]
         out = backend.forward(StepInputs(piece, pos, causal_mask(q),
-                                         np.array([q - 1], dtype=np.int64), cache.length))
+                                         np.array([q - 1], dtype=np.int64), cache.length,
+                                         np.arange(-1, q - 1, dtype=np.int64)))
         cache.advance(q)
     return out
 
@@ -43,13 +44,15 @@ def prefill_sparse(backend: Backend, cache: KVCache, ids: list[int],
 
 _ONE_MASK = np.zeros((1, 1, 1, 1), dtype=np.float32)
 _LAST = np.zeros((1,), dtype=np.int64)
+_ROOT = np.full((1,), -1, dtype=np.int64)
 
 
 def decode_one(backend: Backend, cache: KVCache, token: int) -> StepOutputs:
     """One new token at position ``cache.length``: [1,V] logits, [1,H] hidden."""
     cache.check_room(1)
     step = StepInputs(np.array([[token]], dtype=np.int64),
-                      np.array([[cache.length]], dtype=np.int64), _ONE_MASK, _LAST, cache.length)
+                      np.array([[cache.length]], dtype=np.int64), _ONE_MASK, _LAST, cache.length,
+                      _ROOT)
     out = backend.forward(step)
     cache.advance(1)
     return out

@@ -16,6 +16,8 @@ A causal chunk is the chain 0 -> 1 -> ... -> n-1: order[i] = (i, n).
     out      [n, Hq, D]
 
 ``kv_append`` writes the new K or V entries into the cache in place (only those n entries).
+Both kernels come as one TIR template with two loop mappings: GPU (blocks x threads) and CPU
+(serial x parallel).
 """
 
 from __future__ import annotations
@@ -70,72 +72,93 @@ def tree_attention_reference(q, k_cache, v_cache, order, past: int) -> np.ndarra
     return np.einsum("hit,htd->ihd", probs, values)
 
 
-def tree_attention_te(num_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "float32"):
-    """The kernel as a TE PrimFunc with symbolic n (new tokens), C (capacity), past."""
-    from tvm import te, tirx
+def _loops(gpu: bool):
+    """(outer, inner) loop constructors: GPU thread binding, or CPU serial x parallel."""
+    from tvm.script import tirx as T
 
-    n = tirx.Var("n", "int64")
-    cap = tirx.Var("cap", "int64")
-    past = tirx.Var("past", "int64")
-    group = num_heads // num_kv_heads
-    q = te.placeholder((n, num_heads, head_dim), dtype, name="q")
-    k_cache = te.placeholder((num_kv_heads, cap, head_dim), dtype, name="k_cache")
-    v_cache = te.placeholder((num_kv_heads, cap, head_dim), dtype, name="v_cache")
-    order = te.placeholder((n, 2), "int32", name="order")
-    total = past + n
-    scale = 1.0 / math.sqrt(head_dim)
-    rd = te.reduce_axis((0, head_dim), name="rd")
-    qs = te.compute((n, num_heads, head_dim),
-                    lambda i, h, x: q[i, h, x] * tirx.const(scale, dtype), name="q_scaled")
-    score = te.compute(
-        (num_heads, n, total),
-        lambda h, i, j: te.sum(qs[i, h, rd] * k_cache[h // group, j, rd], axis=rd),
-        name="score")
-
-    def allowed(i, j):
-        node = j - past
-        return tirx.if_then_else(
-            j < past, tirx.const(True, "bool"),
-            tirx.all(order[node, 0] <= order[i, 0], order[i, 0] < order[node, 1]))
-
-    masked = te.compute(
-        (num_heads, n, total),
-        lambda h, i, j: tirx.if_then_else(allowed(i, j), score[h, i, j],
-                                          tirx.const(MASKED, dtype)), name="masked")
-    rj = te.reduce_axis((0, total), name="rj")
-    row_max = te.compute((num_heads, n), lambda h, i: te.max(masked[h, i, rj], axis=rj),
-                         name="row_max")
-    expd = te.compute((num_heads, n, total),
-                      lambda h, i, j: te.exp(masked[h, i, j] - row_max[h, i]), name="expd")
-    rj2 = te.reduce_axis((0, total), name="rj2")
-    row_sum = te.compute((num_heads, n), lambda h, i: te.sum(expd[h, i, rj2], axis=rj2),
-                         name="row_sum")
-    rj3 = te.reduce_axis((0, total), name="rj3")
-    acc = te.compute((n, num_heads, head_dim),
-                     lambda i, h, x: te.sum(expd[h, i, rj3] * v_cache[h // group, rj3, x],
-                                            axis=rj3), name="acc")
-    out = te.compute((n, num_heads, head_dim),
-                     lambda i, h, x: acc[i, h, x] / row_sum[h, i], name="out")
-    # call_tir order: inputs, scalar args, then the output buffer
-    func = te.create_prim_func([q, k_cache, v_cache, order, past, out])
-    return func.with_attr("global_symbol", "edgert_tree_attention")
+    if gpu:
+        return (lambda e: T.thread_binding(e, thread="blockIdx.x"),
+                lambda e: T.thread_binding(e, thread="threadIdx.x"))
+    return (lambda e: T.serial(e), lambda e: T.parallel(e))
 
 
-def kv_append_tir(num_kv_heads: int, head_dim: int, dtype: str = "float32"):
+def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bool = False):
+    """The kernel as TIR: one (query, head) pair per thread (GPU: blocks x threads; CPU:
+    heads in parallel), an online softmax over the allowed keys, so no score matrix is
+    materialised. Marked scheduled: dlight's generic rules cannot schedule fused attention."""
+    from tvm.script import tirx as T
+
+    hq, hkv, d = num_heads, num_kv_heads, head_dim
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d)
+    outer, inner = _loops(gpu)
+
+    @T.prim_func(private=True, s_tir=True)
+    def tree_attention(var_q: T.handle, var_kc: T.handle, var_vc: T.handle,
+                       var_order: T.handle, past: T.int64, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n = T.int64()
+        cap = T.int64()
+        q = T.match_buffer(var_q, (n, hq, d), "float32")
+        kc = T.match_buffer(var_kc, (hkv, cap, d), "float32")
+        vc = T.match_buffer(var_vc, (hkv, cap, d), "float32")
+        order = T.match_buffer(var_order, (n, 2), "int32")
+        out = T.match_buffer(var_out, (n, hq, d), "float32")
+        for bi in outer(n):
+            for th in inner(hq):
+                with T.sblock("attention"):
+                    i = T.axis.spatial(n, bi)
+                    h = T.axis.spatial(hq, th)
+                    T.reads(q[i, h, 0:d], kc[h // group, 0:cap, 0:d],
+                            vc[h // group, 0:cap, 0:d], order[0:n, 0:2])
+                    T.writes(out[i, h, 0:d])
+                    m = T.alloc_buffer((1,), "float32", scope="local")
+                    total = T.alloc_buffer((1,), "float32", scope="local")
+                    dot = T.alloc_buffer((1,), "float32", scope="local")
+                    acc = T.alloc_buffer((d,), "float32", scope="local")
+                    m[0] = T.float32(MASKED)
+                    total[0] = T.float32(0)
+                    for x in range(d):
+                        acc[x] = T.float32(0)
+                    for j in range(past + n):
+                        if j < past or (order[j - past, 0] <= order[i, 0]
+                                        and order[i, 0] < order[j - past, 1]):
+                            dot[0] = T.float32(0)
+                            for x in range(d):
+                                dot[0] = dot[0] + q[i, h, x] * kc[h // group, j, x]
+                            dot[0] = dot[0] * T.float32(scale)
+                            m_new = T.max(m[0], dot[0])
+                            correction = T.exp(m[0] - m_new)
+                            p = T.exp(dot[0] - m_new)
+                            total[0] = total[0] * correction + p
+                            for x in range(d):
+                                acc[x] = acc[x] * correction + p * vc[h // group, j, x]
+                            m[0] = m_new
+                    for x in range(d):
+                        out[i, h, x] = acc[x] / total[0]
+
+    return tree_attention.with_attr("global_symbol", "edgert_tree_attention")
+
+
+def kv_append_tir(num_kv_heads: int, head_dim: int, gpu: bool = False):
     """cache[:, past + t, :] = new[t] for the n new entries only (in place)."""
     from tvm.script import tirx as T
 
     hkv, d = num_kv_heads, head_dim
+    outer, inner = _loops(gpu)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append(var_cache: T.handle, var_new: T.handle, past: T.int64):
+        T.func_attr({"tirx.is_scheduled": True})
         cap = T.int64()
         n = T.int64()
-        cache = T.match_buffer(var_cache, (hkv, cap, d), dtype)
-        new = T.match_buffer(var_new, (n, hkv, d), dtype)
-        for t, h, x in T.grid(n, hkv, d):
-            with T.sblock("append"):
-                vt, vh, vx = T.axis.remap("SSS", [t, h, x])
-                cache[vh, past + vt, vx] = new[vt, vh, vx]
+        cache = T.match_buffer(var_cache, (hkv, cap, d), "float32")
+        new = T.match_buffer(var_new, (n, hkv, d), "float32")
+        for t in outer(n):
+            for hx in inner(hkv * d):
+                with T.sblock("append"):
+                    vt = T.axis.spatial(n, t)
+                    vhx = T.axis.spatial(hkv * d, hx)
+                    cache[vhx // d, past + vt, vhx % d] = new[vt, vhx // d, vhx % d]
 
     return kv_append.with_attr("global_symbol", "edgert_kv_append")

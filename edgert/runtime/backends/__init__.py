@@ -23,6 +23,9 @@ class StepInputs:
     tree_mask: np.ndarray  # [1,1,q,q] float32, additive
     logits_index: np.ndarray  # [n] int64
     past_len: int
+    # the same structure as tree_mask, compactly: parent of each new token (-1: the prefix);
+    # backends with tree kernels (tvm) read this instead of the dense mask
+    parents: np.ndarray | None = None
 
 
 @dataclass
@@ -60,7 +63,13 @@ def _ort_factory(path, manifest, cache, device, threads):
     return OrtBackend(path, manifest, cache, device, threads)
 
 
-BACKENDS: dict[str, BackendFactory] = {"ort": _ort_factory}
+def _tvm_factory(path, manifest, cache, device, threads):
+    from edgert.runtime.backends.tvm import TvmBackend
+
+    return TvmBackend(path, manifest, cache, device, threads)
+
+
+BACKENDS: dict[str, BackendFactory] = {"ort": _ort_factory, "tvm": _tvm_factory}
 
 
 def create_backend(name: str, path: Path, manifest: Manifest, cache: KVCache, device: str,

@@ -1,0 +1,142 @@
+"""``edgert compile``: artifact ONNX -> TVM Relax -> edgert passes -> a module per target."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgert.artifact import load_manifest, sha256_file, update_manifest
+from edgert.errors import BackendError, EdgertError
+
+TVM_DIR = "tvm"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """How edgert builds for a target and what it writes."""
+
+    name: str
+    target: dict
+    output: str  # "library" (a loadable .so) or "source" (device source next to a host .so)
+    supported: bool = True
+    reason: str = ""
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "llvm": TargetSpec("llvm", {"kind": "llvm"}, "library"),
+    "cuda": TargetSpec("cuda", {"kind": "cuda", "arch": "sm_80"}, "source"),
+    "opencl": TargetSpec("opencl", {"kind": "opencl"}, "source"),
+    "metal": TargetSpec("metal", {"kind": "metal"}, "source"),
+    "webgpu": TargetSpec("webgpu", {"kind": "webgpu"}, "source"),
+    "vulkan": TargetSpec("vulkan", {"kind": "vulkan"}, "source", supported=False,
+                         reason="this TVM build has no SPIR-V backend (target.build.vulkan is "
+                                "missing); build TVM with USE_VULKAN=ON to target Vulkan"),
+}
+
+
+def resolve_target(name: str, device: str | None = None, cores: int | None = None):
+    import os
+
+    import tvm
+
+    spec = TARGETS.get(name)
+    if spec is None:
+        raise EdgertError(f"unknown target '{name}'; choose one of {', '.join(TARGETS)}")
+    if not spec.supported:
+        raise BackendError(f"cannot compile for {name}: {spec.reason}")
+    target = dict(spec.target)
+    if name == "llvm":
+        target["num-cores"] = cores or os.cpu_count() or 1
+    if device:
+        target["device"] = device
+    if spec.output == "source":
+        return spec, tvm.target.Target(target, host={"kind": "llvm"})
+    return spec, tvm.target.Target(target)
+
+
+def import_onnx(path: Path):
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        return from_onnx(onnx.load(str(path)), keep_params_in_input=False)
+    except Exception as exc:  # the importer raises many types; say which graph failed
+        raise EdgertError(f"TVM cannot import {path.name} ({str(exc).splitlines()[0][:200]}); "
+                          "re-export the artifact with this edgert") from None
+
+
+def _write_outputs(ex, spec: TargetSpec, out: Path, stem: str) -> list[str]:
+    files = []
+    if spec.output == "library":
+        ex.export_library(str(out / f"{stem}.so"))
+        return [f"{stem}.so"]
+    host = ex.mod.imports[0]
+    for i, dev in enumerate(host.imports):
+        ext = {"cuda": "cu", "opencl": "cl", "metal": "metal", "webgpu": "wgsl"}[spec.name]
+        name = f"{stem}.{i}.{ext}" if len(host.imports) > 1 else f"{stem}.{ext}"
+        (out / name).write_text(dev.inspect_source())
+        files.append(name)
+    if spec.name == "cuda" and shutil.which("nvcc") and files:
+        import subprocess
+
+        fatbin = f"{stem}.fatbin"
+        arch = spec.target["arch"].replace("sm_", "")
+        proc = subprocess.run(["nvcc", "--fatbin", f"-arch=sm_{arch}", "-o", str(out / fatbin),
+                               str(out / files[0])], capture_output=True, text=True)
+        if proc.returncode == 0:
+            files.append(fatbin)
+    return files
+
+
+def compile_artifact(path: Path, target: str = "llvm", device: str | None = None,
+                     dump_ir: Path | None = None,
+                     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+    """Compile the artifact's portable graph (and Medusa heads) for ``target``; writes
+    ``path/tvm/<target>/`` atomically and records it in the manifest."""
+    import tvm
+
+    from edgert.passes.pipeline import run_pipeline
+
+    path = Path(path)
+    manifest = load_manifest(path)
+    spec, tvm_target = resolve_target(target, device)
+    started = time.time()
+    graphs = {"decoder": (manifest.graphs["portable"].file, "decoder")}
+    if "medusa" in manifest.graphs:
+        graphs["medusa"] = (manifest.graphs["medusa"].file, "plain")
+    final = path / TVM_DIR / target
+    final.parent.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target}.tmp-", dir=final.parent))
+    try:
+        files = []
+        for stem, (graph_file, pipeline) in graphs.items():
+            log(f"importing {graph_file} into Relax...")
+            mod = import_onnx(path / graph_file)
+            mod = run_pipeline(mod, pipeline, manifest.config, spec.output == "source",
+                               dump_ir, tag=f"{stem}-")
+            log(f"building {stem} for {target}...")
+            with tvm.transform.PassContext(opt_level=3):
+                ex = tvm.compile(mod, tvm_target)
+            files += _write_outputs(ex, spec, tmp, stem)
+        record = {"target": tvm_target.export() if hasattr(tvm_target, "export") else target,
+                  "kind": target, "output": spec.output, "files": files,
+                  "hashes": {f: sha256_file(tmp / f) for f in files},
+                  "seconds": round(time.time() - started, 1)}
+        (tmp / "build.json").write_text(json.dumps(record, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    compiled = dict(manifest.compiled)
+    compiled[target] = {k: v for k, v in record.items() if k != "target"}
+    update_manifest(path, {"compiled": compiled})
+    log(f"wrote {final}")
+    return record

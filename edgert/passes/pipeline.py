@@ -1,0 +1,66 @@
+"""edgert's compile pipeline, by phase, registered by name (like TVM's relax/pipeline.py).
+
+    phase "import"   ONNX -> Relax            (tvm.relax.frontend.onnx, dynamic dims kept)
+    phase "edgert"   edgert passes            FuseTreeAttention (attention -> in-place kernels)
+    phase "legalize" remaining ops -> TIR     (LegalizeOps, AnnotateTIROpPattern, FuseOps,
+                                               FuseTIR)
+    phase "build"    tvm.compile for the target (its default build pipeline)
+
+``--dump-ir DIR`` writes the module after each phase as ``DIR/<n>-<phase>.py`` (TVMScript).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from edgert.config import LlamaConfig
+from edgert.errors import EdgertError
+from edgert.passes.fuse_tree_attention import FuseTreeAttention
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    passes: Callable[[LlamaConfig, bool], list]  # (config, gpu) -> passes
+
+
+def _edgert_passes(config: LlamaConfig, gpu: bool) -> list:
+    return [FuseTreeAttention(config.num_attention_heads, config.num_key_value_heads,
+                              config.head_dim, gpu=gpu)]
+
+
+def _legalize_passes(config: LlamaConfig, gpu: bool) -> list:
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
+
+
+PIPELINES: dict[str, list[Phase]] = {
+    "decoder": [Phase("edgert", _edgert_passes), Phase("legalize", _legalize_passes)],
+    "plain": [Phase("legalize", _legalize_passes)],  # graphs without attention (Medusa heads)
+}
+
+
+def get_pipeline(name: str) -> list[Phase]:
+    if name not in PIPELINES:
+        raise EdgertError(f"unknown pipeline '{name}'; available: {', '.join(PIPELINES)}")
+    return PIPELINES[name]
+
+
+def run_pipeline(mod: tvm.IRModule, name: str, config: LlamaConfig, gpu: bool = False,
+                 dump_ir: Path | None = None, tag: str = "") -> tvm.IRModule:
+    """Apply the named pipeline phase by phase, dumping IR after each when asked."""
+    phases = get_pipeline(name)
+    if dump_ir is not None:
+        dump_ir.mkdir(parents=True, exist_ok=True)
+        (dump_ir / f"{tag}0-import.py").write_text(mod.script())
+    for n, phase in enumerate(phases, 1):
+        mod = tvm.transform.Sequential(phase.passes(config, gpu))(mod)
+        if dump_ir is not None:
+            (dump_ir / f"{tag}{n}-{phase.name}.py").write_text(mod.script())
+    return mod
