@@ -74,15 +74,15 @@ def accept_typical(tree: TreeBuffers, tokens: np.ndarray, logits: np.ndarray,
                    alpha: float = DEFAULT_TYPICAL_ALPHA) -> Acceptance:
     """Typical acceptance: keep a candidate when its probability under the backbone at its
     parent exceeds min(threshold, alpha * exp(-entropy)); the next token is sampled."""
-    scaled = logits.astype(np.float64) / max(params.temperature, 1e-6)
-    scaled -= scaled.max(axis=-1, keepdims=True)
-    probs = np.exp(scaled)
-    probs /= probs.sum(axis=-1, keepdims=True)  # [N+1,V]
-    entropy = -(probs * np.log(probs + 1e-12)).sum(axis=-1)
+    scaled = logits / np.float32(max(params.temperature, 1e-6))  # [N+1,V] float32
+    shifted = scaled - scaled.max(axis=-1, keepdims=True)
+    expd = np.exp(shifted)
+    z = expd.sum(axis=-1)
+    entropy = np.log(z) - (expd * shifted).sum(axis=-1) / z  # -sum p log p
     limit = np.minimum(threshold, alpha * np.exp(-entropy))  # [N+1]
     paths = np.maximum(tree.retrieve, 0)
     parent, child = paths[:, :-1], paths[:, 1:]
-    ok = probs[parent, tokens[child]] > limit[parent]
+    ok = expd[parent, tokens[child]] / z[parent] > limit[parent]
     best, lengths = _longest(tree, ok)
     nodes = tree.retrieve[best, :lengths[best] + 1]
     return Acceptance(nodes, select_token(logits[nodes[-1]], params, rng))
