@@ -157,8 +157,8 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
     for piece in engine.stream(prompt, stats=stats, **kwargs):
         click.echo(piece, nl=False)
     click.echo()
-    medusa = (f", {stats['mean_accepted']:.2f} tokens/step" if engine.has_medusa and not no_medusa
-              else "")
+    used_medusa = not no_medusa and engine.medusa_by_default
+    medusa = f", {stats['mean_accepted']:.2f} tokens/step" if used_medusa else ""
     click.echo(f"[{stats['new_tokens']} tokens, prefill {stats['prefill_ms']:.0f} ms, "
                f"decode {stats['decode_tokens_per_s']:.1f} tok/s{medusa}]", err=True)
 

@@ -86,6 +86,15 @@ class Engine:
     def has_medusa(self) -> bool:
         return self.tree is not None
 
+    @property
+    def medusa_by_default(self) -> bool:
+        """Medusa unless the tree was tuned and predicted slower than plain decoding."""
+        if not self.has_medusa:
+            return False
+        tuned = (self.manifest.tree or {}).get("tuned_for") or {}
+        predicted, plain = tuned.get("predicted_tokens_per_s"), tuned.get("plain_tokens_per_s")
+        return predicted is None or plain is None or predicted > plain
+
     # -- prompt handling ------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
         if isinstance(prompt, str):
@@ -215,7 +224,7 @@ class Engine:
                  alpha, ignore_eos=False, dhsa=None) -> Engine._Options:
         params = SamplingParams(temperature, top_p, top_k, seed)
         if medusa is None:
-            medusa = self.has_medusa
+            medusa = self.medusa_by_default
         elif medusa and not self.has_medusa:
             raise GenerationError("this artifact has no Medusa heads and tree; export it with "
                                   "heads, or pass medusa=False (CLI: --no-medusa)")
@@ -230,7 +239,8 @@ class Engine:
                  ignore_eos: bool = False, dhsa: bool | None = None) -> Result:
         """Generate a completion. ``temperature=0`` is greedy; stops at EOS or the limit.
 
-        ``medusa`` (default: when the artifact has heads) decodes with Medusa tree steps:
+        ``medusa`` (default: when the artifact has heads and its tree is not tuned to be slower
+        than plain decoding on its device) decodes with Medusa tree steps:
         greedy acceptance at ``temperature=0`` (output identical to plain greedy), typical
         acceptance otherwise (a candidate is kept when its probability exceeds
         ``min(typical_threshold, typical_alpha * exp(-entropy))``). ``ignore_eos`` keeps
