@@ -235,3 +235,20 @@ def test_unknown_tree_name(tiny_dir, random_heads_dir, tmp_path):
     art = export_with(tiny_dir, random_heads_dir, tmp_path, str(tree_file))
     assert edgert.load(art).tree.size == 4
     shutil.rmtree(art)
+
+
+def test_medusa_default_follows_the_tuned_prediction(tiny_dir, random_heads_dir, tmp_path):
+    from edgert.artifact import update_manifest
+
+    art = export_with(tiny_dir, random_heads_dir, tmp_path, "cpu")
+    engine = edgert.load(art)
+    assert engine.medusa_by_default  # untuned tree: Medusa on
+    tree = dict(engine.manifest.tree)
+    tree["tuned_for"] = {"predicted_tokens_per_s": 30.0, "plain_tokens_per_s": 35.0}
+    update_manifest(art, {"tree": tree})
+    slower = edgert.load(art)
+    assert not slower.medusa_by_default
+    result = slower.generate("Hello", max_new_tokens=12)
+    assert result.stats["mean_accepted"] == 1.0  # plain steps
+    assert slower.generate("Hello", max_new_tokens=12, medusa=True).output_ids == \
+        result.output_ids
