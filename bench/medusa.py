@@ -142,8 +142,15 @@ def main() -> None:
     }
     import peers
 
+    if args.json_path:  # keep the edgert figures even if a peer fails later
+        Path(args.json_path).write_text(json.dumps(record, indent=2) + "\n")
     for name in [p for p in args.peers.split(",") if p]:
-        peer = peers.PEERS[name](engine.manifest)
+        try:
+            peer = peers.PEERS[name](engine.manifest)
+        except Exception as exc:  # a peer that does not install or build is reported, not fatal
+            record[f"peer_{name}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"peer {name} unavailable: {exc}", file=sys.stderr)
+            continue
         subset = prompts[:args.peer_prompts] if name == "transformers" else prompts
         runs = 1 if name == "transformers" else args.runs
         rate, outs = run_peer(peer, engine, subset, args.new_tokens, runs)
