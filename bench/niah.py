@@ -29,7 +29,7 @@ OBJECTS = ["blue lighthouse", "old library", "silver train", "mountain cabin", "
            "harbor crane", "glass museum", "desert well", "copper bell", "winter garden"]
 QUESTION = "What is the secret passcode for the {obj}? Answer with the number only."
 MODES = {"dense": {"dhsa": False}, "dhsa": {"dhsa": True}, "fixed": {"dhsa": True}}
-ANSWER_TOKENS = 12
+ANSWER_TOKENS = 24  # the model answers in a sentence; digits are single tokens
 
 
 def haystack_sentences() -> list[str]:
