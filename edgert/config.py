@@ -17,6 +17,15 @@ from edgert.errors import ConfigError
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def reject_unknown_fields(cls, data: dict[str, Any], what: str) -> None:
+    """Raise ConfigError naming fields of ``data`` that dataclass ``cls`` does not define."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s) {unknown}; known fields: {sorted(known)} "
+                          "(written by a newer edgert?)")
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """Hyper-parameters of a Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, ...)."""
@@ -84,11 +93,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
         """Build from edgert's own manifest form; unknown fields are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+        reject_unknown_fields(cls, data, "model config")
         missing_marker = dataclasses.MISSING
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is missing_marker and f.default_factory is missing_marker]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgert.config import LlamaConfig
+from edgert.config import LlamaConfig, reject_unknown_fields
 from edgert.errors import ArtifactError, ConfigError
 
 FORMAT = "edgert-artifact"
@@ -91,11 +91,7 @@ class KVCacheSpec:
 
 
 def _strict(cls, data: dict[str, Any], what: str) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown {what} field(s) {unknown} in {MANIFEST_NAME}; "
-                          "was it written by a newer edgert?")
+    reject_unknown_fields(cls, data, f"{MANIFEST_NAME} {what}")
     return dict(data)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from edgert.config import reject_unknown_fields
 from edgert.errors import ConfigError
 
 
@@ -60,8 +61,5 @@ class DHSAParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DHSAParams:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown dhsa field(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, data, "dhsa")
         return cls(**data)

@@ -7,6 +7,14 @@ from edgert.export.attention import ATTENTION_VARIANTS
 from edgert.manifest import GraphSpec, TensorSpec
 
 
+def _head_outputs(config: LlamaConfig) -> list[TensorSpec]:
+    return [
+        TensorSpec("logits", [1, "n", config.vocab_size], "float32", "next-token logits"),
+        TensorSpec("hidden", [1, "n", config.hidden_size], "float32",
+                   "final-norm hidden state (the Medusa heads' input)"),
+    ]
+
+
 def decode_graph_spec(file: str, variant_name: str, config: LlamaConfig) -> GraphSpec:
     variant = ATTENTION_VARIANTS[variant_name]
     hkv, d = config.num_key_value_heads, config.head_dim
@@ -29,11 +37,7 @@ def decode_graph_spec(file: str, variant_name: str, config: LlamaConfig) -> Grap
             TensorSpec("seqlens_k", [1], "int32", "prefix length + q - 1"),
             TensorSpec("total_sequence_length", [], "int32", "prefix length + q"),
         ]
-    outputs = [
-        TensorSpec("logits", [1, "n", config.vocab_size], "float32", "next-token logits"),
-        TensorSpec("hidden", [1, "n", config.hidden_size], "float32",
-                   "final-norm hidden state (the Medusa heads' input)"),
-    ]
+    outputs = _head_outputs(config)
     for i in range(config.num_hidden_layers):
         for kind in ("key", "value"):
             if variant.shared_cache:
@@ -60,11 +64,7 @@ def _prefill_graph_spec(file: str, variant_name: str, config: LlamaConfig,
     inputs.append(TensorSpec("dhsa_fixed_chunk", [], "int64",
                              "0: DHSA's dynamic chunk boundaries; N > 0: fixed N-token chunks "
                              "(the block-sparse baseline)"))
-    outputs = [
-        TensorSpec("logits", [1, "n", config.vocab_size], "float32", "next-token logits"),
-        TensorSpec("hidden", [1, "n", config.hidden_size], "float32",
-                   "final-norm hidden state (the Medusa heads' input)"),
-    ]
+    outputs = _head_outputs(config)
     for i in range(config.num_hidden_layers):
         for kind in ("key", "value"):
             outputs.append(TensorSpec(f"present_{kind}_{i}", [1, hkv, "q", d], "float32",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgert.config import LlamaConfig
+from edgert.config import LlamaConfig, reject_unknown_fields
 from edgert.errors import ConfigError, ModelSourceError
 
 HEADS_CONFIG = "heads.json"
@@ -52,10 +52,7 @@ class MedusaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MedusaConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown Medusa heads field(s) {unknown} in {HEADS_CONFIG}")
+        reject_unknown_fields(cls, data, f"Medusa heads ({HEADS_CONFIG})")
         return cls(**data)
 
     def check_backbone(self, backbone: LlamaConfig, where: str = "heads") -> None:
