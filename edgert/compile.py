@@ -15,6 +15,7 @@ from edgert.artifact import load_manifest, sha256_file, update_manifest
 from edgert.errors import BackendError, EdgertError
 
 TVM_DIR = "tvm"
+KEPT_ACROSS_BUILDS = ("tuning.json", "metaschedule")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,11 @@ def resolve_target(name: str, device: str | None = None, cores: int | None = Non
         raise BackendError(f"cannot compile for {name}: {spec.reason}")
     target = dict(spec.target)
     if name == "llvm":
+        import tvm.target.codegen
+
         target["num-cores"] = cores or os.cpu_count() or 1
+        # this machine's CPU (vector width, FMA); a generic x86-64 build is SSE2 only
+        target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
     if device:
         target["device"] = device
     if spec.output == "source":
@@ -101,7 +106,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
     ``path/tvm/<target>/`` atomically and records it in the manifest."""
     import tvm
 
-    from edgert.passes.pipeline import run_pipeline
+    from edgert.passes.pipeline import CompileContext, run_pipeline
+    from edgert.tuning.database import TuningDatabase
 
     path = Path(path)
     manifest = load_manifest(path)
@@ -112,14 +118,21 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
         graphs["medusa"] = (manifest.graphs["medusa"].file, "plain")
     final = path / TVM_DIR / target
     final.parent.mkdir(exist_ok=True)
+    tuning = TuningDatabase.load(final)
+    if tuning.records:
+        log(f"applying {len(tuning.workloads())} tuned workloads from {tuning.path}")
+    ctx = CompileContext(manifest.config, gpu=spec.output == "source", tuning=tuning)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target}.tmp-", dir=final.parent))
     try:
+        for kept in KEPT_ACROSS_BUILDS:  # the tuning records outlive a rebuild
+            if (final / kept).exists():
+                copy = shutil.copytree if (final / kept).is_dir() else shutil.copy2
+                copy(final / kept, tmp / kept)
         files = []
         for stem, (graph_file, pipeline) in graphs.items():
             log(f"importing {graph_file} into Relax...")
             mod = import_onnx(path / graph_file)
-            mod = run_pipeline(mod, pipeline, manifest.config, spec.output == "source",
-                               dump_ir, tag=f"{stem}-")
+            mod = run_pipeline(mod, pipeline, ctx, dump_ir, tag=f"{stem}-")
             log(f"building {stem} for {target}...")
             with tvm.transform.PassContext(opt_level=3):
                 ex = tvm.compile(mod, tvm_target)
@@ -127,6 +140,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
         record = {"target": tvm_target.export() if hasattr(tvm_target, "export") else target,
                   "kind": target, "output": spec.output, "files": files,
                   "hashes": {f: sha256_file(tmp / f) for f in files},
+                  "tuned": {w: tuning.best(w).knobs for w in tuning.workloads()
+                            if tuning.best(w) is not None},
                   "seconds": round(time.time() - started, 1)}
         (tmp / "build.json").write_text(json.dumps(record, indent=2, default=str))
         if final.exists():

@@ -1,7 +1,9 @@
 """edgert's compile pipeline, by phase, registered by name (like TVM's relax/pipeline.py).
 
     phase "import"   ONNX -> Relax            (tvm.relax.frontend.onnx, dynamic dims kept)
-    phase "edgert"   edgert passes            FuseTreeAttention (attention -> in-place kernels)
+    phase "edgert"   edgert passes            FuseTreeAttention (attention -> in-place kernels),
+                                              PackMatmulWeights (CPU: constant-weight matmuls ->
+                                              panel-packed kernels, knobs from the tuning DB)
     phase "legalize" remaining ops -> TIR     (LegalizeOps, AnnotateTIROpPattern, FuseOps,
                                                FuseTIR)
     phase "build"    tvm.compile for the target (its default build pipeline)
@@ -12,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
@@ -21,20 +23,44 @@ from tvm import relax
 from edgert.config import LlamaConfig
 from edgert.errors import EdgertError
 from edgert.passes.fuse_tree_attention import FuseTreeAttention
+from edgert.passes.kernels.matmul import MatmulKnobs, matmul_workload
+from edgert.passes.pack_matmul_weights import PackMatmulWeights
+from edgert.tuning.database import TuningDatabase
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    """What the passes of one build need to know."""
+
+    config: LlamaConfig
+    gpu: bool = False  # emit GPU loop mappings (thread blocks); else CPU
+    tuning: TuningDatabase = field(default_factory=TuningDatabase)
+
+    def matmul_knobs(self, k: int, n: int) -> MatmulKnobs:
+        best = self.tuning.best(matmul_workload(k, n))
+        return MatmulKnobs(**best.knobs) if best else MatmulKnobs()
 
 
 @dataclass(frozen=True)
 class Phase:
     name: str
-    passes: Callable[[LlamaConfig, bool], list]  # (config, gpu) -> passes
+    passes: Callable[[CompileContext], list]
 
 
-def _edgert_passes(config: LlamaConfig, gpu: bool) -> list:
-    return [FuseTreeAttention(config.num_attention_heads, config.num_key_value_heads,
-                              config.head_dim, gpu=gpu)]
+def _edgert_passes(ctx: CompileContext) -> list:
+    config = ctx.config
+    passes = [FuseTreeAttention(config.num_attention_heads, config.num_key_value_heads,
+                                config.head_dim, gpu=ctx.gpu)]
+    if not ctx.gpu:
+        passes.append(PackMatmulWeights(ctx.matmul_knobs))
+    return passes
 
 
-def _legalize_passes(config: LlamaConfig, gpu: bool) -> list:
+def _weight_passes(ctx: CompileContext) -> list:
+    return [] if ctx.gpu else [PackMatmulWeights(ctx.matmul_knobs)]
+
+
+def _legalize_passes(ctx: CompileContext) -> list:
     return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(),
             relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
@@ -42,7 +68,8 @@ def _legalize_passes(config: LlamaConfig, gpu: bool) -> list:
 
 PIPELINES: dict[str, list[Phase]] = {
     "decoder": [Phase("edgert", _edgert_passes), Phase("legalize", _legalize_passes)],
-    "plain": [Phase("legalize", _legalize_passes)],  # graphs without attention (Medusa heads)
+    # graphs without attention (Medusa heads)
+    "plain": [Phase("edgert", _weight_passes), Phase("legalize", _legalize_passes)],
 }
 
 
@@ -52,7 +79,7 @@ def get_pipeline(name: str) -> list[Phase]:
     return PIPELINES[name]
 
 
-def run_pipeline(mod: tvm.IRModule, name: str, config: LlamaConfig, gpu: bool = False,
+def run_pipeline(mod: tvm.IRModule, name: str, ctx: CompileContext,
                  dump_ir: Path | None = None, tag: str = "") -> tvm.IRModule:
     """Apply the named pipeline phase by phase, dumping IR after each when asked."""
     phases = get_pipeline(name)
@@ -60,7 +87,7 @@ def run_pipeline(mod: tvm.IRModule, name: str, config: LlamaConfig, gpu: bool = 
         dump_ir.mkdir(parents=True, exist_ok=True)
         (dump_ir / f"{tag}0-import.py").write_text(mod.script())
     for n, phase in enumerate(phases, 1):
-        mod = tvm.transform.Sequential(phase.passes(config, gpu))(mod)
+        mod = tvm.transform.Sequential(phase.passes(ctx))(mod)
         if dump_ir is not None:
             (dump_ir / f"{tag}{n}-{phase.name}.py").write_text(mod.script())
     return mod

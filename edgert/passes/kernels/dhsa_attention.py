@@ -1,0 +1,291 @@
+"""DHSA prefill attention as one fused TIR kernel: chunk scores, key selection, sparse attention.
+
+Computes what ``edgert.dhsa.reference`` computes for given chunk starts (causal, GQA):
+
+    q       [T, Hq, D]   float32 (rotary applied)
+    k, v    [T, Hkv, D]  float32
+    starts  [T] int32    1 where a key chunk starts (token 0 always starts one)
+    out     [T, Hq, D]   float32
+
+T is dynamic; the head counts, D and every DHSA parameter are compile-time constants. The
+PrimFunc runs seven stages in order, each one sblock over a flat work space (a GPU kernel
+launch, or one CPU parallel loop), their intermediates in workspace buffers:
+
+    chunk_list      (1 item)      pos[c] = start of chunk c, pos[C] = T, n_chunks = C
+    chunk_vectors   (c, x)        chunk_vec[c] = sum_{t in chunk c} mean_h k[t, h] / sqrt(len)
+    block_vectors   (b, x)        block_vec[b] = sum_{t in block b} mean_h q[t, h] / sqrt(len)
+    chunk_scores    (b, c)        score[b, c] = block_vec[b] . chunk_vec[c]
+    chunk_takes     (b, c)        take[b, c]: how many of chunk c's free tokens block b keeps
+    selected_keys   (b)           sel_index[b, :sel_count[b]]: block b's keys, ascending
+    attention       (p, h)        online softmax of query p, head h over its keys
+
+Selection without a sort. Query block b (tokens [b*bs, end)) may see keys t < end; the forced
+keys (t < sink, or t >= end - local) come first, so the free keys [sink, end - local) compete
+for ``slots = min(budget, T) - forced`` places (the params guarantee forced <= min(budget, T)).
+A free key's rank is the number of free keys ahead of it: those of higher-scoring chunks, plus
+lower-indexed ones of equal score (the reference's stable argsort). Every token of a chunk has
+the chunk's score, so the first free token of chunk c has rank
+
+    rank[b, c] = sum of free[b, c'] over chunks c' with score[b, c'] > score[b, c],
+                 or score[b, c'] == score[b, c] and c' < c
+
+and block b keeps the first ``take[b, c] = clamp(slots - rank[b, c], 0, free[b, c])`` free
+tokens of chunk c: O(chunks^2) work per block, all (b, c) pairs in parallel.
+
+Query p of block b attends to the selected keys <= p; the last ``dense_tail`` queries attend to
+every key <= p. Both use an online softmax, so no [T, T] score matrix is materialised.
+
+Workspace: pos [T+1], chunk_vec [T, D], block_vec [nb, D], score and take [nb, T] (indexed by
+chunk id; only the first ``n_chunks`` columns are used), sel_index [nb, budget], sel_count [nb].
+
+One TIR template, two loop mappings: GPU (blockIdx.x x threadIdx.x over each stage's work
+items) and CPU (parallel x serial). The stages are ordered kernel launches on GPU, so each
+sees the previous one's writes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from edgert.dhsa.params import DHSAParams
+
+MASKED = -1e30  # online-softmax start; every query keeps at least one key when sink >= 1
+GPU_LANES = 64  # threads per GPU block
+
+
+def _grid(gpu: bool):
+    """(outer, inner) loop constructors over ceildiv(items, lanes) x lanes work items:
+    GPU blockIdx.x x threadIdx.x, CPU parallel x serial."""
+    from tvm.script import tirx as T
+
+    if gpu:
+        return (lambda e: T.thread_binding(e, thread="blockIdx.x"),
+                lambda e: T.thread_binding(e, thread="threadIdx.x"))
+    return (lambda e: T.parallel(e), lambda e: T.serial(e))
+
+
+def _selection_exprs(params: DHSAParams):
+    """Block bounds and the free-key arithmetic of the selection, as PrimExpr builders."""
+    from tvm.script import tirx as T
+
+    bs, sink, local = params.block_size, params.sink, params.local
+
+    def block_end(b, n):
+        return T.min((b + 1) * bs, n)
+
+    def free_keys(chunk_start, chunk_stop, end):
+        """Free keys ([sink, end - local)) inside the chunk [chunk_start, chunk_stop)."""
+        return T.max(T.min(chunk_stop, end - local) - T.max(chunk_start, sink), 0)
+
+    def free_slots(end, n):
+        """Places left for free keys once the forced ones of a block ending at ``end`` are in."""
+        free = T.max(end - local - sink, 0)
+        return T.min(params.budget, n) - (end - free)
+
+    def forced(t, end):
+        """A sink or local key of the block ending at ``end``."""
+        return T.Or(t < sink, t >= end - local)
+
+    return block_end, free_keys, free_slots, forced
+
+
+def i64(value):
+    """An int32 buffer value (chunk position, count) as an int64 index."""
+    from tvm.script import tirx as T
+
+    return T.Cast("int64", value)
+
+
+def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,
+                       gpu: bool = False):
+    """The fused kernel as one PrimFunc (see the module docstring for the stages). Each stage
+    is a flat loop over ceildiv(items, lanes) x lanes, its sblock axes recovered from the flat
+    index (a GPU thread per work item; CPU lanes = 1: the parallel loop is over the items).
+    Marked scheduled: dlight's generic rules cannot schedule it."""
+    from tvm.script import tirx as T
+
+    hq, hkv, d = num_heads, num_kv_heads, head_dim
+    group = hq // hkv
+    bs, budget, sink, tail = params.block_size, params.budget, params.sink, params.dense_tail
+    scale = 1.0 / math.sqrt(d)
+    outer, inner = _grid(gpu)
+    lanes = GPU_LANES if gpu else 1
+    block_end, free_keys, free_slots, forced = _selection_exprs(params)
+
+    def n_blocks(n):
+        return T.ceildiv(n, bs)
+
+    @T.macro
+    def attend(q, k, v, p, h, t, m, total, dot, acc):
+        """One online-softmax step of query p, head h over key t."""
+        dot[0] = T.float32(0)
+        for x in range(d):
+            dot[0] = dot[0] + q[p, h, x] * k[t, h // group, x]
+        dot[0] = dot[0] * T.float32(scale)
+        m_new = T.max(m[0], dot[0])
+        correction = T.exp(m[0] - m_new)
+        weight = T.exp(dot[0] - m_new)
+        total[0] = total[0] * correction + weight
+        for x in range(d):
+            acc[x] = acc[x] * correction + weight * v[t, h // group, x]
+        m[0] = m_new
+
+    @T.prim_func(private=True, s_tir=True)
+    def dhsa_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle,
+                       var_starts: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        n = T.int64()
+        q = T.match_buffer(var_q, (n, hq, d), "float32")
+        k = T.match_buffer(var_k, (n, hkv, d), "float32")
+        v = T.match_buffer(var_v, (n, hkv, d), "float32")
+        starts = T.match_buffer(var_starts, (n,), "int32")
+        out = T.match_buffer(var_out, (n, hq, d), "float32")
+        pos = T.alloc_buffer((n + 1,), "int32")
+        n_chunks = T.alloc_buffer((1,), "int32")
+        chunk_vec = T.alloc_buffer((n, d), "float32")
+        block_vec = T.alloc_buffer((n_blocks(n), d), "float32")
+        score = T.alloc_buffer((n_blocks(n), n), "float32")
+        take = T.alloc_buffer((n_blocks(n), n), "int32")
+        sel_index = T.alloc_buffer((n_blocks(n), budget), "int32")
+        sel_count = T.alloc_buffer((n_blocks(n),), "int32")
+
+        for _g in outer(1):
+            for _lane in inner(1):
+                with T.sblock("chunk_list"):
+                    T.reads(starts[0:n])
+                    T.writes(pos[0:n + 1], n_chunks[0])
+                    count = T.alloc_buffer((1,), "int32", scope="local")
+                    count[0] = 0
+                    for t in range(n):
+                        if t == 0 or starts[t] != 0:
+                            pos[count[0]] = T.Cast("int32", t)
+                            count[0] = count[0] + 1
+                    pos[count[0]] = T.Cast("int32", n)
+                    n_chunks[0] = count[0]
+
+        for g in outer(T.ceildiv(n * d, lanes)):
+            for lane in inner(lanes):
+                with T.sblock("chunk_vectors"):
+                    c = T.axis.spatial(n, (g * lanes + lane) // d)
+                    x = T.axis.spatial(d, (g * lanes + lane) % d)
+                    T.where(g * lanes + lane < n * d)
+                    T.reads(k[0:n, 0:hkv, x], pos[0:n + 1], n_chunks[0])
+                    T.writes(chunk_vec[c, x])
+                    head_sum = T.alloc_buffer((1,), "float32", scope="local")
+                    chunk_sum = T.alloc_buffer((1,), "float32", scope="local")
+                    if c < i64(n_chunks[0]):
+                        chunk_sum[0] = T.float32(0)
+                        for t in range(i64(pos[c]), i64(pos[c + 1])):
+                            head_sum[0] = T.float32(0)
+                            for h in range(hkv):
+                                head_sum[0] = head_sum[0] + k[t, h, x]
+                            chunk_sum[0] = chunk_sum[0] + head_sum[0] / T.float32(hkv)
+                        chunk_vec[c, x] = chunk_sum[0] / T.sqrt(
+                            T.Cast("float32", pos[c + 1] - pos[c]))
+
+        for g in outer(T.ceildiv(n_blocks(n) * d, lanes)):
+            for lane in inner(lanes):
+                with T.sblock("block_vectors"):
+                    b = T.axis.spatial(n_blocks(n), (g * lanes + lane) // d)
+                    x = T.axis.spatial(d, (g * lanes + lane) % d)
+                    T.where(g * lanes + lane < n_blocks(n) * d)
+                    T.reads(q[b * bs:block_end(b, n), 0:hq, x])
+                    T.writes(block_vec[b, x])
+                    head_sum = T.alloc_buffer((1,), "float32", scope="local")
+                    block_sum = T.alloc_buffer((1,), "float32", scope="local")
+                    block_sum[0] = T.float32(0)
+                    for t in range(b * bs, block_end(b, n)):
+                        head_sum[0] = T.float32(0)
+                        for h in range(hq):
+                            head_sum[0] = head_sum[0] + q[t, h, x]
+                        block_sum[0] = block_sum[0] + head_sum[0] / T.float32(hq)
+                    block_vec[b, x] = block_sum[0] / T.sqrt(
+                        T.Cast("float32", block_end(b, n) - b * bs))
+
+        for g in outer(T.ceildiv(n_blocks(n) * n, lanes)):
+            for lane in inner(lanes):
+                with T.sblock("chunk_scores"):
+                    b = T.axis.spatial(n_blocks(n), (g * lanes + lane) // n)
+                    c = T.axis.spatial(n, (g * lanes + lane) % n)
+                    T.where(g * lanes + lane < n_blocks(n) * n)
+                    T.reads(block_vec[b, 0:d], chunk_vec[c, 0:d], n_chunks[0])
+                    T.writes(score[b, c])
+                    dot = T.alloc_buffer((1,), "float32", scope="local")
+                    if c < i64(n_chunks[0]):
+                        dot[0] = T.float32(0)
+                        for x in range(d):
+                            dot[0] = dot[0] + block_vec[b, x] * chunk_vec[c, x]
+                        score[b, c] = dot[0]
+
+        for g in outer(T.ceildiv(n_blocks(n) * n, lanes)):
+            for lane in inner(lanes):
+                with T.sblock("chunk_takes"):
+                    b = T.axis.spatial(n_blocks(n), (g * lanes + lane) // n)
+                    c = T.axis.spatial(n, (g * lanes + lane) % n)
+                    T.where(g * lanes + lane < n_blocks(n) * n)
+                    T.reads(score[b, 0:n], pos[0:n + 1], n_chunks[0])
+                    T.writes(take[b, c])
+                    rank = T.alloc_buffer((1,), "int32", scope="local")
+                    if c < i64(n_chunks[0]):
+                        take[b, c] = 0
+                        if free_keys(i64(pos[c]), i64(pos[c + 1]), block_end(b, n)) > 0:
+                            rank[0] = 0
+                            for other in range(i64(n_chunks[0])):
+                                if score[b, other] > score[b, c] or (
+                                        score[b, other] == score[b, c] and other < c):
+                                    rank[0] = rank[0] + T.Cast("int32", free_keys(
+                                        i64(pos[other]), i64(pos[other + 1]), block_end(b, n)))
+                            take[b, c] = T.Cast("int32", T.max(0, T.min(
+                                free_slots(block_end(b, n), n) - i64(rank[0]),
+                                free_keys(i64(pos[c]), i64(pos[c + 1]), block_end(b, n)))))
+
+        for g in outer(T.ceildiv(n_blocks(n), lanes)):
+            for lane in inner(lanes):
+                with T.sblock("selected_keys"):
+                    b = T.axis.spatial(n_blocks(n), g * lanes + lane)
+                    T.where(g * lanes + lane < n_blocks(n))
+                    T.reads(pos[0:n + 1], take[b, 0:n])
+                    T.writes(sel_index[b, 0:budget], sel_count[b])
+                    count = T.alloc_buffer((1,), "int32", scope="local")
+                    chunk = T.alloc_buffer((1,), "int32", scope="local")
+                    count[0] = 0
+                    chunk[0] = 0
+                    for t in range(block_end(b, n)):
+                        if t == i64(pos[chunk[0] + 1]):
+                            chunk[0] = chunk[0] + 1
+                        if count[0] < budget and (
+                                forced(t, block_end(b, n))
+                                or t - T.max(i64(pos[chunk[0]]), sink) < i64(take[b, chunk[0]])):
+                            sel_index[b, count[0]] = T.Cast("int32", t)
+                            count[0] = count[0] + 1
+                    sel_count[b] = count[0]
+
+        for g in outer(T.ceildiv(n * hq, lanes)):
+            for lane in inner(lanes):
+                with T.sblock("attention"):
+                    p = T.axis.spatial(n, (g * lanes + lane) // hq)
+                    h = T.axis.spatial(hq, (g * lanes + lane) % hq)
+                    T.where(g * lanes + lane < n * hq)
+                    T.reads(q[p, h, 0:d], k[0:n, h // group, 0:d], v[0:n, h // group, 0:d],
+                            sel_index[p // bs, 0:budget], sel_count[p // bs])
+                    T.writes(out[p, h, 0:d])
+                    m = T.alloc_buffer((1,), "float32", scope="local")
+                    total = T.alloc_buffer((1,), "float32", scope="local")
+                    dot = T.alloc_buffer((1,), "float32", scope="local")
+                    acc = T.alloc_buffer((d,), "float32", scope="local")
+                    m[0] = T.float32(MASKED)
+                    total[0] = T.float32(0)
+                    for x in range(d):
+                        acc[x] = T.float32(0)
+                    if p >= n - tail:  # the dense tail: every key <= p
+                        for t in range(p + 1):
+                            attend(q, k, v, p, h, t, m, total, dot, acc)
+                    else:  # the block's selected keys <= p (ascending)
+                        for j in range(i64(sel_count[p // bs])):
+                            if i64(sel_index[p // bs, j]) <= p:
+                                attend(q, k, v, p, h, i64(sel_index[p // bs, j]),
+                                       m, total, dot, acc)
+                    for x in range(d):
+                        out[p, h, x] = acc[x] / total[0]
+
+    return dhsa_attention.with_attr("global_symbol", "edgert_dhsa_attention")

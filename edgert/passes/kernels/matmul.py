@@ -1,0 +1,117 @@
+"""Matmul against a constant weight, the weight packed in column panels (CPU).
+
+Decode is a matrix-vector product: every weight byte is read once per step, so the kernel's
+job is to stream the weight at memory bandwidth. The weight W [K, N] is packed at compile
+time into ``bn``-column panels, each contiguous in memory:
+
+    Wp[p, k, c] = W[k, p * bn + c]          Wp: [N / bn, K, bn]
+
+One parallel task per panel walks it once from start to end, multiplying ``mb`` input rows at
+a time (``mb * bn`` accumulators held in vector registers), so a Medusa tree of q rows reads
+each panel once per ``mb`` rows instead of once per row.
+
+    x    [m, K]   (m dynamic: 1 for decode, the tree size for Medusa, the prefill chunk)
+    Wp   [N / bn, K, bn]
+    out  [m, N]
+
+The knobs (bn, mb) are what ``edgert tune`` searches; ``DEFAULT`` is the untuned choice.
+``packed_take`` reads embedding rows out of the same packed tensor, so a tied embedding and
+lm_head stay one copy in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MatmulKnobs:
+    bn: int = 16  # columns per panel (one vector register is 8 floats on AVX2)
+    mb: int = 1  # input rows per pass over a panel
+
+    def fits(self, n: int) -> bool:
+        return n % self.bn == 0
+
+
+DEFAULT = MatmulKnobs()
+SEARCH_SPACE = [MatmulKnobs(bn, mb) for bn in (8, 16, 32, 64) for mb in (1, 2, 4)]
+
+
+def pack_weight(weight: np.ndarray, bn: int) -> np.ndarray:
+    """W [K, N] -> Wp [N / bn, K, bn] (contiguous panels)."""
+    k, n = weight.shape
+    return np.ascontiguousarray(weight.reshape(k, n // bn, bn).transpose(1, 0, 2))
+
+
+def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
+    """out [m, N] = x [m, K] @ W, W given packed (see module docstring)."""
+    from tvm.script import tirx as T
+
+    if not knobs.fits(n_dim):
+        raise ValueError(f"panel width {knobs.bn} does not divide N={n_dim}")
+    bn, mb = knobs.bn, knobs.mb
+    panels = n_dim // bn
+
+    @T.prim_func(private=True, s_tir=True)
+    def packed_matmul(var_x: T.handle, var_w: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k_dim), "float32")
+        w = T.match_buffer(var_w, (panels, k_dim, bn), "float32")
+        out = T.match_buffer(var_out, (m, n_dim), "float32")
+        for p in T.parallel(panels):
+            for rows in range((m + mb - 1) // mb):
+                with T.sblock("panel"):
+                    vp = T.axis.spatial(panels, p)
+                    vr = T.axis.spatial((m + mb - 1) // mb, rows)
+                    T.reads(x[0:m, 0:k_dim], w[vp, 0:k_dim, 0:bn])
+                    T.writes(out[0:m, vp * bn:vp * bn + bn])
+                    acc = T.alloc_buffer((mb, bn), "float32", scope="local")
+                    for r in T.unroll(mb):
+                        for c in T.vectorized(bn):
+                            acc[r, c] = T.float32(0)
+                    for kk in range(k_dim):
+                        for r in T.unroll(mb):
+                            for c in T.vectorized(bn):
+                                # rows past m (the last partial group) recompute row m-1
+                                acc[r, c] = acc[r, c] + x[T.min(vr * mb + r, m - 1), kk] \
+                                    * w[vp, kk, c]
+                    for r in T.unroll(mb):
+                        if vr * mb + r < m:
+                            for c in T.vectorized(bn):
+                                out[vr * mb + r, vp * bn + c] = acc[r, c]
+
+    return packed_matmul
+
+
+def packed_take_tir(k_dim: int, n_dim: int, bn: int):
+    """out [K, t] = W[:, ids] (the ONNX Gather of a tied embedding), W given packed."""
+    from tvm.script import tirx as T
+
+    panels = n_dim // bn
+
+    @T.prim_func(private=True, s_tir=True)
+    def packed_take(var_w: T.handle, var_ids: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        t = T.int64()
+        w = T.match_buffer(var_w, (panels, k_dim, bn), "float32")
+        ids = T.match_buffer(var_ids, (t,), "int64")
+        out = T.match_buffer(var_out, (k_dim, t), "float32")
+        for kk in T.parallel(k_dim):
+            for j in range(t):
+                with T.sblock("take"):
+                    vk = T.axis.spatial(k_dim, kk)
+                    vj = T.axis.spatial(t, j)
+                    T.reads(w[0:panels, vk, 0:bn], ids[vj])
+                    T.writes(out[vk, vj])
+                    token = T.max(T.min(ids[vj], T.int64(n_dim - 1)), T.int64(0))
+                    out[vk, vj] = w[token // bn, vk, token % bn]
+
+    return packed_take
+
+
+def matmul_workload(k_dim: int, n_dim: int) -> str:
+    """The tuning-database name of the [K, N] packed matmul."""
+    return f"matmul_{k_dim}_{n_dim}"

@@ -1,0 +1,130 @@
+"""PackMatmulWeights: matmuls against constant weights -> edgert's panel-packed kernel (CPU).
+
+Matches every ``relax.matmul(x [.., K], W)`` whose W is a constant [K, N] (the projections, the
+MLP, the lm_head) and rewrites it into::
+
+    x2 = reshape(x, [m, K])
+    y  = call_tir(edgert_matmul_K_N, [x2, Wp])        Wp: W packed [N / bn, K, bn], a constant
+    reshape(y, [.., N])
+
+A ``relax.take(W, ids, axis=1)`` of the same constant (SmolLM2's tied embedding reads the
+lm_head weight) becomes ``call_tir(edgert_take_K_N, [Wp, ids])``, so the weight is stored once,
+packed. The panel width and row blocking come from ``knobs_for(K, N)`` (the tuning database
+or the untuned default); see ``kernels.matmul``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+from edgert.passes.kernels.matmul import (
+    DEFAULT,
+    MatmulKnobs,
+    pack_weight,
+    packed_matmul_tir,
+    packed_take_tir,
+)
+
+
+def _static_shape(expr) -> list[int] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return [int(s) for s in shape]
+    except TypeError:
+        return None
+
+
+def constant_matmul_shapes(func: relax.Function) -> set[tuple[int, int]]:
+    """(K, N) of every matmul against a constant 2-D weight in ``func``."""
+    shapes = set()
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
+                    and value.op.name == "relax.matmul"
+                    and isinstance(value.args[1], tvm.ir.expr.Constant)
+                    and value.args[1].value.dtype == "float32"
+                    and len(value.args[1].value.shape) == 2):
+                shapes.add(tuple(int(s) for s in value.args[1].value.shape))
+    return shapes
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackMatmulWeights")
+class PackMatmulWeights:
+    """Rewrite ``main``'s constant-weight matmuls (and takes of those weights) into packed
+    kernels. ``knobs_for(K, N)`` picks each shape's schedule (default: untuned)."""
+
+    def __init__(self, knobs_for: Callable[[int, int], MatmulKnobs] | None = None) -> None:
+        self.knobs_for = knobs_for or (lambda k, n: DEFAULT)
+
+    def _knobs(self, k: int, n: int) -> MatmulKnobs:
+        knobs = self.knobs_for(k, n)
+        return knobs if knobs.fits(n) else DEFAULT if DEFAULT.fits(n) else MatmulKnobs(1, 1)
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        func = mod["main"]
+        bb = relax.BlockBuilder(mod)
+        kernels = {}
+        for k, n in sorted(constant_matmul_shapes(func)):
+            knobs = self._knobs(k, n)
+            matmul = bb.add_func(packed_matmul_tir(k, n, knobs), f"edgert_matmul_{k}_{n}")
+            take = bb.add_func(packed_take_tir(k, n, knobs.bn), f"edgert_take_{k}_{n}")
+            kernels[(k, n)] = (knobs, matmul, take)
+        if not kernels:
+            return mod
+        mod = bb.get()
+        packed = {}  # weight constant -> its packed constant
+
+        def packed_of(weight: tvm.ir.expr.Constant):
+            if weight not in packed:
+                knobs = kernels[tuple(int(s) for s in weight.value.shape)][0]
+                packed[weight] = relax.const(pack_weight(weight.value.numpy(), knobs.bn))
+            return packed[weight]
+
+        x, w = wildcard(), is_const()
+        matmul = is_op("relax.matmul")(x, w)
+        ids = wildcard()
+        take = is_op("relax.take")(w, ids)
+
+        def rewrite_matmul(expr, matched):
+            weight = matched[w]
+            shape = tuple(int(s) for s in weight.value.shape) if weight.value.ndim == 2 else None
+            if shape not in kernels or weight.value.dtype != "float32":
+                return expr
+            k, n = shape
+            lead = list(matched[x].ty.shape)[:-1]
+            rows = relax.op.reshape(matched[x], [-1, k])
+            out = relax.call_tir(kernels[shape][1], [rows, packed_of(weight)],
+                                 relax.TensorType([_rows(lead), n], "float32"))
+            return relax.op.reshape(out, lead + [n])
+
+        def rewrite_take(expr, matched):
+            weight = matched[w]
+            shape = tuple(int(s) for s in weight.value.shape) if weight.value.ndim == 2 else None
+            index = matched[ids]
+            if (shape not in kernels or int(expr.attrs.axis) != 1
+                    or len(index.ty.shape) != 1 or index.ty.dtype != "int64"):
+                return expr
+            k, _ = shape
+            return relax.call_tir(kernels[shape][2], [packed_of(weight), index],
+                                  relax.TensorType([k, index.ty.shape[0]], "float32"))
+
+        body = rewrite_call(matmul, rewrite_matmul, mod["main"])
+        body = rewrite_call(take, rewrite_take, body)
+        mod["main"] = body
+        mod = relax.transform.DeadCodeElimination()(mod)
+        return mod
+
+
+def _rows(lead) -> tvm.tirx.PrimExpr:
+    rows = 1
+    for dim in lead:
+        rows = rows * dim
+    return rows
+

@@ -1,0 +1,1 @@
+"""Per-target kernel tuning: the database, the kernels' search spaces, the measuring loop."""
