@@ -80,6 +80,35 @@ def compile_cmd(artifact: Path, target: str, device: str | None, dump_ir: Path |
     click.echo(f"{target}: {', '.join(record['files'])} ({record['seconds']} s)")
 
 
+@main.command("tune")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--target", default="llvm", show_default=True, help="The target to tune for.")
+@click.option("--device", default=None, help="Target device refinement, e.g. adreno (opencl).")
+@click.option("--trials", type=int, default=16, show_default=True,
+              help="Schedules measured per kernel (the untuned one included).")
+@click.option("--time-budget", type=float, default=None,
+              help="Seconds for the whole run; an unfinished run resumes next time.")
+@click.option("--kernel", "kernels", multiple=True,
+              help="Tune only these kernels (tree_attention, matmul, ...); default all.")
+@click.option("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker.")
+@click.option("--rpc-key", default=None, help="Device key registered with the tracker.")
+@click.option("--no-compile", is_flag=True, help="Only tune; do not rebuild the module.")
+@friendly_errors
+def tune_cmd(artifact: Path, target: str, device: str | None, trials: int,
+             time_budget: float | None, kernels: tuple[str, ...], rpc_tracker: str | None,
+             rpc_key: str | None, no_compile: bool) -> None:
+    """Tune ARTIFACT's kernels for TARGET; the database goes to ARTIFACT/tvm/TARGET/."""
+    from edgert.tuning.tuner import RPCSpec, TuneOptions, tune_artifact
+
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise EdgertError("--rpc-tracker and --rpc-key go together")
+    rpc = RPCSpec.parse(rpc_tracker, rpc_key) if rpc_tracker else None
+    options = TuneOptions(trials=trials, time_budget=time_budget,
+                          kernels=list(kernels) or None, rpc=rpc)
+    summary = tune_artifact(artifact, target, options, device, compile_after=not no_compile)
+    click.echo(json.dumps({"tuned": summary}))
+
+
 @main.command("train-heads")
 @click.argument("model", default="smollm2-135m")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,

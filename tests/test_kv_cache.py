@@ -18,7 +18,9 @@ def test_one_allocation_views():
     cache = filled_cache()
     assert cache.nbytes == KVCacheSpec(16, 2, 2, 3).bytes
     for buf in cache.buffers():
-        assert buf.base is cache.storage and buf.shape == (1, 2, 16, 3)
+        assert np.shares_memory(buf, cache.storage) and buf.shape == (1, 2, 16, 3)
+    views = {buf.ctypes.data for buf in cache.buffers()}
+    assert len(views) == 2 * 2 and min(views) == cache.storage.ctypes.data
 
 
 def test_commit_path_moves_only_accepted_entries():
@@ -50,3 +52,14 @@ def test_capacity_is_enforced():
     with pytest.raises(CapacityError):
         cache.commit_path(np.array([0, 2]))  # offset 2 lies at position 8, outside
     assert cache.length == 6
+
+
+@pytest.mark.parametrize("capacity, head_dim", [(8, 4), (512, 16), (33, 64)])
+def test_every_layer_buffer_is_64_byte_aligned(capacity, head_dim):
+    """Compiled kernels use aligned vector loads on the cache (NumPy alone gives 16 bytes:
+    the TVM backend faulted on such a cache)."""
+    cache = KVCache(KVCacheSpec(capacity, 3, 2, head_dim))
+    assert cache.storage.ctypes.data % 64 == 0
+    assert all(buf.ctypes.data % 64 == 0 for buf in cache.buffers()) == (
+        capacity * head_dim * 4 % 64 == 0)
+    assert not cache.storage.any() and cache.nbytes == 2 * 3 * 2 * capacity * head_dim * 4

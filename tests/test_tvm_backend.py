@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -16,24 +15,11 @@ PROMPTS = ["Explain what a loop is.", "Write a story about a robot.", "What is 2
 
 
 @pytest.fixture(scope="module")
-def compiled(tiny_dir, tmp_path_factory):
+def compiled(tiny_medusa_artifact, tmp_path_factory):
     """A tiny artifact with (random) Medusa heads, compiled for llvm."""
-    import torch
-
-    from edgert.export.exporter import ExportOptions, export_model
-    from edgert.medusa.heads import MedusaConfig, MedusaHeads, save_heads
-
-    cfg = json.loads((tiny_dir / "config.json").read_text())
-    heads = MedusaHeads(MedusaConfig(3, 1, cfg["hidden_size"], cfg["vocab_size"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0, 0.3)
     root = tmp_path_factory.mktemp("tvm")
-    save_heads(heads, root / "heads")
     art = root / "artifact"
-    export_model(str(tiny_dir), art, ExportOptions(max_context=512, heads=root / "heads",
-                                                   medusa_topk=4), log=lambda m: None)
+    shutil.copytree(tiny_medusa_artifact, art)
     compile_artifact(art, "llvm", dump_ir=root / "ir", log=lambda m: None)
     return art, root / "ir"
 
@@ -83,6 +69,7 @@ def test_vulkan_is_refused_clearly(compiled):
 @pytest.mark.parametrize("target, device, ext", [
     ("cuda", None, "cu"),
     ("opencl", None, "cl"),
+    ("metal", None, "metal"),
 ])
 def test_gpu_sources_contain_edgert_kernels(compiled, target, device, ext):
     art, _ = compiled

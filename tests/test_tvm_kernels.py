@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edgert.passes.kernels.tree_attention import (
+    TreeAttentionKnobs,
     causal_order,
     tree_attention_reference,
     tree_order_from_parents,
@@ -41,11 +42,17 @@ def test_reference_with_causal_order_is_causal_attention():
                                    atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tree_kernel():
+KNOBS = [TreeAttentionKnobs(), TreeAttentionKnobs(2, 8, 8), TreeAttentionKnobs(1, 3, 4)]
+
+
+@pytest.fixture(scope="module", params=KNOBS, ids=str)
+def tree_kernel(request):
+    """The untuned kernel and two tuned schedules (shared K/V loads, key tiles that do not
+    divide the key count, vector lanes): all must compute the same attention."""
     from edgert.passes.kernels.tree_attention import tree_attention_tir
 
-    mod = tvm.IRModule({"edgert_tree_attention": tree_attention_tir(HQ, HKV, D)})
+    mod = tvm.IRModule({"edgert_tree_attention": tree_attention_tir(HQ, HKV, D,
+                                                                    knobs=request.param)})
     return tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_tree_attention"]
 
 
@@ -68,6 +75,13 @@ def test_tree_attention_kernel_matches_numpy(tree_kernel, past, parents):
                 tvm.runtime.tensor(order), past, out)
     np.testing.assert_allclose(out.numpy(), tree_attention_reference(q, kc, vc, order, past),
                                atol=1e-5)
+
+
+def test_knobs_that_do_not_fit_are_refused():
+    from edgert.passes.kernels.tree_attention import tree_attention_tir
+
+    with pytest.raises(ValueError, match="do not fit"):
+        tree_attention_tir(HQ, HKV, D, knobs=TreeAttentionKnobs(lanes=3))
 
 
 def test_kv_append_writes_only_the_new_entries_in_place():

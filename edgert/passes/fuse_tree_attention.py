@@ -28,7 +28,12 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from edgert.errors import EdgertError
-from edgert.passes.kernels.tree_attention import kv_append_tir, tree_attention_tir
+from edgert.passes.kernels.tree_attention import (
+    DEFAULT_KNOBS,
+    TreeAttentionKnobs,
+    kv_append_tir,
+    tree_attention_tir,
+)
 
 
 def core_pattern():
@@ -87,16 +92,18 @@ class FuseTreeAttention:
     ----------
     num_heads, num_kv_heads, head_dim : the model's attention shape.
     gpu : emit the GPU loop mapping of the kernels (thread blocks) instead of the CPU one.
+    knobs : the tree-attention kernel's schedule (the tuning database's best, or untuned).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 gpu: bool = False) -> None:
+                 gpu: bool = False, knobs: TreeAttentionKnobs = DEFAULT_KNOBS) -> None:
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
         self.gpu = gpu
+        self.knobs = knobs
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         bb = relax.BlockBuilder(mod)
-        attn = bb.add_func(tree_attention_tir(self.h, self.hkv, self.d, self.gpu),
+        attn = bb.add_func(tree_attention_tir(self.h, self.hkv, self.d, self.gpu, self.knobs),
                            "edgert_tree_attention")
         append = bb.add_func(kv_append_tir(self.hkv, self.d, self.gpu), "edgert_kv_append")
         mod = bb.get()

@@ -24,6 +24,7 @@ from edgert.config import LlamaConfig
 from edgert.errors import EdgertError
 from edgert.passes.fuse_tree_attention import FuseTreeAttention
 from edgert.passes.kernels.matmul import MatmulKnobs, matmul_workload
+from edgert.passes.kernels.tree_attention import TreeAttentionKnobs, tree_attention_workload
 from edgert.passes.pack_matmul_weights import PackMatmulWeights
 from edgert.tuning.database import TuningDatabase
 
@@ -40,6 +41,12 @@ class CompileContext:
         best = self.tuning.best(matmul_workload(k, n))
         return MatmulKnobs(**best.knobs) if best else MatmulKnobs()
 
+    def tree_attention_knobs(self) -> TreeAttentionKnobs:
+        c = self.config
+        best = self.tuning.best(tree_attention_workload(c.num_attention_heads,
+                                                        c.num_key_value_heads, c.head_dim))
+        return TreeAttentionKnobs(**best.knobs) if best else TreeAttentionKnobs()
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -50,7 +57,7 @@ class Phase:
 def _edgert_passes(ctx: CompileContext) -> list:
     config = ctx.config
     passes = [FuseTreeAttention(config.num_attention_heads, config.num_key_value_heads,
-                                config.head_dim, gpu=ctx.gpu)]
+                                config.head_dim, gpu=ctx.gpu, knobs=ctx.tree_attention_knobs())]
     if not ctx.gpu:
         passes.append(PackMatmulWeights(ctx.matmul_knobs))
     return passes

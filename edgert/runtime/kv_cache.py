@@ -8,6 +8,18 @@ from edgert.errors import CapacityError
 from edgert.manifest import KVCacheSpec
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
+ALIGNMENT = 64  # bytes; compiled kernels (TVM) assume 64-byte aligned buffers
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype, alignment: int = ALIGNMENT) -> np.ndarray:
+    """A zero-filled array whose data starts on an ``alignment``-byte boundary (NumPy only
+    guarantees 16): vectorised kernels use aligned loads on it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    start = (-raw.ctypes.data) % alignment
+    array = raw[start:start + nbytes].view(dtype).reshape(shape)
+    array.fill(0)  # touch every page now: memory is taken at load, not while decoding
+    return array
 
 
 class KVCache:
@@ -21,8 +33,7 @@ class KVCache:
     def __init__(self, spec: KVCacheSpec) -> None:
         self.spec = spec
         shape = (spec.num_layers, 2, 1, spec.num_kv_heads, spec.capacity, spec.head_dim)
-        self._storage = np.empty(shape, dtype=_DTYPES[spec.dtype])
-        self._storage.fill(0)  # touch every page now: memory is taken at load, not while decoding
+        self._storage = aligned_zeros(shape, _DTYPES[spec.dtype])
         self.keys = [self._storage[i, 0] for i in range(spec.num_layers)]
         self.values = [self._storage[i, 1] for i in range(spec.num_layers)]
         self.length = 0

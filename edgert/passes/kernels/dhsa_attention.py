@@ -39,8 +39,10 @@ Workspace: pos [T+1], chunk_vec [T, D], block_vec [nb, D], score and take [nb, T
 chunk id; only the first ``n_chunks`` columns are used), sel_index [nb, budget], sel_count [nb].
 
 One TIR template, two loop mappings: GPU (blockIdx.x x threadIdx.x over each stage's work
-items) and CPU (parallel x serial). The stages are ordered kernel launches on GPU, so each
-sees the previous one's writes.
+items, one thread per item; chunk_list is a single thread) and CPU (a parallel loop over the
+items, the attention's head_dim loops vectorized). On GPU the stages are ordered kernel
+launches, so each sees the previous one's writes; the workspace is allocated on the device.
+Indices are int64 (T is a Relax int64 shape var); the WebGPU build narrows them to i32.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from edgert.dhsa.params import DHSAParams
 
 MASKED = -1e30  # online-softmax start; every query keeps at least one key when sink >= 1
 GPU_LANES = 64  # threads per GPU block
+DOT_LANES = 8  # partial sums of the q.k dot product (when head_dim is a multiple)
 
 
 def _grid(gpu: bool):
@@ -109,24 +112,32 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
     bs, budget, sink, tail = params.block_size, params.budget, params.sink, params.dense_tail
     scale = 1.0 / math.sqrt(d)
     outer, inner = _grid(gpu)
+    vector = (lambda e: T.serial(e)) if gpu else (lambda e: T.vectorized(e))
     lanes = GPU_LANES if gpu else 1
+    dot_lanes = DOT_LANES if d % DOT_LANES == 0 else 1
     block_end, free_keys, free_slots, forced = _selection_exprs(params)
 
     def n_blocks(n):
         return T.ceildiv(n, bs)
 
     @T.macro
-    def attend(q, k, v, p, h, t, m, total, dot, acc):
+    def attend(q, k, v, p, h, t, m, total, dot, partial, acc):
         """One online-softmax step of query p, head h over key t."""
+        for r in vector(dot_lanes):  # independent partial sums: a SIMD-friendly dot product
+            partial[r] = T.float32(0)
+        for xo in range(d // dot_lanes):
+            for r in vector(dot_lanes):
+                partial[r] = partial[r] + (q[p, h, xo * dot_lanes + r]
+                                           * k[t, h // group, xo * dot_lanes + r])
         dot[0] = T.float32(0)
-        for x in range(d):
-            dot[0] = dot[0] + q[p, h, x] * k[t, h // group, x]
+        for r in range(dot_lanes):
+            dot[0] = dot[0] + partial[r]
         dot[0] = dot[0] * T.float32(scale)
         m_new = T.max(m[0], dot[0])
         correction = T.exp(m[0] - m_new)
         weight = T.exp(dot[0] - m_new)
         total[0] = total[0] * correction + weight
-        for x in range(d):
+        for x in vector(d):
             acc[x] = acc[x] * correction + weight * v[t, h // group, x]
         m[0] = m_new
 
@@ -272,6 +283,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                     m = T.alloc_buffer((1,), "float32", scope="local")
                     total = T.alloc_buffer((1,), "float32", scope="local")
                     dot = T.alloc_buffer((1,), "float32", scope="local")
+                    partial = T.alloc_buffer((dot_lanes,), "float32", scope="local")
                     acc = T.alloc_buffer((d,), "float32", scope="local")
                     m[0] = T.float32(MASKED)
                     total[0] = T.float32(0)
@@ -279,12 +291,12 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                         acc[x] = T.float32(0)
                     if p >= n - tail:  # the dense tail: every key <= p
                         for t in range(p + 1):
-                            attend(q, k, v, p, h, t, m, total, dot, acc)
+                            attend(q, k, v, p, h, t, m, total, dot, partial, acc)
                     else:  # the block's selected keys <= p (ascending)
                         for j in range(i64(sel_count[p // bs])):
                             if i64(sel_index[p // bs, j]) <= p:
                                 attend(q, k, v, p, h, i64(sel_index[p // bs, j]),
-                                       m, total, dot, acc)
+                                       m, total, dot, partial, acc)
                     for x in range(d):
                         out[p, h, x] = acc[x] / total[0]
 

@@ -23,6 +23,7 @@ Both kernels come as one TIR template with two loop mappings: GPU (blocks x thre
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -82,21 +83,78 @@ def _loops(gpu: bool):
     return (lambda e: T.serial(e), lambda e: T.parallel(e))
 
 
-def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bool = False):
-    """The kernel as TIR: one (query, head) pair per thread (GPU: blocks x threads; CPU:
-    heads in parallel), an online softmax over the allowed keys, so no score matrix is
-    materialised. Marked scheduled: dlight's generic rules cannot schedule fused attention."""
+@dataclass(frozen=True)
+class TreeAttentionKnobs:
+    """Schedule parameters of the tree-attention kernel (searched by ``edgert tune``).
+
+    heads_per_task: query heads of one KV group one task handles together, so each cached
+        key/value row is loaded once for all of them (1 .. group size, dividing it).
+    key_tile: keys scored together before one online-softmax rescale of the accumulator.
+    lanes: vector lanes of the dot products (1: scalar; must divide head_dim).
+    """
+
+    heads_per_task: int = 1
+    key_tile: int = 1
+    lanes: int = 1
+
+    def check(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        group = num_heads // num_kv_heads
+        if group % self.heads_per_task or head_dim % self.lanes or self.key_tile < 1:
+            raise ValueError(f"tree-attention knobs {self} do not fit heads {num_heads}/"
+                             f"{num_kv_heads}, head_dim {head_dim}")
+
+
+DEFAULT_KNOBS = TreeAttentionKnobs()
+
+
+def tree_attention_workload(num_heads: int, num_kv_heads: int, head_dim: int) -> str:
+    """The tuning-database name of the kernel for this attention shape."""
+    return f"tree_attention_{num_heads}_{num_kv_heads}_{head_dim}"
+
+
+def tree_attention_search_space(num_heads: int, num_kv_heads: int,
+                                head_dim: int) -> list[TreeAttentionKnobs]:
+    group = num_heads // num_kv_heads
+    space = []
+    for hpt in sorted({1, group} | {g for g in (2, 4) if group % g == 0}):
+        for tile in (1, 8, 32):
+            for lanes in (1, 8, 16):
+                if head_dim % lanes == 0:
+                    space.append(TreeAttentionKnobs(hpt, tile, lanes))
+    return space
+
+
+def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bool = False,
+                       knobs: TreeAttentionKnobs = DEFAULT_KNOBS):
+    """The kernel as TIR. One task per (query, ``heads_per_task`` heads of a KV group) (GPU:
+    blocks x threads; CPU: parallel tasks); keys in tiles of ``key_tile``: the tile's scores,
+    then one rescale of the running max/sum/accumulator (online softmax), so no score matrix
+    is materialised. Marked scheduled: dlight's generic rules cannot schedule fused
+    attention; ``knobs`` are the schedule."""
     from tvm.script import tirx as T
 
+    knobs.check(num_heads, num_kv_heads, head_dim)
     hq, hkv, d = num_heads, num_kv_heads, head_dim
     group = hq // hkv
+    hpt, tile, lanes = knobs.heads_per_task, knobs.key_tile, knobs.lanes
+    tasks = hq // hpt
     scale = 1.0 / math.sqrt(d)
     outer, inner = _loops(gpu)
+    # CPU: SIMD over head_dim / lanes; GPU: serial per thread (no float32x16 in CUDA C)
+    simd = (lambda e: T.serial(e)) if gpu else (lambda e: T.vectorized(e))
+
+    def key(jt, t):  # the key index of slot t of tile jt (an expression: no int64 local)
+        return jt * tile + t
+
+    def node(j, past, n):
+        # TIR's `and`/`or` do not short-circuit: the clamped index keeps the tree lookup in
+        # bounds for cached keys (j < past) and the padding of the last tile
+        return T.max(T.min(j - past, n - 1), T.int64(0))
 
     @T.prim_func(private=True, s_tir=True)
     def tree_attention(var_q: T.handle, var_kc: T.handle, var_vc: T.handle,
                        var_order: T.handle, past: T.int64, var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
         cap = T.int64()
         q = T.match_buffer(var_q, (n, hq, d), "float32")
@@ -105,37 +163,67 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
         order = T.match_buffer(var_order, (n, 2), "int32")
         out = T.match_buffer(var_out, (n, hq, d), "float32")
         for bi in outer(n):
-            for th in inner(hq):
+            for th in inner(tasks):
                 with T.sblock("attention"):
                     i = T.axis.spatial(n, bi)
-                    h = T.axis.spatial(hq, th)
-                    T.reads(q[i, h, 0:d], kc[h // group, 0:cap, 0:d],
-                            vc[h // group, 0:cap, 0:d], order[0:n, 0:2])
-                    T.writes(out[i, h, 0:d])
-                    m = T.alloc_buffer((1,), "float32", scope="local")
-                    total = T.alloc_buffer((1,), "float32", scope="local")
-                    dot = T.alloc_buffer((1,), "float32", scope="local")
-                    acc = T.alloc_buffer((d,), "float32", scope="local")
-                    m[0] = T.float32(MASKED)
-                    total[0] = T.float32(0)
-                    for x in range(d):
-                        acc[x] = T.float32(0)
-                    for j in range(past + n):
-                        if j < past or (order[j - past, 0] <= order[i, 0]
-                                        and order[i, 0] < order[j - past, 1]):
-                            dot[0] = T.float32(0)
-                            for x in range(d):
-                                dot[0] = dot[0] + q[i, h, x] * kc[h // group, j, x]
-                            dot[0] = dot[0] * T.float32(scale)
-                            m_new = T.max(m[0], dot[0])
-                            correction = T.exp(m[0] - m_new)
-                            p = T.exp(dot[0] - m_new)
-                            total[0] = total[0] * correction + p
-                            for x in range(d):
-                                acc[x] = acc[x] * correction + p * vc[h // group, j, x]
-                            m[0] = m_new
-                    for x in range(d):
-                        out[i, h, x] = acc[x] / total[0]
+                    task = T.axis.spatial(tasks, th)
+                    T.reads(q[i, task * hpt:task * hpt + hpt, 0:d],
+                            kc[task * hpt // group, 0:cap, 0:d],
+                            vc[task * hpt // group, 0:cap, 0:d], order[0:n, 0:2])
+                    T.writes(out[i, task * hpt:task * hpt + hpt, 0:d])
+                    m = T.alloc_buffer((hpt,), "float32", scope="local")
+                    total = T.alloc_buffer((hpt,), "float32", scope="local")
+                    acc = T.alloc_buffer((hpt, d), "float32", scope="local")
+                    score = T.alloc_buffer((hpt, tile), "float32", scope="local")
+                    part = T.alloc_buffer((hpt, lanes), "float32", scope="local")
+                    m_new = T.alloc_buffer((hpt,), "float32", scope="local")
+                    for g in range(hpt):
+                        m[g] = T.float32(MASKED)
+                        total[g] = T.float32(0)
+                        for x in range(d):
+                            acc[g, x] = T.float32(0)
+                    for jt in range((past + n + tile - 1) // tile):
+                        for t in range(tile):
+                            if key(jt, t) < past + n and (key(jt, t) < past or (
+                                    order[node(key(jt, t), past, n), 0] <= order[i, 0]
+                                    and order[i, 0] < order[node(key(jt, t), past, n), 1])):
+                                for g, lane in T.grid(hpt, lanes):
+                                    part[g, lane] = T.float32(0)
+                                for xo in range(d // lanes):
+                                    for lane in simd(lanes):
+                                        for g in T.unroll(hpt):
+                                            part[g, lane] = part[g, lane] + q[
+                                                i, task * hpt + g, xo * lanes + lane] * kc[
+                                                task * hpt // group, key(jt, t),
+                                                xo * lanes + lane]
+                                for g in range(hpt):
+                                    score[g, t] = T.float32(0)
+                                    for lane in range(lanes):
+                                        score[g, t] = score[g, t] + part[g, lane]
+                                    score[g, t] = score[g, t] * T.float32(scale)
+                            else:
+                                for g in range(hpt):
+                                    score[g, t] = T.float32(MASKED)
+                        for g in range(hpt):
+                            m_new[g] = m[g]
+                            for t in range(tile):
+                                m_new[g] = T.max(m_new[g], score[g, t])
+                            total[g] = total[g] * T.exp(m[g] - m_new[g])
+                            for x in simd(d):
+                                acc[g, x] = acc[g, x] * T.exp(m[g] - m_new[g])
+                            m[g] = m_new[g]
+                        for t in range(tile):
+                            if score[0, t] > T.float32(MASKED / 2):  # an allowed key
+                                for g in range(hpt):
+                                    score[g, t] = T.exp(score[g, t] - m[g])
+                                    total[g] = total[g] + score[g, t]
+                                for x in simd(d):
+                                    for g in T.unroll(hpt):
+                                        acc[g, x] = acc[g, x] + score[g, t] * vc[
+                                            task * hpt // group, jt * tile + t, x]
+                    for g in range(hpt):
+                        for x in range(d):
+                            out[i, task * hpt + g, x] = acc[g, x] / total[g]
 
     return tree_attention.with_attr("global_symbol", "edgert_tree_attention")
 

@@ -17,7 +17,7 @@ from edgert.errors import ArtifactError, BackendError
 from edgert.manifest import Manifest, sha256_file
 from edgert.passes.kernels.tree_attention import causal_order, tree_order_from_parents
 from edgert.runtime.backends import StepInputs, StepOutputs
-from edgert.runtime.kv_cache import KVCache
+from edgert.runtime.kv_cache import ALIGNMENT, KVCache
 
 DEVICE_TARGETS = {"cpu": "llvm"}
 
@@ -62,11 +62,19 @@ class TvmBackend:
         self.cache = cache
         dev = tvm.cpu()
         self._tvm = tvm
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(directory / "decoder.so")),
-                                       dev)
+        # the loaded libraries are kept: the VMs call into their code
+        self._libs = [tvm.runtime.load_module(str(directory / "decoder.so"))]
+        self.vm = relax.VirtualMachine(self._libs[0], dev)
         heads = directory / "medusa.so"
-        self.heads_vm = (relax.VirtualMachine(tvm.runtime.load_module(str(heads)), dev)
-                         if heads.is_file() else None)
+        self.heads_vm = None
+        if heads.is_file():
+            self._libs.append(tvm.runtime.load_module(str(heads)))
+            self.heads_vm = relax.VirtualMachine(self._libs[1], dev)
+        misaligned = [i for i, buf in enumerate(cache.buffers()) if buf.ctypes.data % ALIGNMENT]
+        if misaligned:
+            raise BackendError(f"KV cache buffers {misaligned} are not {ALIGNMENT}-byte aligned; "
+                               "the compiled kernels would fault on them (capacity x head_dim "
+                               "must be a multiple of 16)")
         # [1,Hkv,C,D] views -> [Hkv,C,D] zero-copy tensors over the runtime's cache memory
         self._cache_tensors = [tvm_ffi.from_dlpack(buf[0]) for buf in cache.buffers()]
         self.has_dhsa = False

@@ -1,0 +1,134 @@
+"""The kernels ``edgert tune`` searches: per model, the workloads, their knobs, their inputs.
+
+Each tunable kernel is registered with a function that lists its workloads for a model
+config. A workload knows how to build the kernel for a knob setting, the search space (the
+untuned default first), and the inputs of its measurement (representative shapes: a decode
+step and a Medusa tree at a mid-size context). The objective is the summed latency over those
+shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgert.config import LlamaConfig
+from edgert.passes.kernels.matmul import (
+    DEFAULT as MATMUL_DEFAULT,
+)
+from edgert.passes.kernels.matmul import (
+    SEARCH_SPACE as MATMUL_SPACE,
+)
+from edgert.passes.kernels.matmul import (
+    MatmulKnobs,
+    matmul_workload,
+    pack_weight,
+    packed_matmul_tir,
+)
+from edgert.passes.kernels.tree_attention import (
+    DEFAULT_KNOBS as TREE_DEFAULT,
+)
+from edgert.passes.kernels.tree_attention import (
+    TreeAttentionKnobs,
+    causal_order,
+    tree_attention_search_space,
+    tree_attention_tir,
+    tree_attention_workload,
+    tree_order_from_parents,
+)
+
+MEDUSA_TREE = np.array([-1, 0, 0, 1, 1, 2, 3, 4])  # an 8-node tree for the shapes measured
+
+
+@dataclass
+class Workload:
+    """One kernel instance to tune."""
+
+    name: str
+    kernel: str
+    build: Callable[[Any], Any]  # knobs -> PrimFunc (global_symbol set)
+    space: list  # knob settings, the untuned default first
+    inputs: Callable[[np.random.Generator], list[list]]  # rng -> argument lists, one per shape
+    shapes: str  # the measured shapes, in words
+    # per-knob transform of the inputs (e.g. the weight packed for the panel width)
+    prepare: Callable[[Any, list], list] = lambda knobs, args: args
+
+    def knobs_dict(self, knobs) -> dict:
+        return dataclasses.asdict(knobs)
+
+    def knobs_from(self, data: dict):
+        return type(self.space[0])(**data)
+
+
+def _named(func, name: str):
+    return func.with_attr("global_symbol", name)
+
+
+def matmul_workloads(config: LlamaConfig, context: int) -> list[Workload]:
+    h, d = config.hidden_size, config.head_dim
+    shapes = {(h, config.num_attention_heads * d), (h, config.num_key_value_heads * d),
+              (config.num_attention_heads * d, h), (h, config.intermediate_size),
+              (config.intermediate_size, h), (h, config.vocab_size)}
+    return [_matmul(k, n) for k, n in sorted(shapes)]
+
+
+def _matmul(k: int, n: int) -> Workload:
+    rows = (1, 8)
+
+    def inputs(rng):
+        weight = rng.standard_normal((k, n)).astype(np.float32)
+        return [[rng.standard_normal((m, k)).astype(np.float32), weight,
+                 np.zeros((m, n), np.float32)] for m in rows]
+
+    def build(knobs: MatmulKnobs):
+        return _named(packed_matmul_tir(k, n, knobs), "kernel")
+
+    def prepare(knobs: MatmulKnobs, args: list) -> list:
+        return [args[0], pack_weight(args[1], knobs.bn), args[2]]
+
+    space = [MATMUL_DEFAULT] + [kn for kn in MATMUL_SPACE if kn != MATMUL_DEFAULT and kn.fits(n)]
+    return Workload(matmul_workload(k, n), "matmul", build, space, inputs,
+                    f"x [m,{k}] @ W [{k},{n}], m = {', '.join(map(str, rows))}", prepare)
+
+
+def tree_attention_workloads(config: LlamaConfig, context: int) -> list[Workload]:
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    past = min(context, 2048) - len(MEDUSA_TREE)
+    orders = [causal_order(1), tree_order_from_parents(MEDUSA_TREE)]
+
+    def inputs(rng):
+        cache = [rng.standard_normal((hkv, past + len(MEDUSA_TREE), d)).astype(np.float32)
+                 for _ in range(2)]
+        return [[rng.standard_normal((len(o), hq, d)).astype(np.float32), *cache, o, past,
+                 np.zeros((len(o), hq, d), np.float32)] for o in orders]
+
+    def build(knobs: TreeAttentionKnobs):
+        return _named(tree_attention_tir(hq, hkv, d, knobs=knobs), "kernel")
+
+    space = [TREE_DEFAULT] + [k for k in tree_attention_search_space(hq, hkv, d)
+                              if k != TREE_DEFAULT]
+    return [Workload(tree_attention_workload(hq, hkv, d), "tree_attention", build, space,
+                     inputs, f"decode step and an {len(MEDUSA_TREE)}-node tree over "
+                             f"{past} cached tokens")]
+
+
+TUNABLE: dict[str, Callable[[LlamaConfig, int], list[Workload]]] = {
+    "tree_attention": tree_attention_workloads,
+    "matmul": matmul_workloads,
+}
+
+
+def workloads_for(config: LlamaConfig, context: int,
+                  kernels: list[str] | None = None) -> list[Workload]:
+    chosen = kernels or list(TUNABLE)
+    unknown = [k for k in chosen if k not in TUNABLE]
+    if unknown:
+        from edgert.errors import EdgertError
+
+        raise EdgertError(f"unknown kernel(s) {', '.join(unknown)}; tunable: "
+                          f"{', '.join(TUNABLE)}")
+    return [w for k in chosen for w in TUNABLE[k](config, context)]
