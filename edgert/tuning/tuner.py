@@ -9,6 +9,7 @@ per workload; ``time_budget`` bounds the whole run.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import tempfile
@@ -48,8 +49,8 @@ class TuneOptions:
     time_budget: float | None = None  # seconds for the whole run
     kernels: list[str] | None = None  # None: every tunable kernel
     rpc: RPCSpec | None = None
-    number: int = 3  # runs per repeat
-    repeat: int = 5  # repeats; the median is recorded
+    number: int = 3  # timed runs = number x repeat, each after a cache flush
+    repeat: int = 5  # the median of the runs is recorded
     seed: int = 0
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
 
@@ -109,7 +110,8 @@ class RemoteDevice(_Device):
 
 def measure(workload: Workload, knobs, target, device, inputs: list[list], number: int,
             repeat: int) -> float:
-    """Median latency in ms of the kernel built with ``knobs``, summed over the shapes."""
+    """Median latency in ms (cold caches) of the kernel built with ``knobs``, summed over
+    the shapes."""
     import tvm
 
     func = workload.build(knobs)
@@ -117,7 +119,13 @@ def measure(workload: Workload, knobs, target, device, inputs: list[list], numbe
     total = 0.0
     for args in inputs:
         tensors = [device.tensor(a) for a in workload.prepare(knobs, args)]
-        timer = lib.time_evaluator("kernel", device.dev, number=number, repeat=repeat)
+        if all(isinstance(a, np.ndarray) for a in args):
+            # weights are read from DRAM in a real step, not from a warm cache: flush the CPU
+            # caches (all but the first argument) before every timed run
+            timer = lib.time_evaluator("kernel", device.dev, number=1, repeat=repeat * number,
+                                       f_preproc="cache_flush_cpu_non_first_arg")
+        else:  # TVM's flush takes tensors only (tree attention has a scalar): warm timing
+            timer = lib.time_evaluator("kernel", device.dev, number=number, repeat=repeat)
         total += float(np.median(timer(*tensors).results)) * 1e3
     return total
 
@@ -176,10 +184,10 @@ def _summary(workloads: list[Workload], database: TuningDatabase, summary: dict)
         if not trials:
             continue
         default = workload.knobs_dict(workload.space[0])
-        untuned = next((r.latency_ms for r in trials if r.knobs == default), float("nan"))
+        untuned = next((r.latency_ms for r in trials if r.knobs == default), math.inf)
         best = database.best(workload.name)
-        summary[workload.name] = {"untuned_ms": untuned,
-                                  "best_ms": best.latency_ms if best else float("nan"),
+        summary[workload.name] = {"untuned_ms": untuned if math.isfinite(untuned) else None,
+                                  "best_ms": best.latency_ms if best else None,
                                   "knobs": best.knobs if best else None,
                                   "trials": len(trials)}
     return summary
@@ -204,9 +212,11 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
     workloads = workloads_for(manifest.config, manifest.kv_cache.capacity, options.kernels)
     summary = tune(workloads, database, tvm_target, options)
     for name, row in summary.items():
-        speedup = row["untuned_ms"] / row["best_ms"] if row["best_ms"] else float("nan")
+        if row["best_ms"] is None or row["untuned_ms"] is None:
+            options.log(f"{name:32s} no valid measurement (see the errors in {database.path})")
+            continue
         options.log(f"{name:32s} untuned {row['untuned_ms']:9.3f} ms  tuned {row['best_ms']:9.3f}"
-                    f" ms  x{speedup:5.2f}  {row['knobs']}")
+                    f" ms  x{row['untuned_ms'] / row['best_ms']:5.2f}  {row['knobs']}")
     if compile_after:
         compile_artifact(path, target, device, log=options.log)
     return summary

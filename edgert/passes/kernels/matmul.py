@@ -36,7 +36,7 @@ class MatmulKnobs:
 
 
 DEFAULT = MatmulKnobs()
-SEARCH_SPACE = [MatmulKnobs(bn, mb) for bn in (8, 16, 32, 64) for mb in (1, 2, 4)]
+SEARCH_SPACE = [MatmulKnobs(bn, mb) for bn in (8, 16, 32, 64, 128) for mb in (1, 2, 4)]
 
 
 def pack_weight(weight: np.ndarray, bn: int) -> np.ndarray:
