@@ -106,6 +106,7 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
     ``path/tvm/<target>/`` atomically and records it in the manifest."""
     import tvm
 
+    from edgert.dhsa.params import DHSAParams
     from edgert.passes.pipeline import CompileContext, run_pipeline
     from edgert.tuning.database import TuningDatabase
 
@@ -121,7 +122,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
     tuning = TuningDatabase.load(final)
     if tuning.records:
         log(f"applying {len(tuning.workloads())} tuned workloads from {tuning.path}")
-    ctx = CompileContext(manifest.config, gpu=spec.output == "source", tuning=tuning)
+    dhsa = DHSAParams.from_dict(manifest.dhsa) if manifest.dhsa else None
+    ctx = CompileContext(manifest.config, gpu=spec.output == "source", tuning=tuning, dhsa=dhsa)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target}.tmp-", dir=final.parent))
     try:
         for kept in KEPT_ACROSS_BUILDS:  # the tuning records outlive a rebuild
@@ -132,7 +134,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
         for stem, (graph_file, pipeline) in graphs.items():
             log(f"importing {graph_file} into Relax...")
             mod = import_onnx(path / graph_file)
-            mod = run_pipeline(mod, pipeline, ctx, dump_ir, tag=f"{stem}-")
+            with tvm_target:
+                mod = run_pipeline(mod, pipeline, ctx, dump_ir, tag=f"{stem}-")
             log(f"building {stem} for {target}...")
             with tvm.transform.PassContext(opt_level=3):
                 ex = tvm.compile(mod, tvm_target)

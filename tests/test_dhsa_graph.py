@@ -86,21 +86,9 @@ def test_graph_matches_reference_with_structured_boundaries(core_session):
     np.testing.assert_allclose(run_core(core_session, q, k, v, 0), expected, atol=ATOL)
 
 
-@pytest.fixture(scope="module")
-def dhsa_artifact(tiny_dir, tmp_path_factory):
-    from edgert.export.exporter import ExportOptions, export_model
-
-    params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
-                        probe_stride=8, min_context=128)
-    out = tmp_path_factory.mktemp("dhsa") / "artifact"
-    export_model(str(tiny_dir), out, ExportOptions(max_context=512, dhsa=params),
-                 log=lambda m: None)
-    return out
-
-
-def test_full_budget_prefill_equals_dense(dhsa_artifact):
+def test_full_budget_prefill_equals_dense(tiny_dhsa_artifact):
     """A prompt exactly as long as the budget: every key is selected, so DHSA is dense."""
-    engine = edgert.load(dhsa_artifact)
+    engine = edgert.load(tiny_dhsa_artifact)
     ids = np.random.default_rng(0).integers(3, 300, engine.dhsa.budget).tolist()
     from edgert.runtime.steps import prefill, prefill_sparse
 
@@ -113,15 +101,15 @@ def test_full_budget_prefill_equals_dense(dhsa_artifact):
     np.testing.assert_allclose(sparse_kv, engine.cache.storage[..., :len(ids), :], atol=1e-4)
 
 
-def test_short_prompts_are_unchanged(dhsa_artifact):
-    engine = edgert.load(dhsa_artifact)
+def test_short_prompts_are_unchanged(tiny_dhsa_artifact):
+    engine = edgert.load(tiny_dhsa_artifact)
     auto = engine.generate("Explain loops", max_new_tokens=24)
     dense = engine.generate("Explain loops", max_new_tokens=24, dhsa=False)
     assert auto.stats["prefill"] == "dense" and auto.output_ids == dense.output_ids
 
 
-def test_long_prompts_use_dhsa(dhsa_artifact):
-    engine = edgert.load(dhsa_artifact)
+def test_long_prompts_use_dhsa(tiny_dhsa_artifact):
+    engine = edgert.load(tiny_dhsa_artifact)
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
     result = engine.generate(text, max_new_tokens=8, chat=False)
     assert len(result.prompt_ids) > engine.dhsa.min_context

@@ -34,7 +34,8 @@ def test_pack_weight_layout():
     assert packed[2, 5, 3] == WEIGHT[5, 2 * 16 + 3]
 
 
-@pytest.mark.parametrize("knobs", [MatmulKnobs(8, 1), MatmulKnobs(16, 2), MatmulKnobs(48, 4)])
+@pytest.mark.parametrize("knobs", [MatmulKnobs(8, 1), MatmulKnobs(16, 2), MatmulKnobs(48, 4),
+                                   MatmulKnobs(8, 2, 3), MatmulKnobs(12, 4, 2)])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_packed_matmul_matches_numpy(knobs, rows):
     kernel = _build(packed_matmul_tir(K, N, knobs), "mm")
@@ -47,7 +48,9 @@ def test_packed_matmul_matches_numpy(knobs, rows):
 def test_knobs_must_divide_the_width():
     with pytest.raises(ValueError, match="does not divide"):
         packed_matmul_tir(K, N, MatmulKnobs(32, 1))
-    assert all(k.bn in (8, 16, 32, 64, 128) for k in SEARCH_SPACE)
+    with pytest.raises(ValueError, match="does not divide"):
+        packed_matmul_tir(K, N, MatmulKnobs(16, 1, 2))  # 3 panels in 2 streams
+    assert all(k.bn * k.mb * k.streams <= 128 for k in SEARCH_SPACE)
 
 
 def test_packed_take_reads_columns():
@@ -123,3 +126,22 @@ def test_knobs_that_do_not_fit_fall_back_to_the_default():
     shapes = {tuple(arg.value.shape) for call in calls for arg in call.args[1].fields
               if isinstance(arg, tvm.ir.expr.Constant)}
     assert shapes == {(N // 16, K, 16)}  # bn=32 does not divide 48: the default panel width
+
+
+def test_every_function_is_rewritten_sharing_one_packed_weight():
+    """A second entry function (like prefill_dhsa) reading the same weight: both functions
+    are rewritten, and they read one packed constant."""
+    mod = before_module()
+    second = relax.utils.copy_with_new_vars(mod["main"]).with_attr("global_symbol", "second")
+    mod["second"] = second
+    after = PackMatmulWeights(lambda k, n: MatmulKnobs(16, 2))(mod)
+
+    def constants(func):
+        return [arg for block in func.body.blocks for b in block.bindings
+                if isinstance(b.value, relax.Call) and len(b.value.args) > 1
+                and isinstance(b.value.args[1], relax.Tuple)
+                for arg in b.value.args[1].fields if isinstance(arg, tvm.ir.expr.Constant)]
+
+    packed = constants(after["main"]) + constants(after["second"])
+    assert len(packed) == 4 and all(c.same_as(packed[0]) for c in packed)
+    assert "relax.matmul" not in after["second"].script()

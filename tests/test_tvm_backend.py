@@ -69,6 +69,7 @@ def test_vulkan_is_refused_clearly(compiled):
 @pytest.mark.parametrize("target, device, ext", [
     ("cuda", None, "cu"),
     ("opencl", None, "cl"),
+    ("opencl", "adreno", "cl"),
     ("metal", None, "metal"),
 ])
 def test_gpu_sources_contain_edgert_kernels(compiled, target, device, ext):

@@ -57,8 +57,9 @@ def constant_matmul_shapes(func: relax.Function) -> set[tuple[int, int]]:
 
 @tvm.transform.module_pass(opt_level=0, name="PackMatmulWeights")
 class PackMatmulWeights:
-    """Rewrite ``main``'s constant-weight matmuls (and takes of those weights) into packed
-    kernels. ``knobs_for(K, N)`` picks each shape's schedule (default: untuned)."""
+    """Rewrite the constant-weight matmuls (and takes of those weights) of every Relax function
+    of the module into packed kernels; a weight used by several functions is packed once and
+    shared. ``knobs_for(K, N)`` picks each shape's schedule (default: untuned)."""
 
     def __init__(self, knobs_for: Callable[[int, int], MatmulKnobs] | None = None) -> None:
         self.knobs_for = knobs_for or (lambda k, n: DEFAULT)
@@ -68,10 +69,14 @@ class PackMatmulWeights:
         return knobs if knobs.fits(n) else DEFAULT if DEFAULT.fits(n) else MatmulKnobs(1, 1)
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        func = mod["main"]
+        names = [gv.name_hint for gv, func in mod.functions.items()
+                 if isinstance(func, relax.Function)]
+        shapes = set()
+        for name in names:
+            shapes |= constant_matmul_shapes(mod[name])
         bb = relax.BlockBuilder(mod)
         kernels = {}
-        for k, n in sorted(constant_matmul_shapes(func)):
+        for k, n in sorted(shapes):
             knobs = self._knobs(k, n)
             matmul = bb.add_func(packed_matmul_tir(k, n, knobs), f"edgert_matmul_{k}_{n}")
             take = bb.add_func(packed_take_tir(k, n, knobs.bn), f"edgert_take_{k}_{n}")
@@ -79,7 +84,7 @@ class PackMatmulWeights:
         if not kernels:
             return mod
         mod = bb.get()
-        packed = {}  # weight constant -> its packed constant
+        packed = {}  # weight constant -> its packed constant (one per weight, all functions)
 
         def packed_of(weight: tvm.ir.expr.Constant):
             if weight not in packed:
@@ -115,9 +120,9 @@ class PackMatmulWeights:
             return relax.call_tir(kernels[shape][2], [packed_of(weight), index],
                                   relax.TensorType([k, index.ty.shape[0]], "float32"))
 
-        body = rewrite_call(matmul, rewrite_matmul, mod["main"])
-        body = rewrite_call(take, rewrite_take, body)
-        mod["main"] = body
+        for name in names:  # main, and prefill_dhsa when the artifact has DHSA
+            body = rewrite_call(matmul, rewrite_matmul, mod[name])
+            mod[name] = rewrite_call(take, rewrite_take, body)
         mod = relax.transform.DeadCodeElimination()(mod)
         return mod
 

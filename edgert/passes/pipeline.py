@@ -1,11 +1,14 @@
 """edgert's compile pipeline, by phase, registered by name (like TVM's relax/pipeline.py).
 
     phase "import"   ONNX -> Relax            (tvm.relax.frontend.onnx, dynamic dims kept)
-    phase "edgert"   edgert passes            FuseTreeAttention (attention -> in-place kernels),
+    phase "edgert"   edgert passes            FuseDHSAPrefill (when the artifact has DHSA: a
+                                              second function, prefill_dhsa, with the DHSA
+                                              kernels), FuseTreeAttention (attention -> in-place
+                                              kernels),
                                               PackMatmulWeights (CPU: constant-weight matmuls ->
                                               panel-packed kernels, knobs from the tuning DB)
-    phase "legalize" remaining ops -> TIR     (LegalizeOps, AnnotateTIROpPattern, FuseOps,
-                                               FuseTIR)
+    phase "legalize" remaining ops -> TIR     (DispatchSortScan, LegalizeOps, FuseOps, FuseTIR;
+                                               under the target)
     phase "build"    tvm.compile for the target (its default build pipeline)
 
 ``--dump-ir DIR`` writes the module after each phase as ``DIR/<n>-<phase>.py`` (TVMScript).
@@ -21,7 +24,9 @@ import tvm
 from tvm import relax
 
 from edgert.config import LlamaConfig
+from edgert.dhsa.params import DHSAParams
 from edgert.errors import EdgertError
+from edgert.passes.fuse_dhsa_prefill import FuseDHSAPrefill
 from edgert.passes.fuse_tree_attention import FuseTreeAttention
 from edgert.passes.kernels.matmul import MatmulKnobs, matmul_workload
 from edgert.passes.kernels.tree_attention import TreeAttentionKnobs, tree_attention_workload
@@ -36,6 +41,7 @@ class CompileContext:
     config: LlamaConfig
     gpu: bool = False  # emit GPU loop mappings (thread blocks); else CPU
     tuning: TuningDatabase = field(default_factory=TuningDatabase)
+    dhsa: DHSAParams | None = None  # the artifact's DHSA parameters: also build prefill_dhsa
 
     def matmul_knobs(self, k: int, n: int) -> MatmulKnobs:
         best = self.tuning.best(matmul_workload(k, n))
@@ -56,8 +62,12 @@ class Phase:
 
 def _edgert_passes(ctx: CompileContext) -> list:
     config = ctx.config
-    passes = [FuseTreeAttention(config.num_attention_heads, config.num_key_value_heads,
-                                config.head_dim, gpu=ctx.gpu, knobs=ctx.tree_attention_knobs())]
+    shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    knobs = ctx.tree_attention_knobs()
+    passes = []
+    if ctx.dhsa is not None:  # first: it copies the imported main's attention cores
+        passes.append(FuseDHSAPrefill(*shape, ctx.dhsa, gpu=ctx.gpu, knobs=knobs))
+    passes.append(FuseTreeAttention(*shape, gpu=ctx.gpu, knobs=knobs))
     if not ctx.gpu:
         passes.append(PackMatmulWeights(ctx.matmul_knobs))
     return passes
@@ -68,9 +78,12 @@ def _weight_passes(ctx: CompileContext) -> list:
 
 
 def _legalize_passes(ctx: CompileContext) -> list:
-    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(), relax.transform.FuseOps(),
-            relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
+    # sort/top-k have no LegalizeOps rule: DispatchSortScan picks the target's kernel (it needs
+    # the target in scope; the adreno pipeline of tvm.compile never runs it)
+    return [relax.backend.DispatchSortScan(), relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination()]
 
 
 PIPELINES: dict[str, list[Phase]] = {

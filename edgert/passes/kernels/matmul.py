@@ -6,15 +6,17 @@ time into ``bn``-column panels, each contiguous in memory:
 
     Wp[p, k, c] = W[k, p * bn + c]          Wp: [N / bn, K, bn]
 
-One parallel task per panel walks it once from start to end, multiplying ``mb`` input rows at
-a time (``mb * bn`` accumulators held in vector registers), so a Medusa tree of q rows reads
-each panel once per ``mb`` rows instead of once per row.
+One parallel task walks ``streams`` neighbouring panels side by side, each from start to end,
+multiplying ``mb`` input rows at a time (``mb * streams * bn`` accumulators held in vector
+registers): several sequential streams keep more cache-line fills in flight than one (a core
+alone cannot saturate DRAM with one stream), and a Medusa tree of q rows reads each panel
+once per ``mb`` rows instead of once per row.
 
     x    [m, K]   (m dynamic: 1 for decode, the tree size for Medusa, the prefill chunk)
     Wp   [N / bn, K, bn]
     out  [m, N]
 
-The knobs (bn, mb) are what ``edgert tune`` searches; ``DEFAULT`` is the untuned choice.
+The knobs (bn, mb, streams) are what ``edgert tune`` searches; ``DEFAULT`` is the untuned choice.
 ``packed_take`` reads embedding rows out of the same packed tensor, so a tied embedding and
 lm_head stay one copy in memory.
 """
@@ -28,15 +30,18 @@ import numpy as np
 
 @dataclass(frozen=True)
 class MatmulKnobs:
-    bn: int = 16  # columns per panel (one vector register is 8 floats on AVX2)
+    bn: int = 16  # columns per panel (one AVX2 register holds 8 floats)
     mb: int = 1  # input rows per pass over a panel
+    streams: int = 1  # panels one task walks side by side (more memory streams in flight)
 
     def fits(self, n: int) -> bool:
-        return n % self.bn == 0
+        return n % self.bn == 0 and (n // self.bn) % self.streams == 0
 
 
 DEFAULT = MatmulKnobs()
-SEARCH_SPACE = [MatmulKnobs(bn, mb) for bn in (8, 16, 32, 64, 128) for mb in (1, 2, 4)]
+MAX_ACCUMULATORS = 128  # floats held across the K loop: 16 AVX2 registers
+SEARCH_SPACE = [MatmulKnobs(bn, mb, streams) for bn in (8, 16, 32, 64, 128) for mb in (1, 2, 4)
+                for streams in (1, 2, 4) if bn * mb * streams <= MAX_ACCUMULATORS]
 
 
 def pack_weight(weight: np.ndarray, bn: int) -> np.ndarray:
@@ -50,9 +55,11 @@ def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
     from tvm.script import tirx as T
 
     if not knobs.fits(n_dim):
-        raise ValueError(f"panel width {knobs.bn} does not divide N={n_dim}")
-    bn, mb = knobs.bn, knobs.mb
+        raise ValueError(f"panel width {knobs.bn} x {knobs.streams} streams does not divide "
+                         f"N={n_dim}")
+    bn, mb, streams = knobs.bn, knobs.mb, knobs.streams
     panels = n_dim // bn
+    tasks = panels // streams
 
     @T.prim_func(private=True, s_tir=True)
     def packed_matmul(var_x: T.handle, var_w: T.handle, var_out: T.handle):
@@ -61,27 +68,29 @@ def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
         x = T.match_buffer(var_x, (m, k_dim), "float32")
         w = T.match_buffer(var_w, (panels, k_dim, bn), "float32")
         out = T.match_buffer(var_out, (m, n_dim), "float32")
-        for p in T.parallel(panels):
+        for task in T.parallel(tasks):
             for rows in range((m + mb - 1) // mb):
-                with T.sblock("panel"):
-                    vp = T.axis.spatial(panels, p)
+                with T.sblock("panels"):
+                    vt = T.axis.spatial(tasks, task)
                     vr = T.axis.spatial((m + mb - 1) // mb, rows)
-                    T.reads(x[0:m, 0:k_dim], w[vp, 0:k_dim, 0:bn])
-                    T.writes(out[0:m, vp * bn:vp * bn + bn])
-                    acc = T.alloc_buffer((mb, bn), "float32", scope="local")
-                    for r in T.unroll(mb):
+                    T.reads(x[0:m, 0:k_dim], w[vt * streams:vt * streams + streams, 0:k_dim, 0:bn])
+                    T.writes(out[0:m, vt * streams * bn:vt * streams * bn + streams * bn])
+                    acc = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
+                    for r, s in T.grid(mb, streams):
                         for c in T.vectorized(bn):
-                            acc[r, c] = T.float32(0)
+                            acc[r, s, c] = T.float32(0)
                     for kk in range(k_dim):
                         for r in T.unroll(mb):
-                            for c in T.vectorized(bn):
-                                # rows past m (the last partial group) recompute row m-1
-                                acc[r, c] = acc[r, c] + x[T.min(vr * mb + r, m - 1), kk] \
-                                    * w[vp, kk, c]
-                    for r in T.unroll(mb):
+                            for s in T.unroll(streams):
+                                for c in T.vectorized(bn):
+                                    # rows past m (the last partial group) recompute row m-1
+                                    acc[r, s, c] = acc[r, s, c] + x[
+                                        T.min(vr * mb + r, m - 1), kk] * w[vt * streams + s,
+                                                                            kk, c]
+                    for r, s in T.grid(mb, streams):
                         if vr * mb + r < m:
                             for c in T.vectorized(bn):
-                                out[vr * mb + r, vp * bn + c] = acc[r, c]
+                                out[vr * mb + r, (vt * streams + s) * bn + c] = acc[r, s, c]
 
     return packed_matmul
 

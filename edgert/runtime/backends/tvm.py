@@ -5,6 +5,10 @@ in place (edgert's kv-append kernel), then runs edgert's tree-attention kernel; 
 zero-copy DLPack views of the runtime's one cache allocation, so Medusa's commit (moving
 accepted entries in that allocation) is seen by the next call. The tree reaches the kernel as
 compact DFS intervals built from the step's parent indices, not as a dense mask.
+
+When the artifact has DHSA, the module has a second function, ``prefill_dhsa`` (see
+``passes.fuse_dhsa_prefill``): the whole prompt in one call, sparse attention from the boundary
+layer on, its K/V written in place into the same cache views at [0, T).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from edgert.runtime.backends import StepInputs, StepOutputs
 from edgert.runtime.kv_cache import ALIGNMENT, KVCache
 
 DEVICE_TARGETS = {"cpu": "llvm"}
+DHSA_FUNCTION = "prefill_dhsa"  # edgert.passes.fuse_dhsa_prefill.FUNCTION
 
 
 def _parents_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -77,7 +82,7 @@ class TvmBackend:
                                "must be a multiple of 16)")
         # [1,Hkv,C,D] views -> [Hkv,C,D] zero-copy tensors over the runtime's cache memory
         self._cache_tensors = [tvm_ffi.from_dlpack(buf[0]) for buf in cache.buffers()]
-        self.has_dhsa = False
+        self.has_dhsa = self.vm.module.implements_function(DHSA_FUNCTION)
 
     @property
     def has_heads(self) -> bool:
@@ -99,5 +104,15 @@ class TvmBackend:
         return StepOutputs(logits=out[0].numpy()[0], hidden=out[1].numpy()[0])
 
     def prefill_sparse(self, ids: np.ndarray, fixed_chunk: int = 0) -> StepOutputs:
-        raise BackendError("DHSA prefill is not compiled for the tvm backend yet; pass "
-                           "dhsa=False")
+        """Whole-prompt DHSA prefill into an empty cache: ids [1,T]; K/V land at [0, T)."""
+        if not self.has_dhsa:
+            raise BackendError("this TVM build has no DHSA prefill; re-run `edgert compile` "
+                               "on an artifact exported with DHSA (or pass dhsa=False)")
+        tensor = self._tvm.runtime.tensor
+        q = ids.shape[1]
+        out = self.vm[DHSA_FUNCTION](tensor(np.ascontiguousarray(ids, dtype=np.int64)),
+                                     tensor(np.arange(q, dtype=np.int64)[None]),
+                                     tensor(causal_order(q)),
+                                     tensor(np.array([q - 1], dtype=np.int64)),
+                                     *self._cache_tensors, int(fixed_chunk))
+        return StepOutputs(logits=out[0].numpy()[0], hidden=out[1].numpy()[0])
