@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from edgert.artifact import load_manifest  # noqa: E402
+from edgert.dhsa.params import DHSAParams  # noqa: E402
 from edgert.tuning.database import TuningDatabase  # noqa: E402
 from edgert.tuning.kernels import workloads_for  # noqa: E402
 from edgert.tuning.tuner import LocalDevice  # noqa: E402
@@ -141,7 +142,8 @@ def main() -> None:
     database = TuningDatabase.load(args.artifact / TVM_DIR / "llvm")
     rng = np.random.default_rng(0)
     rows = []
-    for workload in workloads_for(manifest.config, manifest.kv_cache.capacity):
+    dhsa = DHSAParams.from_dict(manifest.dhsa) if manifest.dhsa else None
+    for workload in workloads_for(manifest.config, manifest.kv_cache.capacity, dhsa=dhsa):
         inputs = workload.inputs(rng)
         best = database.best(workload.name)
         untuned = time_tvm(workload, workload.space[0], target, inputs)

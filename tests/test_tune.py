@@ -123,3 +123,17 @@ def test_rpc_tuning_through_a_local_tracker(tiny_artifact, tmp_path):
     finally:
         server.terminate()
         tracker.terminate()
+
+
+def test_dhsa_kernel_is_tuned_for_artifacts_with_dhsa(tiny_dhsa_artifact, tmp_path):
+    art = tmp_path / "artifact"
+    shutil.copytree(tiny_dhsa_artifact, art)
+    summary = tune_artifact(art, "llvm", TuneOptions(trials=2, kernels=["dhsa_attention"],
+                                                     **QUIET))
+    (name,) = summary
+    assert name.startswith("dhsa_attention_") and summary[name]["trials"] == 2
+    record = json.loads((art / "edgert.json").read_text())["compiled"]["llvm"]
+    assert name in record["tuned"]
+    engine = edgert.load(art, backend="tvm")
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    assert engine.generate(text, max_new_tokens=4, chat=False).stats["prefill"] == "dhsa"

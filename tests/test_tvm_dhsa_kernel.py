@@ -10,6 +10,7 @@ import pytest
 
 from edgert.dhsa import reference
 from edgert.dhsa.params import DHSAParams
+from edgert.passes.kernels.dhsa_attention import DHSAKnobs
 
 tvm = pytest.importorskip("tvm")
 
@@ -19,16 +20,26 @@ LLVM = {"kind": "llvm", "num-cores": 2}
 ATOL = 1e-5
 
 
-def build_llvm(params: DHSAParams):
+def build_llvm(params: DHSAParams, knobs: DHSAKnobs = DHSAKnobs()):
     from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir
 
-    mod = tvm.IRModule({"edgert_dhsa_attention": dhsa_attention_tir(HQ, HKV, D, params)})
+    mod = tvm.IRModule({"edgert_dhsa_attention": dhsa_attention_tir(HQ, HKV, D, params,
+                                                                      knobs=knobs)})
     return tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_dhsa_attention"]
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    return build_llvm(SMALL)
+@pytest.fixture(scope="module", params=[DHSAKnobs(), DHSAKnobs(2, 8), DHSAKnobs(1, 3)], ids=str)
+def kernel(request):
+    """The untuned schedule and two tuned ones (K/V loads shared by a KV group's heads; key
+    tiles, one not dividing the key counts): all must compute the same attention."""
+    return build_llvm(SMALL, request.param)
+
+
+def test_knobs_that_do_not_fit_are_refused():
+    from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir
+
+    with pytest.raises(ValueError, match="do not fit"):
+        dhsa_attention_tir(HQ, HKV, D, SMALL, knobs=DHSAKnobs(heads_per_task=3))
 
 
 def run_kernel(kernel, q, k, v, starts) -> np.ndarray:
@@ -143,8 +154,8 @@ GPU_TARGETS = {
 def test_gpu_mapping_builds(name):
     from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir
 
-    mod = tvm.IRModule({"edgert_dhsa_attention": dhsa_attention_tir(HQ, HKV, D, SMALL,
-                                                                      gpu=True)})
+    mod = tvm.IRModule({"edgert_dhsa_attention": dhsa_attention_tir(
+        HQ, HKV, D, SMALL, gpu=True, knobs=DHSAKnobs(2, 8))})
     target = tvm.target.Target(GPU_TARGETS[name], host={"kind": "llvm"})
     source = tvm.tirx.build(mod, target).imports[0].inspect_source()
     assert "edgert_dhsa_attention" in source

@@ -39,7 +39,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import EdgertError
 from edgert.passes.fuse_tree_attention import _Bindings, core_pattern
-from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir
+from edgert.passes.kernels.dhsa_attention import DHSAKnobs, dhsa_attention_tir
 from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir
 from edgert.passes.kernels.tree_attention import (
     DEFAULT_KNOBS,
@@ -63,14 +63,17 @@ class FuseDHSAPrefill:
     gpu : emit the GPU loop mappings of the kernels instead of the CPU ones.
     knobs : the tree-attention kernel's schedule; pass FuseTreeAttention's, so both functions
         share one ``edgert_tree_attention``.
+    dhsa_knobs : the DHSA kernel's schedule (the tuning database's best, or untuned).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,
-                 gpu: bool = False, knobs: TreeAttentionKnobs = DEFAULT_KNOBS) -> None:
+                 gpu: bool = False, knobs: TreeAttentionKnobs = DEFAULT_KNOBS,
+                 dhsa_knobs: DHSAKnobs = DHSAKnobs()) -> None:
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
         self.params = params
         self.gpu = gpu
         self.knobs = knobs
+        self.dhsa_knobs = dhsa_knobs
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         h, hkv, d, gpu = self.h, self.hkv, self.d, self.gpu
@@ -81,7 +84,8 @@ class FuseDHSAPrefill:
             "append": bb.add_func(kv_append_tir(hkv, d, gpu), "edgert_kv_append"),
             "boundaries": bb.add_func(dhsa_boundaries_tir(h, hkv, d, self.params, gpu),
                                       "edgert_dhsa_boundaries"),
-            "sparse": bb.add_func(dhsa_attention_tir(h, hkv, d, self.params, gpu),
+            "sparse": bb.add_func(dhsa_attention_tir(h, hkv, d, self.params, gpu,
+                                                     self.dhsa_knobs),
                                   "edgert_dhsa_attention"),
         }
         mod = bb.get()

@@ -28,6 +28,7 @@ from edgert.dhsa.params import DHSAParams
 from edgert.errors import EdgertError
 from edgert.passes.fuse_dhsa_prefill import FuseDHSAPrefill
 from edgert.passes.fuse_tree_attention import FuseTreeAttention
+from edgert.passes.kernels.dhsa_attention import DHSAKnobs, dhsa_workload
 from edgert.passes.kernels.matmul import MatmulKnobs, matmul_workload
 from edgert.passes.kernels.tree_attention import TreeAttentionKnobs, tree_attention_workload
 from edgert.passes.pack_matmul_weights import PackMatmulWeights
@@ -46,6 +47,12 @@ class CompileContext:
     def matmul_knobs(self, k: int, n: int) -> MatmulKnobs:
         best = self.tuning.best(matmul_workload(k, n))
         return MatmulKnobs(**best.knobs) if best else MatmulKnobs()
+
+    def dhsa_knobs(self) -> DHSAKnobs:
+        c = self.config
+        best = self.tuning.best(dhsa_workload(c.num_attention_heads, c.num_key_value_heads,
+                                              c.head_dim))
+        return DHSAKnobs(**best.knobs) if best else DHSAKnobs()
 
     def tree_attention_knobs(self) -> TreeAttentionKnobs:
         c = self.config
@@ -66,7 +73,8 @@ def _edgert_passes(ctx: CompileContext) -> list:
     knobs = ctx.tree_attention_knobs()
     passes = []
     if ctx.dhsa is not None:  # first: it copies the imported main's attention cores
-        passes.append(FuseDHSAPrefill(*shape, ctx.dhsa, gpu=ctx.gpu, knobs=knobs))
+        passes.append(FuseDHSAPrefill(*shape, ctx.dhsa, gpu=ctx.gpu, knobs=knobs,
+                                      dhsa_knobs=ctx.dhsa_knobs()))
     passes.append(FuseTreeAttention(*shape, gpu=ctx.gpu, knobs=knobs))
     if not ctx.gpu:
         passes.append(PackMatmulWeights(ctx.matmul_knobs))

@@ -17,6 +17,14 @@ from typing import Any
 import numpy as np
 
 from edgert.config import LlamaConfig
+from edgert.dhsa.params import DHSAParams
+from edgert.passes.kernels.dhsa_attention import DEFAULT_KNOBS as DHSA_DEFAULT
+from edgert.passes.kernels.dhsa_attention import (
+    DHSAKnobs,
+    dhsa_attention_tir,
+    dhsa_search_space,
+    dhsa_workload,
+)
 from edgert.passes.kernels.matmul import (
     DEFAULT as MATMUL_DEFAULT,
 )
@@ -56,6 +64,7 @@ class Workload:
     shapes: str  # the measured shapes, in words
     # per-knob transform of the inputs (e.g. the weight packed for the panel width)
     prepare: Callable[[Any, list], list] = lambda knobs, args: args
+    max_runs: int | None = None  # cap on timed runs per shape (slow kernels)
 
     def knobs_dict(self, knobs) -> dict:
         return dataclasses.asdict(knobs)
@@ -68,7 +77,7 @@ def _named(func, name: str):
     return func.with_attr("global_symbol", name)
 
 
-def matmul_workloads(config: LlamaConfig, context: int) -> list[Workload]:
+def matmul_workloads(config: LlamaConfig, context: int, dhsa=None) -> list[Workload]:
     h, d = config.hidden_size, config.head_dim
     shapes = {(h, config.num_attention_heads * d), (h, config.num_key_value_heads * d),
               (config.num_attention_heads * d, h), (h, config.intermediate_size),
@@ -95,7 +104,7 @@ def _matmul(k: int, n: int) -> Workload:
                     f"x [m,{k}] @ W [{k},{n}], m = {', '.join(map(str, rows))}", prepare)
 
 
-def tree_attention_workloads(config: LlamaConfig, context: int) -> list[Workload]:
+def tree_attention_workloads(config: LlamaConfig, context: int, dhsa=None) -> list[Workload]:
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     past = min(context, 2048) - len(MEDUSA_TREE)
     orders = [causal_order(1), tree_order_from_parents(MEDUSA_TREE)]
@@ -116,14 +125,42 @@ def tree_attention_workloads(config: LlamaConfig, context: int) -> list[Workload
                              f"{past} cached tokens")]
 
 
-TUNABLE: dict[str, Callable[[LlamaConfig, int], list[Workload]]] = {
+def dhsa_workloads(config: LlamaConfig, context: int,
+                   params: DHSAParams | None) -> list[Workload]:
+    """The fused DHSA kernel (the artifact's parameters) on a prompt just above its
+    threshold; none when the artifact has no DHSA."""
+    if params is None:
+        return []
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    seq = min(context, params.min_context + params.block_size * 4)
+
+    def inputs(rng):
+        starts = (rng.random(seq) < 1 / 48).astype(np.int32)  # chunks of ~48 tokens
+        starts[0] = 1
+        return [[rng.standard_normal((seq, hq, d)).astype(np.float32),
+                 rng.standard_normal((seq, hkv, d)).astype(np.float32),
+                 rng.standard_normal((seq, hkv, d)).astype(np.float32), starts,
+                 np.zeros((seq, hq, d), np.float32)]]
+
+    def build(knobs: DHSAKnobs):
+        return _named(dhsa_attention_tir(hq, hkv, d, params, knobs=knobs), "kernel")
+
+    space = [DHSA_DEFAULT] + [k for k in dhsa_search_space(hq, hkv) if k != DHSA_DEFAULT]
+    return [Workload(dhsa_workload(hq, hkv, d), "dhsa_attention", build, space, inputs,
+                     f"a {seq}-token prompt, the artifact's DHSA parameters, ~48-token chunks",
+                     max_runs=5)]
+
+
+# kernel -> (model config, KV capacity, DHSA parameters or None) -> its workloads
+TUNABLE: dict[str, Callable[[LlamaConfig, int, DHSAParams | None], list[Workload]]] = {
     "tree_attention": tree_attention_workloads,
+    "dhsa_attention": dhsa_workloads,
     "matmul": matmul_workloads,
 }
 
 
-def workloads_for(config: LlamaConfig, context: int,
-                  kernels: list[str] | None = None) -> list[Workload]:
+def workloads_for(config: LlamaConfig, context: int, kernels: list[str] | None = None,
+                  dhsa: DHSAParams | None = None) -> list[Workload]:
     chosen = kernels or list(TUNABLE)
     unknown = [k for k in chosen if k not in TUNABLE]
     if unknown:
@@ -131,4 +168,4 @@ def workloads_for(config: LlamaConfig, context: int,
 
         raise EdgertError(f"unknown kernel(s) {', '.join(unknown)}; tunable: "
                           f"{', '.join(TUNABLE)}")
-    return [w for k in chosen for w in TUNABLE[k](config, context)]
+    return [w for k in chosen for w in TUNABLE[k](config, context, dhsa)]

@@ -119,13 +119,14 @@ def measure(workload: Workload, knobs, target, device, inputs: list[list], numbe
     total = 0.0
     for args in inputs:
         tensors = [device.tensor(a) for a in workload.prepare(knobs, args)]
+        runs = min(number * repeat, workload.max_runs or number * repeat)
         if all(isinstance(a, np.ndarray) for a in args):
             # weights are read from DRAM in a real step, not from a warm cache: flush the CPU
             # caches (all but the first argument) before every timed run
-            timer = lib.time_evaluator("kernel", device.dev, number=1, repeat=repeat * number,
+            timer = lib.time_evaluator("kernel", device.dev, number=1, repeat=runs,
                                        f_preproc="cache_flush_cpu_non_first_arg")
         else:  # TVM's flush takes tensors only (tree attention has a scalar): warm timing
-            timer = lib.time_evaluator("kernel", device.dev, number=number, repeat=repeat)
+            timer = lib.time_evaluator("kernel", device.dev, number=1, repeat=runs)
         total += float(np.median(timer(*tensors).results)) * 1e3
     return total
 
@@ -209,7 +210,8 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
         raise BackendError(f"tuning for {target} measures on a {target} device: pass "
                            "--rpc-tracker/--rpc-key of a device that has one")
     database = TuningDatabase.load(path / TVM_DIR / target)
-    workloads = workloads_for(manifest.config, manifest.kv_cache.capacity, options.kernels)
+    workloads = workloads_for(manifest.config, manifest.kv_cache.capacity, options.kernels,
+                              _dhsa_params(manifest))
     summary = tune(workloads, database, tvm_target, options)
     for name, row in summary.items():
         if row["best_ms"] is None or row["untuned_ms"] is None:
@@ -220,3 +222,9 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
     if compile_after:
         compile_artifact(path, target, device, log=options.log)
     return summary
+
+
+def _dhsa_params(manifest):
+    from edgert.dhsa.params import DHSAParams
+
+    return DHSAParams.from_dict(manifest.dhsa) if manifest.dhsa else None

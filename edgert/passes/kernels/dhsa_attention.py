@@ -17,7 +17,8 @@ launch, or one CPU parallel loop), their intermediates in workspace buffers:
     chunk_scores    (b, c)        score[b, c] = block_vec[b] . chunk_vec[c]
     chunk_takes     (b, c)        take[b, c]: how many of chunk c's free tokens block b keeps
     selected_keys   (b)           sel_index[b, :sel_count[b]]: block b's keys, ascending
-    attention       (p, h)        online softmax of query p, head h over its keys
+    attention       (p, task)     online softmax of query p, ``heads_per_task`` heads of one KV
+                                  group, over its keys in tiles of ``key_tile``
 
 Selection without a sort. Query block b (tokens [b*bs, end)) may see keys t < end; the forced
 keys (t < sink, or t >= end - local) come first, so the free keys [sink, end - local) compete
@@ -48,12 +49,45 @@ Indices are int64 (T is a Relax int64 shape var); the WebGPU build narrows them 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from edgert.dhsa.params import DHSAParams
 
 MASKED = -1e30  # online-softmax start; every query keeps at least one key when sink >= 1
 GPU_LANES = 64  # threads per GPU block
 DOT_LANES = 8  # partial sums of the q.k dot product (when head_dim is a multiple)
+
+
+@dataclass(frozen=True)
+class DHSAKnobs:
+    """Schedule of the attention stage (searched by ``edgert tune``).
+
+    heads_per_task: query heads of one KV group one work item handles, so each selected K/V
+        row is loaded once for all of them (divides the group size).
+    key_tile: keys scored before one online-softmax rescale of the accumulators.
+    """
+
+    heads_per_task: int = 1
+    key_tile: int = 1
+
+    def check(self, num_heads: int, num_kv_heads: int) -> None:
+        if (num_heads // num_kv_heads) % self.heads_per_task or self.key_tile < 1:
+            raise ValueError(f"DHSA knobs {self} do not fit heads {num_heads}/{num_kv_heads}")
+
+
+DEFAULT_KNOBS = DHSAKnobs()
+
+
+def dhsa_search_space(num_heads: int, num_kv_heads: int) -> list[DHSAKnobs]:
+    group = num_heads // num_kv_heads
+    return [DHSAKnobs(hpt, tile) for hpt in sorted({1, group} | {g for g in (2, 4)
+                                                                 if group % g == 0})
+            for tile in (1, 8, 32)]
+
+
+def dhsa_workload(num_heads: int, num_kv_heads: int, head_dim: int) -> str:
+    """The tuning-database name of the kernel for this attention shape."""
+    return f"dhsa_attention_{num_heads}_{num_kv_heads}_{head_dim}"
 
 
 def _grid(gpu: bool):
@@ -100,7 +134,7 @@ def i64(value):
 
 
 def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,
-                       gpu: bool = False):
+                       gpu: bool = False, knobs: DHSAKnobs = DEFAULT_KNOBS):
     """The fused kernel as one PrimFunc (see the module docstring for the stages). Each stage
     is a flat loop over ceildiv(items, lanes) x lanes, its sblock axes recovered from the flat
     index (a GPU thread per work item; CPU lanes = 1: the parallel loop is over the items).
@@ -116,30 +150,60 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
     lanes = GPU_LANES if gpu else 1
     dot_lanes = DOT_LANES if d % DOT_LANES == 0 else 1
     block_end, free_keys, free_slots, forced = _selection_exprs(params)
+    knobs.check(num_heads, num_kv_heads)
+    hpt, tile = knobs.heads_per_task, knobs.key_tile
+    tasks = hq // hpt
 
     def n_blocks(n):
         return T.ceildiv(n, bs)
 
+    def n_keys(p, n, sel_count):
+        """Keys query p scans: all of [0, p] in the dense tail, else its block's selection."""
+        return T.if_then_else(p >= n - tail, p + 1, i64(sel_count[p // bs]))
+
+    def key_at(p, n, j, sel_index):
+        # TIR's if_then_else evaluates both sides: clamp the selection index
+        return T.if_then_else(p >= n - tail, j,
+                              i64(sel_index[p // bs, T.min(j, budget - 1)]))
+
     @T.macro
-    def attend(q, k, v, p, h, t, m, total, dot, partial, acc):
-        """One online-softmax step of query p, head h over key t."""
-        for r in vector(dot_lanes):  # independent partial sums: a SIMD-friendly dot product
-            partial[r] = T.float32(0)
+    def score_tile(q, k, p, task, key, t, partial, score):
+        """score[hh, t] = q[p, head hh of the task] . k[key] / sqrt(D), the K row loaded once
+        for the task's heads."""
+        for hh, r in T.grid(hpt, dot_lanes):
+            partial[hh, r] = T.float32(0)
         for xo in range(d // dot_lanes):
-            for r in vector(dot_lanes):
-                partial[r] = partial[r] + (q[p, h, xo * dot_lanes + r]
-                                           * k[t, h // group, xo * dot_lanes + r])
-        dot[0] = T.float32(0)
-        for r in range(dot_lanes):
-            dot[0] = dot[0] + partial[r]
-        dot[0] = dot[0] * T.float32(scale)
-        m_new = T.max(m[0], dot[0])
-        correction = T.exp(m[0] - m_new)
-        weight = T.exp(dot[0] - m_new)
-        total[0] = total[0] * correction + weight
+            for r in vector(dot_lanes):  # independent partial sums: a SIMD-friendly dot
+                for hh in T.unroll(hpt):
+                    partial[hh, r] = partial[hh, r] + (
+                        q[p, task * hpt + hh, xo * dot_lanes + r]
+                        * k[key, task * hpt // group, xo * dot_lanes + r])
+        for hh in range(hpt):
+            score[hh, t] = T.float32(0)
+            for r in range(dot_lanes):
+                score[hh, t] = score[hh, t] + partial[hh, r]
+            score[hh, t] = score[hh, t] * T.float32(scale)
+
+    @T.macro
+    def rescale(m, m_new, total, acc, score):
+        """Online softmax: raise each head's running max to the tile's, rescale its sums."""
+        for hh in range(hpt):
+            m_new[hh] = m[hh]
+            for t in range(tile):
+                m_new[hh] = T.max(m_new[hh], score[hh, t])
+            total[hh] = total[hh] * T.exp(m[hh] - m_new[hh])
+            for x in vector(d):
+                acc[hh, x] = acc[hh, x] * T.exp(m[hh] - m_new[hh])
+            m[hh] = m_new[hh]
+
+    @T.macro
+    def accumulate(v, task, key, t, m, total, score, acc):
+        for hh in range(hpt):
+            score[hh, t] = T.exp(score[hh, t] - m[hh])
+            total[hh] = total[hh] + score[hh, t]
         for x in vector(d):
-            acc[x] = acc[x] * correction + weight * v[t, h // group, x]
-        m[0] = m_new
+            for hh in T.unroll(hpt):
+                acc[hh, x] = acc[hh, x] + score[hh, t] * v[key, task * hpt // group, x]
 
     @T.prim_func(private=True, s_tir=True)
     def dhsa_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle,
@@ -271,33 +335,45 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                             count[0] = count[0] + 1
                     sel_count[b] = count[0]
 
-        for g in outer(T.ceildiv(n * hq, lanes)):
+        for g in outer(T.ceildiv(n * tasks, lanes)):
             for lane in inner(lanes):
                 with T.sblock("attention"):
-                    p = T.axis.spatial(n, (g * lanes + lane) // hq)
-                    h = T.axis.spatial(hq, (g * lanes + lane) % hq)
-                    T.where(g * lanes + lane < n * hq)
-                    T.reads(q[p, h, 0:d], k[0:n, h // group, 0:d], v[0:n, h // group, 0:d],
+                    p = T.axis.spatial(n, (g * lanes + lane) // tasks)
+                    task = T.axis.spatial(tasks, (g * lanes + lane) % tasks)
+                    T.where(g * lanes + lane < n * tasks)
+                    T.reads(q[p, task * hpt:task * hpt + hpt, 0:d],
+                            k[0:n, task * hpt // group, 0:d], v[0:n, task * hpt // group, 0:d],
                             sel_index[p // bs, 0:budget], sel_count[p // bs])
-                    T.writes(out[p, h, 0:d])
-                    m = T.alloc_buffer((1,), "float32", scope="local")
-                    total = T.alloc_buffer((1,), "float32", scope="local")
-                    dot = T.alloc_buffer((1,), "float32", scope="local")
-                    partial = T.alloc_buffer((dot_lanes,), "float32", scope="local")
-                    acc = T.alloc_buffer((d,), "float32", scope="local")
-                    m[0] = T.float32(MASKED)
-                    total[0] = T.float32(0)
-                    for x in range(d):
-                        acc[x] = T.float32(0)
-                    if p >= n - tail:  # the dense tail: every key <= p
-                        for t in range(p + 1):
-                            attend(q, k, v, p, h, t, m, total, dot, partial, acc)
-                    else:  # the block's selected keys <= p (ascending)
-                        for j in range(i64(sel_count[p // bs])):
-                            if i64(sel_index[p // bs, j]) <= p:
-                                attend(q, k, v, p, h, i64(sel_index[p // bs, j]),
-                                       m, total, dot, partial, acc)
-                    for x in range(d):
-                        out[p, h, x] = acc[x] / total[0]
+                    T.writes(out[p, task * hpt:task * hpt + hpt, 0:d])
+                    m = T.alloc_buffer((hpt,), "float32", scope="local")
+                    m_new = T.alloc_buffer((hpt,), "float32", scope="local")
+                    total = T.alloc_buffer((hpt,), "float32", scope="local")
+                    score = T.alloc_buffer((hpt, tile), "float32", scope="local")
+                    partial = T.alloc_buffer((hpt, dot_lanes), "float32", scope="local")
+                    acc = T.alloc_buffer((hpt, d), "float32", scope="local")
+                    for hh in range(hpt):
+                        m[hh] = T.float32(MASKED)
+                        total[hh] = T.float32(0)
+                        for x in range(d):
+                            acc[hh, x] = T.float32(0)
+                    # the dense tail attends to every key <= p, other queries to their block's
+                    # selected keys <= p (ascending): key slot j of n_keys
+                    for jt in range(T.ceildiv(n_keys(p, n, sel_count), tile)):
+                        for t in range(tile):
+                            if jt * tile + t < n_keys(p, n, sel_count) and key_at(
+                                    p, n, jt * tile + t, sel_index) <= p:
+                                score_tile(q, k, p, task, key_at(p, n, jt * tile + t, sel_index),
+                                           t, partial, score)
+                            else:
+                                for hh in range(hpt):
+                                    score[hh, t] = T.float32(MASKED)
+                        rescale(m, m_new, total, acc, score)
+                        for t in range(tile):
+                            if score[0, t] > T.float32(MASKED / 2):
+                                accumulate(v, task, key_at(p, n, jt * tile + t, sel_index), t,
+                                           m, total, score, acc)
+                    for hh in range(hpt):
+                        for x in range(d):
+                            out[p, task * hpt + hh, x] = acc[hh, x] / total[hh]
 
     return dhsa_attention.with_attr("global_symbol", "edgert_dhsa_attention")
