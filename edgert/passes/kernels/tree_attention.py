@@ -74,13 +74,14 @@ def tree_attention_reference(q, k_cache, v_cache, order, past: int) -> np.ndarra
 
 
 def _loops(gpu: bool):
-    """(outer, inner) loop constructors: GPU thread binding, or CPU serial x parallel."""
+    """(outer, inner) loop constructors over a flat work space: GPU blockIdx x threadIdx, CPU
+    one parallel loop x a serial unit loop."""
     from tvm.script import tirx as T
 
     if gpu:
         return (lambda e: T.thread_binding(e, thread="blockIdx.x"),
                 lambda e: T.thread_binding(e, thread="threadIdx.x"))
-    return (lambda e: T.serial(e), lambda e: T.parallel(e))
+    return (lambda e: T.parallel(e), lambda e: T.serial(e))
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
     tasks = hq // hpt
     scale = 1.0 / math.sqrt(d)
     outer, inner = _loops(gpu)
+    lanes = tasks if gpu else 1
     # CPU: SIMD over head_dim / lanes; GPU: serial per thread (no float32x16 in CUDA C)
     simd = (lambda e: T.serial(e)) if gpu else (lambda e: T.vectorized(e))
 
@@ -162,11 +164,14 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
         vc = T.match_buffer(var_vc, (hkv, cap, d), "float32")
         order = T.match_buffer(var_order, (n, 2), "int32")
         out = T.match_buffer(var_out, (n, hq, d), "float32")
-        for bi in outer(n):
-            for th in inner(tasks):
+        # one flat loop over (query, task): GPU blocks of ``lanes`` threads; CPU one parallel
+        # loop (one thread-pool launch per call, not one per query)
+        for g in outer(T.ceildiv(n * tasks, lanes)):
+            for lane in inner(lanes):
                 with T.sblock("attention"):
-                    i = T.axis.spatial(n, bi)
-                    task = T.axis.spatial(tasks, th)
+                    i = T.axis.spatial(n, (g * lanes + lane) // tasks)
+                    task = T.axis.spatial(tasks, (g * lanes + lane) % tasks)
+                    T.where(g * lanes + lane < n * tasks)
                     T.reads(q[i, task * hpt:task * hpt + hpt, 0:d],
                             kc[task * hpt // group, 0:cap, 0:d],
                             vc[task * hpt // group, 0:cap, 0:d], order[0:n, 0:2])
@@ -233,7 +238,10 @@ def kv_append_tir(num_kv_heads: int, head_dim: int, gpu: bool = False):
     from tvm.script import tirx as T
 
     hkv, d = num_kv_heads, head_dim
-    outer, inner = _loops(gpu)
+    # GPU: a thread per (entry, element); CPU: a plain serial copy of q x Hkv x D floats
+    # (a thread-pool launch costs more than copying a decode step's entries)
+    outer, inner = _loops(gpu) if gpu else (lambda e: T.serial(e), lambda e: T.vectorized(e))
+    lanes = hkv * d
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append(var_cache: T.handle, var_new: T.handle, past: T.int64):
@@ -243,7 +251,7 @@ def kv_append_tir(num_kv_heads: int, head_dim: int, gpu: bool = False):
         cache = T.match_buffer(var_cache, (hkv, cap, d), "float32")
         new = T.match_buffer(var_new, (n, hkv, d), "float32")
         for t in outer(n):
-            for hx in inner(hkv * d):
+            for hx in inner(lanes):
                 with T.sblock("append"):
                     vt = T.axis.spatial(n, t)
                     vhx = T.axis.spatial(hkv * d, hx)
