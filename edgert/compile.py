@@ -34,7 +34,11 @@ TARGETS: dict[str, TargetSpec] = {
     "cuda": TargetSpec("cuda", {"kind": "cuda", "arch": "sm_80"}, "source"),
     "opencl": TargetSpec("opencl", {"kind": "opencl"}, "source"),
     "metal": TargetSpec("metal", {"kind": "metal"}, "source"),
-    "webgpu": TargetSpec("webgpu", {"kind": "webgpu"}, "source"),
+    "webgpu": TargetSpec("webgpu", {"kind": "webgpu"}, "source", supported=False,
+                         reason="WGSL has no 64-bit integers and the artifact's graph carries "
+                                "int64 tensors (token ids, positions, gather indices) into "
+                                "generic ops; edgert's own kernels build for webgpu, the rest of "
+                                "the graph does not yet (target opencl or metal instead)"),
     "vulkan": TargetSpec("vulkan", {"kind": "vulkan"}, "source", supported=False,
                          reason="this TVM build has no SPIR-V backend (target.build.vulkan is "
                                 "missing); build TVM with USE_VULKAN=ON to target Vulkan"),
@@ -63,6 +67,11 @@ def resolve_target(name: str, device: str | None = None, cores: int | None = Non
     if spec.output == "source":
         return spec, tvm.target.Target(target, host={"kind": "llvm"})
     return spec, tvm.target.Target(target)
+
+
+def _last_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:240]
 
 
 def import_onnx(path: Path):
@@ -137,8 +146,13 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
             with tvm_target:
                 mod = run_pipeline(mod, pipeline, ctx, dump_ir, tag=f"{stem}-")
             log(f"building {stem} for {target}...")
-            with tvm.transform.PassContext(opt_level=3):
-                ex = tvm.compile(mod, tvm_target)
+            try:
+                with tvm.transform.PassContext(opt_level=3):
+                    ex = tvm.compile(mod, tvm_target)
+            except Exception as exc:  # TVM raises InternalError/TVMError/ValueError here
+                raise BackendError(f"TVM could not build {stem} for {target}: "
+                                   f"{_last_line(exc)}; report it with `--dump-ir DIR`'s "
+                                   "output") from None
             files += _write_outputs(ex, spec, tmp, stem)
         record = {"target": tvm_target.export() if hasattr(tvm_target, "export") else target,
                   "kind": target, "output": spec.output, "files": files,

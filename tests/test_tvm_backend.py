@@ -66,6 +66,13 @@ def test_vulkan_is_refused_clearly(compiled):
         compile_artifact(art, "vulkan", log=lambda m: None)
 
 
+def test_webgpu_is_refused_with_the_reason(compiled):
+    art, _ = compiled
+    with pytest.raises(edgert.BackendError, match="64-bit integers"):
+        compile_artifact(art, "webgpu", log=lambda m: None)
+    assert "webgpu" not in edgert.load(art).manifest.compiled
+
+
 @pytest.mark.parametrize("target, device, ext", [
     ("cuda", None, "cu"),
     ("opencl", None, "cl"),
