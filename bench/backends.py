@@ -5,14 +5,18 @@
 
 1. Equality: for every bench prompt, greedy output ids of ``backend="tvm"`` (the llvm module
    ``edgert compile``/``edgert tune`` built) against ``backend="ort"``, with Medusa off and on.
-2. Speed: greedy decode tokens/s on the first ``--speed-prompts`` prompts, backends
-   alternating within each run (so both see the same machine load), median of ``--runs``.
+2. Speed: greedy decode tokens/s on the first ``--speed-prompts`` prompts, median of
+   ``--runs``. Each backend runs in a fresh process of its own, the backends alternating run
+   by run (so both see the same machine load): in one process, the thread pool of whichever
+   backend ran last keeps spinning and slows the other (ORT measured 2x slower after TVM).
 Needs ``edgert compile ARTIFACT --target llvm`` (after ``edgert tune`` for tuned kernels).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,28 +40,40 @@ def equality(engines: dict, prompts: list[dict], new_tokens: int, medusa: bool) 
     return {"prompts": len(prompts), "identical": same, "mismatches": mismatches}
 
 
-def speed(engines: dict, prompts: list[dict], new_tokens: int, runs: int) -> dict:
-    """Per backend: end-to-end tokens/s (prefill included) and decode tokens/s (the engine's
-    stats, prefill excluded), medians over runs."""
-    total = {name: [] for name in engines}
-    decode = {name: [] for name in engines}
-    prefill = {name: [] for name in engines}
+def speed_in_this_process(artifact: Path, backend: str, prompts: list[dict],
+                          new_tokens: int) -> dict:
+    engine = edgert.load(artifact, backend=backend)
+    engine.generate(prompts[0]["prompt"], max_new_tokens=8, medusa=False)  # warm-up
+    tokens, elapsed, rates, prefills = 0, 0.0, [], []
+    for p in prompts:
+        t0 = time.perf_counter()
+        result = engine.generate(p["prompt"], max_new_tokens=new_tokens, medusa=False)
+        elapsed += time.perf_counter() - t0
+        tokens += len(result.output_ids)
+        rates.append(result.stats["decode_tokens_per_s"])
+        prefills.append(result.stats["prefill_ms"])
+    return {"end_to_end_tok_s": tokens / elapsed, "decode_tok_s": common.median(rates),
+            "prefill_ms": common.median(prefills)}
+
+
+def speed(artifact: Path, backends: list[str], speed_prompts: int, new_tokens: int,
+          runs: int) -> dict:
+    """Per backend, medians over runs of: end-to-end tokens/s (prefill included), decode
+    tokens/s (the engine's stats) and prefill ms; one fresh process per backend and run."""
+    samples = {name: [] for name in backends}
     for _ in range(runs):
-        for name, engine in engines.items():
-            tokens, elapsed, rates, prefills = 0, 0.0, [], []
-            for p in prompts:
-                t0 = time.perf_counter()
-                result = engine.generate(p["prompt"], max_new_tokens=new_tokens, medusa=False)
-                elapsed += time.perf_counter() - t0
-                tokens += len(result.output_ids)
-                rates.append(result.stats["decode_tokens_per_s"])
-                prefills.append(result.stats["prefill_ms"])
-            total[name].append(tokens / elapsed)
-            decode[name].append(common.median(rates))
-            prefill[name].append(common.median(prefills))
-    return {name: {"end_to_end_tok_s": common.median(total[name]),
-                   "decode_tok_s": common.median(decode[name]),
-                   "prefill_ms": common.median(prefill[name])} for name in engines}
+        for name in backends:
+            out = subprocess.run([sys.executable, __file__, str(artifact), "--speed-only", name,
+                                  "--speed-prompts", str(speed_prompts),
+                                  "--new-tokens", str(new_tokens)],
+                                 capture_output=True, text=True, check=True)
+            samples[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {name: {key: common.median([s[key] for s in runs_])
+                   for key in runs_[0]} for name, runs_ in samples.items()}
+
+
+def _identical(record: dict, mode: str) -> str:
+    return f"{record[mode]['identical']}/{record[mode]['prompts']}" if mode in record else "-"
 
 
 def main() -> None:
@@ -68,7 +84,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="equality on the first N prompts")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-equality", action="store_true", help="speed only")
+    ap.add_argument("--speed-only", choices=["ort", "tvm"], default=None,
+                    help=argparse.SUPPRESS)  # child process of the speed measurement
     args = ap.parse_args()
+    if args.speed_only:
+        prompts = common.load_prompts(args.speed_prompts)
+        print(json.dumps(speed_in_this_process(args.artifact, args.speed_only, prompts,
+                                               args.new_tokens)))
+        return
 
     engines = {"ort": edgert.load(args.artifact), "tvm": edgert.load(args.artifact,
                                                                       backend="tvm")}
@@ -76,17 +100,18 @@ def main() -> None:
     record = {"bench": "backends", "artifact": str(args.artifact), "machine": common.machine(),
               "new_tokens": args.new_tokens,
               "tuned": engines["tvm"].manifest.compiled["llvm"].get("tuned", {})}
-    record["greedy"] = equality(engines, prompts, args.new_tokens, medusa=False)
-    if engines["ort"].has_medusa:
-        record["medusa"] = equality(engines, prompts, args.new_tokens, medusa=True)
-    rates = speed(engines, prompts[:args.speed_prompts], args.new_tokens, args.runs)
+    if not args.no_equality:
+        record["greedy"] = equality(engines, prompts, args.new_tokens, medusa=False)
+        if engines["ort"].has_medusa:
+            record["medusa"] = equality(engines, prompts, args.new_tokens, medusa=True)
+    del engines  # free both caches before the speed processes start
+    rates = speed(args.artifact, ["ort", "tvm"], args.speed_prompts, args.new_tokens, args.runs)
     record["speed"] = rates
     record["decode_tvm_over_ort"] = rates["tvm"]["decode_tok_s"] / rates["ort"]["decode_tok_s"]
     rows = [{"backend": name, "decode tok/s": rate["decode_tok_s"],
              "end-to-end tok/s": rate["end_to_end_tok_s"], "prefill ms": rate["prefill_ms"],
-             "greedy identical": f"{record['greedy']['identical']}/{len(prompts)}",
-             "medusa identical": (f"{record['medusa']['identical']}/{len(prompts)}"
-                                  if "medusa" in record else "-")}
+             "greedy identical": _identical(record, "greedy"),
+             "medusa identical": _identical(record, "medusa")}
             for name, rate in rates.items()]
     common.emit(record, rows, ["backend", "decode tok/s", "end-to-end tok/s", "prefill ms",
                                "greedy identical", "medusa identical"], args.json)

@@ -232,6 +232,24 @@ def test_generate_with_dhsa_matches_ort(engines):
     assert got.output_ids == want.output_ids
 
 
+def test_dhsa_prefill_into_the_device_cache_matches_ort(compiled, engines):
+    """prefill_dhsa writing K/V in place into TVM-allocated cache buffers (the GPU's path)."""
+    from edgert.runtime.steps import prefill_sparse
+
+    ort_engine, _ = engines
+    device = edgert.load(compiled, backend="tvm", kv_on_device=True)
+    want, want_kv = _prefill(ort_engine, PROMPT, 0)
+    got = prefill_sparse(device.backend, device.cache, PROMPT, 0)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-4)
+    kv = device.cache.to_numpy()
+    np.testing.assert_allclose(kv[..., :len(PROMPT), :], want_kv, atol=1e-4)
+    assert not kv[..., len(PROMPT):, :].any()
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    want = ort_engine.generate(text, max_new_tokens=16, chat=False, dhsa=True)
+    got = device.generate(text, max_new_tokens=16, chat=False, dhsa=True)
+    assert got.stats["prefill"] == "dhsa" and got.output_ids == want.output_ids
+
+
 def test_cuda_build_has_the_dhsa_kernels(tiny_dhsa_artifact, tmp_path):
     from edgert.compile import compile_artifact
 

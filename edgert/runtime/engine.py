@@ -15,7 +15,6 @@ from edgert.dhsa.params import DHSAParams
 from edgert.errors import CapacityError, GenerationError
 from edgert.medusa.tree import TreeBuffers, build_tree_buffers
 from edgert.runtime.backends import create_backend
-from edgert.runtime.kv_cache import KVCache
 from edgert.runtime.medusa import (
     DEFAULT_TYPICAL_ALPHA,
     DEFAULT_TYPICAL_THRESHOLD,
@@ -51,21 +50,26 @@ class Engine:
     Parameters
     ----------
     path : artifact directory written by ``edgert export``.
-    backend : ``"ort"`` (ONNX Runtime).
+    backend : ``"ort"`` (ONNX Runtime) or ``"tvm"`` (the module ``edgert compile`` built).
     device : ``"cpu"`` or ``"cuda"``.
     threads : intra-op threads (0 = ONNX Runtime's default: the physical cores).
     verify : check the SHA-256 of every artifact file at load.
+    kv_on_device : where the KV cache lives; None = the backend's choice (host memory for ort
+        and tvm on cpu; the GPU's memory for tvm on cuda). True with ``backend="tvm",
+        device="cpu"`` runs the GPU's cache code path (TVM-allocated buffers, the commit
+        kernel) on the CPU.
     """
 
     def __init__(self, path: str | Path, backend: str = "ort", device: str = "cpu",
                  threads: int = 0, verify: bool = True,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 kv_on_device: bool | None = None) -> None:
         self.path = Path(path)
         self.manifest = load_manifest(self.path, verify=verify)
         self.tokenizer = Tokenizer(self.path, self.manifest.tokenizer)
-        self.cache = KVCache(self.manifest.kv_cache)
-        self.backend = create_backend(backend, self.path, self.manifest, self.cache, device,
-                                      threads)
+        self.backend = create_backend(backend, self.path, self.manifest, device, threads,
+                                      kv_on_device)
+        self.cache = self.backend.cache
         self.prefill_chunk = prefill_chunk
         self.eos_ids = set(self.manifest.tokenizer.eos_token_ids)
         self.dhsa = (DHSAParams.from_dict(self.manifest.dhsa)

@@ -22,20 +22,19 @@ def aligned_zeros(shape: tuple[int, ...], dtype, alignment: int = ALIGNMENT) -> 
     return array
 
 
-class KVCache:
-    """Per layer a key and a value buffer ``[1, Hkv, capacity, D]``, views of one array.
+class KVCacheBase:
+    """What the decode loop sees of a cache: ``length`` committed entries out of a fixed
+    ``capacity``, per layer a key and a value buffer ``[Hkv, capacity, D]`` (where they live is
+    the subclass's business: host memory for :class:`KVCache`, a TVM device for
+    :class:`edgert.runtime.device_kv_cache.DeviceKVCache`).
 
-    ``length`` tokens are committed. A forward writes its q new entries at
-    ``[length, length + q)``; ``advance`` commits them as they are, ``commit_path`` moves a
-    chosen subset (an accepted tree path) to the front of that region. Only those entries move.
+    A forward writes its q new entries at ``[length, length + q)``; ``advance`` commits them as
+    they are, ``commit_path`` moves a chosen subset (an accepted tree path) to the front of that
+    region. Only those entries move.
     """
 
     def __init__(self, spec: KVCacheSpec) -> None:
         self.spec = spec
-        shape = (spec.num_layers, 2, 1, spec.num_kv_heads, spec.capacity, spec.head_dim)
-        self._storage = aligned_zeros(shape, _DTYPES[spec.dtype])
-        self.keys = [self._storage[i, 0] for i in range(spec.num_layers)]
-        self.values = [self._storage[i, 1] for i in range(spec.num_layers)]
         self.length = 0
 
     @property
@@ -44,15 +43,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return int(self._storage.nbytes)
-
-    @property
-    def storage(self) -> np.ndarray:
-        return self._storage
-
-    def buffers(self) -> list[np.ndarray]:
-        """past_key_0, past_value_0, past_key_1, ... in graph order."""
-        return [buf for i in range(self.spec.num_layers) for buf in (self.keys[i], self.values[i])]
+        return self.spec.bytes
 
     def check_room(self, n: int) -> None:
         if self.length + n > self.capacity:
@@ -68,15 +59,51 @@ class KVCache:
     def commit_path(self, offsets: np.ndarray) -> None:
         """Keep the entries at ``length + offsets`` (ascending), moved to
         ``[length, length + len(offsets))``, and commit them."""
-        offsets = np.asarray(offsets, dtype=np.int64)
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         count = len(offsets)
+        if count and (offsets[0] < 0 or np.any(np.diff(offsets) <= 0)):
+            # the in-place device copy relies on it (destination never past its source)
+            raise ValueError(f"commit_path needs ascending non-negative offsets, got "
+                             f"{offsets.tolist()}")
         self.check_room(int(offsets.max(initial=-1)) + 1)
-        src = self.length + offsets
-        dst = np.arange(self.length, self.length + count)
-        if not np.array_equal(src, dst):
-            # [L,2,1,Hkv,n,D] gather of only the accepted entries
-            self._storage[:, :, :, :, dst] = self._storage[:, :, :, :, src]
+        if not np.array_equal(offsets, np.arange(count)):  # an identity path moves nothing
+            self._move(offsets)
         self.length += count
+
+    def _move(self, offsets: np.ndarray) -> None:
+        """Entry ``length + offsets[t]`` -> ``length + t`` in every buffer (offsets ascending,
+        not the identity)."""
+        raise NotImplementedError
 
     def reset(self) -> None:
         self.length = 0
+
+
+class KVCache(KVCacheBase):
+    """Host memory: per layer a key and a value buffer ``[1, Hkv, capacity, D]``, views of one
+    array (shared zero-copy with ONNX Runtime and the TVM llvm build)."""
+
+    def __init__(self, spec: KVCacheSpec) -> None:
+        super().__init__(spec)
+        shape = (spec.num_layers, 2, 1, spec.num_kv_heads, spec.capacity, spec.head_dim)
+        self._storage = aligned_zeros(shape, _DTYPES[spec.dtype])
+        self.keys = [self._storage[i, 0] for i in range(spec.num_layers)]
+        self.values = [self._storage[i, 1] for i in range(spec.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._storage.nbytes)
+
+    @property
+    def storage(self) -> np.ndarray:
+        return self._storage
+
+    def buffers(self) -> list[np.ndarray]:
+        """past_key_0, past_value_0, past_key_1, ... in graph order."""
+        return [buf for i in range(self.spec.num_layers) for buf in (self.keys[i], self.values[i])]
+
+    def _move(self, offsets: np.ndarray) -> None:
+        # [L,2,1,Hkv,n,D] gather of only the accepted entries
+        src = self.length + offsets
+        dst = np.arange(self.length, self.length + len(offsets))
+        self._storage[:, :, :, :, dst] = self._storage[:, :, :, :, src]

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgert.medusa.tree import TreeBuffers
 from edgert.runtime.backends import Backend, StepInputs, StepOutputs
-from edgert.runtime.kv_cache import KVCache
+from edgert.runtime.kv_cache import KVCacheBase
 from edgert.runtime.sampling import SamplingParams, select_token
 
 DEFAULT_TYPICAL_THRESHOLD = 0.09
@@ -41,7 +41,7 @@ def propose_tree(tree: TreeBuffers, root: int, head_ids: np.ndarray) -> np.ndarr
     return flat[tree.tree_indices]
 
 
-def verify_tree(backend: Backend, cache: KVCache, tree: TreeBuffers, tokens: np.ndarray,
+def verify_tree(backend: Backend, cache: KVCacheBase, tree: TreeBuffers, tokens: np.ndarray,
                 mask: np.ndarray) -> StepOutputs:
     """One forward over the tree; its K/V are written at [length, length + N+1), uncommitted."""
     cache.check_room(tree.size)

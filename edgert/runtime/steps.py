@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgert.runtime.backends import Backend, StepInputs, StepOutputs
-from edgert.runtime.kv_cache import KVCache
+from edgert.runtime.kv_cache import KVCacheBase
 
 MASK_VALUE = np.float32(-1e9)
 
@@ -15,7 +15,7 @@ def causal_mask(q: int) -> np.ndarray:
     return np.triu(np.full((q, q), MASK_VALUE, dtype=np.float32), k=1)[None, None]
 
 
-def prefill(backend: Backend, cache: KVCache, ids: list[int], chunk: int) -> StepOutputs:
+def prefill(backend: Backend, cache: KVCacheBase, ids: list[int], chunk: int) -> StepOutputs:
     """Run the prompt through the model in chunks of at most ``chunk`` tokens.
 
     Returns the logits/hidden state of the last prompt token ([1,V], [1,H]).
@@ -33,7 +33,7 @@ def prefill(backend: Backend, cache: KVCache, ids: list[int], chunk: int) -> Ste
     return out
 
 
-def prefill_sparse(backend: Backend, cache: KVCache, ids: list[int],
+def prefill_sparse(backend: Backend, cache: KVCacheBase, ids: list[int],
                    fixed_chunk: int = 0) -> StepOutputs:
     """DHSA prefill: the whole prompt in one call of the sparse graph (empty cache only)."""
     cache.check_room(len(ids))
@@ -47,7 +47,7 @@ _LAST = np.zeros((1,), dtype=np.int64)
 _ROOT = np.full((1,), -1, dtype=np.int64)
 
 
-def decode_one(backend: Backend, cache: KVCache, token: int) -> StepOutputs:
+def decode_one(backend: Backend, cache: KVCacheBase, token: int) -> StepOutputs:
     """One new token at position ``cache.length``: [1,V] logits, [1,H] hidden."""
     cache.check_room(1)
     step = StepInputs(np.array([[token]], dtype=np.int64),

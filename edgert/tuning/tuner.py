@@ -206,7 +206,7 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
     path = Path(path)
     manifest = load_manifest(path)
     spec, tvm_target = resolve_target(target, device)
-    if spec.output != "library" and options.rpc is None:
+    if spec.gpu and options.rpc is None:
         raise BackendError(f"tuning for {target} measures on a {target} device: pass "
                            "--rpc-tracker/--rpc-key of a device that has one")
     database = TuningDatabase.load(path / TVM_DIR / target)

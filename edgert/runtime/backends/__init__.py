@@ -11,7 +11,7 @@ import numpy as np
 
 from edgert.errors import BackendError
 from edgert.manifest import Manifest
-from edgert.runtime.kv_cache import KVCache
+from edgert.runtime.kv_cache import KVCacheBase
 
 
 @dataclass
@@ -35,11 +35,18 @@ class StepOutputs:
 
 
 class Backend(Protocol):
-    """Runs a step; writes the q new K/V entries into ``cache`` at [past_len, past_len+q)."""
+    """Runs a step; writes the q new K/V entries into ``cache`` at [past_len, past_len+q).
+
+    A backend allocates the cache it runs over (once, at load): host memory shared zero-copy
+    with its runtime (:class:`~edgert.runtime.kv_cache.KVCache`), or the memory of the device
+    it runs on (:class:`~edgert.runtime.device_kv_cache.DeviceKVCache`). The decode loop only
+    uses the :class:`~edgert.runtime.kv_cache.KVCacheBase` interface of it.
+    """
 
     name: str
     device: str
     has_heads: bool
+    cache: KVCacheBase
 
     def forward(self, step: StepInputs) -> StepOutputs: ...
 
@@ -54,27 +61,35 @@ class Backend(Protocol):
         ...
 
 
-BackendFactory = Callable[[Path, Manifest, KVCache, str, int], Backend]
+# (path, manifest, device, threads, kv_on_device) -> a backend with its cache
+BackendFactory = Callable[[Path, Manifest, str, int, "bool | None"], Backend]
 
 
-def _ort_factory(path, manifest, cache, device, threads):
+def _ort_factory(path, manifest, device, threads, kv_on_device):
     from edgert.runtime.backends.ort import OrtBackend
 
-    return OrtBackend(path, manifest, cache, device, threads)
+    if kv_on_device:
+        raise BackendError("the ort backend keeps the KV cache in host memory (bound to ONNX "
+                           "Runtime zero-copy); kv_on_device needs backend='tvm'")
+    return OrtBackend(path, manifest, device, threads)
 
 
-def _tvm_factory(path, manifest, cache, device, threads):
+def _tvm_factory(path, manifest, device, threads, kv_on_device):
     from edgert.runtime.backends.tvm import TvmBackend
 
-    return TvmBackend(path, manifest, cache, device, threads)
+    return TvmBackend(path, manifest, device, threads, kv_on_device)
 
 
 BACKENDS: dict[str, BackendFactory] = {"ort": _ort_factory, "tvm": _tvm_factory}
 
 
-def create_backend(name: str, path: Path, manifest: Manifest, cache: KVCache, device: str,
-                   threads: int = 0) -> Backend:
+def create_backend(name: str, path: Path, manifest: Manifest, device: str, threads: int = 0,
+                   kv_on_device: bool | None = None) -> Backend:
+    """The backend ``name`` over the artifact at ``path``; it allocates its KV cache
+    (``backend.cache``). ``kv_on_device``: None = the backend's choice (tvm: in the device's
+    memory on a GPU, host memory on cpu); True puts it in the device's memory on cpu too (the
+    GPU's code path, run here)."""
     factory = BACKENDS.get(name)
     if factory is None:
         raise BackendError(f"unknown backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
-    return factory(path, manifest, cache, device, threads)
+    return factory(path, manifest, device, threads, kv_on_device)

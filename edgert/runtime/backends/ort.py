@@ -59,7 +59,7 @@ def _session(path: Path, device: str, threads: int):
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, path: Path, manifest: Manifest, cache: KVCache, device: str = "cpu",
+    def __init__(self, path: Path, manifest: Manifest, device: str = "cpu",
                  threads: int = 0) -> None:
         import onnxruntime as ort
 
@@ -73,7 +73,7 @@ class OrtBackend:
         dhsa = manifest.graphs.get("dhsa")
         self.dhsa_session = _session(path / dhsa.file, device, threads) if dhsa else None
         self.device = device
-        self.cache = cache
+        self.cache = cache = KVCache(manifest.kv_cache)
         self.binding = self.session.io_binding()
         # logits and hidden are bound first so they are outputs 0 and 1 of get_outputs()
         self.binding.bind_output("logits", "cpu")

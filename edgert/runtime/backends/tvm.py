@@ -1,18 +1,32 @@
-"""TVM backend: the module ``edgert compile`` built, run by the Relax VM over the same cache.
+"""TVM backend: the module ``edgert compile`` built, run by the Relax VM over the KV cache.
 
 The compiled decoder takes each layer's cache buffer [Hkv, C, D] and writes the q new entries
-in place (edgert's kv-append kernel), then runs edgert's tree-attention kernel; the buffers are
-zero-copy DLPack views of the runtime's one cache allocation, so Medusa's commit (moving
-accepted entries in that allocation) is seen by the next call. The tree reaches the kernel as
-compact DFS intervals built from the step's parent indices, not as a dense mask.
+in place (edgert's kv-append kernel), then runs edgert's tree-attention kernel. The tree reaches
+the kernel as compact DFS intervals built from the step's parent indices, not as a dense mask.
+
+Where the cache lives:
+
+- ``device="cpu"`` (default): the llvm build over zero-copy DLPack views of the runtime's one
+  host allocation (:class:`KVCache`); Medusa's commit moves accepted entries in that
+  allocation with NumPy and the next call sees them.
+- ``device="cuda"``: the cuda build (``tvm/cuda/decoder.so``) on ``tvm.cuda(0)`` over a
+  :class:`DeviceKVCache` in the GPU's memory (allocated at load, never grown); Medusa's commit
+  is the compiled ``edgert_kv_commit`` (``tvm/cuda/kv_commit.so``) on the GPU. Only token ids,
+  positions and the tree intervals go to the device per step; logits and hidden come back.
+- ``device="cpu", kv_on_device=True``: the llvm build over a :class:`DeviceKVCache` on
+  ``tvm.cpu()``: the GPU's cache code path (TVM-allocated buffers, the commit kernel), run on the
+  CPU so that the tests cover it.
 
 When the artifact has DHSA, the module has a second function, ``prefill_dhsa`` (see
 ``passes.fuse_dhsa_prefill``): the whole prompt in one call, sparse attention from the boundary
-layer on, its K/V written in place into the same cache views at [0, T).
+layer on, its K/V written in place into the same cache buffers at [0, T).
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +37,9 @@ from edgert.passes.kernels.tree_attention import causal_order, tree_order_from_p
 from edgert.runtime.backends import StepInputs, StepOutputs
 from edgert.runtime.kv_cache import ALIGNMENT, KVCache
 
-DEVICE_TARGETS = {"cpu": "llvm"}
+DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda"}
 DHSA_FUNCTION = "prefill_dhsa"  # edgert.passes.fuse_dhsa_prefill.FUNCTION
+KV_COMMIT_LIBRARY = "kv_commit.so"  # edgert.compile writes it next to decoder.so
 
 
 def _parents_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -38,11 +53,78 @@ def _parents_from_mask(mask: np.ndarray) -> np.ndarray:
     return parents
 
 
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:240]
+
+
+def check_cuda_device() -> None:
+    """BackendError unless TVM's CUDA runtime is loaded and sees a device."""
+    import tvm
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+        raise BackendError("no CUDA runtime here: TVM's CUDA runtime (libtvm_runtime_cuda) is "
+                           "not loaded, it needs an NVIDIA driver (libcuda.so.1); run on a "
+                           "machine with an NVIDIA GPU, or use device='cpu'")
+    if not tvm.cuda(0).exist:
+        raise BackendError("no CUDA device: TVM's CUDA runtime sees no GPU (tvm.cuda(0)); "
+                           "check the driver and CUDA_VISIBLE_DEVICES, or use device='cpu'")
+
+
+def _compile_at_load(code: str, default) -> bytes:
+    """A CUDA source the build has no fatbin for: TVM's own compiler callback (NVRTC through
+    cuda-python), else nvcc when cuda-python is missing."""
+    try:
+        import cuda.bindings  # noqa: F401  (NVRTC, what TVM's callback uses by default)
+    except ImportError:
+        if shutil.which("nvcc"):
+            from tvm.support.nvcc import compile_cuda
+
+            return compile_cuda(code, target_format="fatbin", compiler="nvcc")
+        raise RuntimeError("no CUDA compiler here (neither cuda-python's NVRTC nor nvcc) and "
+                           "the build has no precompiled fatbin for this source") from None
+    return default(code)
+
+
+@contextmanager
+def precompiled_cuda(directory: Path, files: list[str]):
+    """While loading cuda libraries: their embedded CUDA sources are compiled by the fatbins
+    ``edgert compile`` wrote next to them (``X.cu`` + ``X.fatbin``, matched by the source's
+    SHA-256), so loading needs no CUDA compiler; any other source goes to ``_compile_at_load``.
+
+    (This TVM's cuda libraries carry CUDA C source, compiled when they are loaded through the
+    global ``tvm_callback_cuda_compile``; it is overridden for the duration only.)
+    """
+    import tvm_ffi
+
+    names = set(files)
+    binaries = {}
+    for name in files:
+        fatbin = name[:-len(".cu")] + ".fatbin"
+        if name.endswith(".cu") and fatbin in names:
+            digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            binaries[digest] = (directory / fatbin).read_bytes()
+    key = "tvm_callback_cuda_compile"
+    default = tvm_ffi.get_global_func(key, allow_missing=True)
+
+    def compile_cuda(code: str) -> bytes:
+        binary = binaries.get(hashlib.sha256(code.encode()).hexdigest())
+        return binary if binary is not None else _compile_at_load(code, default)
+
+    tvm_ffi.register_global_func(key, compile_cuda, override=True)
+    try:
+        yield
+    finally:
+        if default is not None:
+            tvm_ffi.register_global_func(key, default, override=True)
+
+
 class TvmBackend:
     name = "tvm"
 
-    def __init__(self, path: Path, manifest: Manifest, cache: KVCache, device: str = "cpu",
-                 threads: int = 0) -> None:
+    def __init__(self, path: Path, manifest: Manifest, device: str = "cpu", threads: int = 0,
+                 kv_on_device: bool | None = None) -> None:
         try:
             import tvm
             import tvm_ffi
@@ -51,8 +133,13 @@ class TvmBackend:
             raise BackendError("the tvm backend needs apache-tvm; install edgert[tvm]") from None
         target = DEVICE_TARGETS.get(device)
         if target is None:
-            raise BackendError(f"the tvm backend runs on {', '.join(DEVICE_TARGETS)} here; "
-                               f"device '{device}' needs its compiled module and runtime")
+            raise BackendError(f"the tvm backend runs on {', '.join(DEVICE_TARGETS)}; device "
+                               f"'{device}' needs its compiled module and runtime")
+        on_device = device != "cpu" if kv_on_device is None else bool(kv_on_device)
+        if device != "cpu" and not on_device:
+            raise BackendError(f"the tvm backend on {device} keeps the KV cache in the device's "
+                               "memory (its kernels cannot read host memory); leave "
+                               "kv_on_device unset")
         build = manifest.compiled.get(target)
         if not build:
             raise ArtifactError(f"artifact {path} has no TVM build for {target}; run "
@@ -63,37 +150,73 @@ class TvmBackend:
             if not file.is_file() or sha256_file(file) != digest:
                 raise ArtifactError(f"{file} is missing or does not match its hash; re-run "
                                     f"`edgert compile {path} --target {target}`")
+        files = list(build["files"])
+        if "decoder.so" not in files:
+            why = "; ".join(build.get("notes", [])) or "an older edgert wrote only sources"
+            raise BackendError(f"the {target} build of {path} has no loadable library "
+                               f"(decoder.so): {why}; re-run `edgert compile {path} --target "
+                               f"{target}`")
+        if on_device and KV_COMMIT_LIBRARY not in files:
+            raise BackendError(f"the {target} build of {path} has no {KV_COMMIT_LIBRARY} (the "
+                               "device KV cache's commit kernel); re-run `edgert compile "
+                               f"{path} --target {target}`")
+        if target == "cuda":
+            check_cuda_device()
+            dev = tvm.cuda(0)
+        else:
+            dev = tvm.cpu()
         self.device = device
-        self.cache = cache
-        dev = tvm.cpu()
         self._tvm = tvm
-        # the loaded libraries are kept: the VMs call into their code
-        self._libs = [tvm.runtime.load_module(str(directory / "decoder.so"))]
-        self.vm = relax.VirtualMachine(self._libs[0], dev)
-        heads = directory / "medusa.so"
-        self.heads_vm = None
-        if heads.is_file():
-            self._libs.append(tvm.runtime.load_module(str(heads)))
-            self.heads_vm = relax.VirtualMachine(self._libs[1], dev)
-        misaligned = [i for i, buf in enumerate(cache.buffers()) if buf.ctypes.data % ALIGNMENT]
-        if misaligned:
-            raise BackendError(f"KV cache buffers {misaligned} are not {ALIGNMENT}-byte aligned; "
-                               "the compiled kernels would fault on them (capacity x head_dim "
-                               "must be a multiple of 16)")
-        # [1,Hkv,C,D] views -> [Hkv,C,D] zero-copy tensors over the runtime's cache memory
-        self._cache_tensors = [tvm_ffi.from_dlpack(buf[0]) for buf in cache.buffers()]
+        self._dev = dev
+        libraries = ["decoder.so", *(n for n in ("medusa.so", KV_COMMIT_LIBRARY) if n in files)]
+        loaded = {}
+        try:
+            with precompiled_cuda(directory, files) if target == "cuda" else nullcontext():
+                for name in libraries:
+                    loaded[name] = tvm.runtime.load_module(str(directory / name))
+        except Exception as exc:  # TVM raises RuntimeError/TVMError from the loaders
+            raise BackendError(f"cannot load the {target} build of {path}: {_last_line(exc)}"
+                               ) from None
+        # the loaded libraries are kept: the VMs and the commit call into their code
+        self._libs = loaded
+        self.vm = relax.VirtualMachine(loaded["decoder.so"], dev)
+        self.heads_vm = (relax.VirtualMachine(loaded["medusa.so"], dev)
+                         if "medusa.so" in loaded else None)
+        if on_device:
+            from edgert.runtime.device_kv_cache import DeviceKVCache
+
+            try:
+                self.cache = DeviceKVCache(manifest.kv_cache, dev, loaded[KV_COMMIT_LIBRARY])
+            except Exception as exc:  # out of device memory, mostly
+                raise BackendError(f"cannot set up the KV cache ({manifest.kv_cache.bytes >> 20}"
+                                   f" MiB) on {device}: {_last_line(exc)} (out of memory: "
+                                   "re-export with a smaller --max-context)") from None
+            self._cache_tensors = self.cache.tensors()
+        else:
+            self.cache = KVCache(manifest.kv_cache)
+            misaligned = [i for i, buf in enumerate(self.cache.buffers())
+                          if buf.ctypes.data % ALIGNMENT]
+            if misaligned:
+                raise BackendError(f"KV cache buffers {misaligned} are not {ALIGNMENT}-byte "
+                                   "aligned; the compiled kernels would fault on them "
+                                   "(capacity x head_dim must be a multiple of 16)")
+            # [1,Hkv,C,D] views -> [Hkv,C,D] zero-copy tensors over the runtime's cache memory
+            self._cache_tensors = [tvm_ffi.from_dlpack(buf[0]) for buf in self.cache.buffers()]
         self.has_dhsa = self.vm.module.implements_function(DHSA_FUNCTION)
+
+    def _tensor(self, array: np.ndarray):
+        return self._tvm.runtime.tensor(np.ascontiguousarray(array), device=self._dev)
 
     @property
     def has_heads(self) -> bool:
         return self.heads_vm is not None
 
     def medusa_topk(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.heads_vm["main"](self._tvm.runtime.tensor(np.ascontiguousarray(hidden)))
+        out = self.heads_vm["main"](self._tensor(hidden))
         return out[0].numpy(), out[1].numpy()
 
     def forward(self, step: StepInputs) -> StepOutputs:
-        tensor = self._tvm.runtime.tensor
+        tensor = self._tensor
         q = step.input_ids.shape[1]
         parents = step.parents if step.parents is not None else _parents_from_mask(step.tree_mask)
         chain = np.array_equal(parents, np.arange(-1, q - 1))
@@ -108,9 +231,9 @@ class TvmBackend:
         if not self.has_dhsa:
             raise BackendError("this TVM build has no DHSA prefill; re-run `edgert compile` "
                                "on an artifact exported with DHSA (or pass dhsa=False)")
-        tensor = self._tvm.runtime.tensor
+        tensor = self._tensor
         q = ids.shape[1]
-        out = self.vm[DHSA_FUNCTION](tensor(np.ascontiguousarray(ids, dtype=np.int64)),
+        out = self.vm[DHSA_FUNCTION](tensor(np.asarray(ids, dtype=np.int64)),
                                      tensor(np.arange(q, dtype=np.int64)[None]),
                                      tensor(causal_order(q)),
                                      tensor(np.array([q - 1], dtype=np.int64)),
