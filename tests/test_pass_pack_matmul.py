@@ -36,11 +36,11 @@ def test_pack_weight_layout():
 
 @pytest.mark.parametrize("knobs", [MatmulKnobs(8, 1), MatmulKnobs(16, 2), MatmulKnobs(48, 4),
                                    MatmulKnobs(8, 2, 3), MatmulKnobs(12, 4, 2)])
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_packed_matmul_matches_numpy(knobs, rows):
+@pytest.mark.parametrize("batch, rows", [(1, 1), (1, 3), (1, 8), (2, 3)])
+def test_packed_matmul_matches_numpy(knobs, batch, rows):
     kernel = _build(packed_matmul_tir(K, N, knobs), "mm")
-    x = RNG.standard_normal((rows, K)).astype(np.float32)
-    out = tvm.runtime.tensor(np.zeros((rows, N), np.float32))
+    x = RNG.standard_normal((batch, rows, K)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((batch, rows, N), np.float32))
     kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(pack_weight(WEIGHT, knobs.bn)), out)
     np.testing.assert_allclose(out.numpy(), x @ WEIGHT, rtol=1e-5, atol=1e-5)
 
@@ -88,10 +88,8 @@ def expected_module(knobs: MatmulKnobs):
         with bb.dataflow():
             embedded = bb.emit(relax.call_tir(take, [packed, ids],
                                               relax.TensorType([K, VOCAB_ROWS], "float32")))
-            rows = bb.emit(relax.op.reshape(x, [-1, K]))
-            y = bb.emit(relax.call_tir(matmul, [rows, packed],
-                                       relax.TensorType([q, N], "float32")))
-            y = bb.emit(relax.op.reshape(y, [1, q, N]))
+            y = bb.emit(relax.call_tir(matmul, [x, packed],
+                                       relax.TensorType([1, q, N], "float32")))
             gv = bb.emit_output(relax.Tuple([y, embedded]))
         bb.emit_func_output(gv)
     return bb.finalize()

@@ -3,9 +3,9 @@
 Matches every ``relax.matmul(x [.., K], W)`` whose W is a constant [K, N] (the projections, the
 MLP, the lm_head) and rewrites it into::
 
-    x2 = reshape(x, [m, K])
-    y  = call_tir(edgert_matmul_K_N, [x2, Wp])        Wp: W packed [N / bn, K, bn], a constant
-    reshape(y, [.., N])
+    call_tir(edgert_matmul_K_N, [x, Wp])              x: [b, m, K] as it is (other ranks are
+                                                      reshaped to [1, rows, K] and back)
+                                                      Wp: W packed [N / bn, K, bn], a constant
 
 A ``relax.take(W, ids, axis=1)`` of the same constant (SmolLM2's tied embedding reads the
 lm_head weight) becomes ``call_tir(edgert_take_K_N, [Wp, ids])``, so the weight is stored once,
@@ -104,9 +104,12 @@ class PackMatmulWeights:
                 return expr
             k, n = shape
             lead = list(matched[x].ty.shape)[:-1]
-            rows = relax.op.reshape(matched[x], [-1, k])
+            if len(lead) == 2:  # [b, m, K]: the kernel reads it as it is
+                return relax.call_tir(kernels[shape][1], [matched[x], packed_of(weight)],
+                                      relax.TensorType(lead + [n], "float32"))
+            rows = relax.op.reshape(matched[x], [1, -1, k])
             out = relax.call_tir(kernels[shape][1], [rows, packed_of(weight)],
-                                 relax.TensorType([_rows(lead), n], "float32"))
+                                 relax.TensorType([1, _rows(lead), n], "float32"))
             return relax.op.reshape(out, lead + [n])
 
         def rewrite_take(expr, matched):

@@ -90,8 +90,8 @@ def _matmul(k: int, n: int) -> Workload:
 
     def inputs(rng):
         weight = rng.standard_normal((k, n)).astype(np.float32)
-        return [[rng.standard_normal((m, k)).astype(np.float32), weight,
-                 np.zeros((m, n), np.float32)] for m in rows]
+        return [[rng.standard_normal((1, m, k)).astype(np.float32), weight,
+                 np.zeros((1, m, n), np.float32)] for m in rows]
 
     def build(knobs: MatmulKnobs):
         return _named(packed_matmul_tir(k, n, knobs), "kernel")
@@ -101,7 +101,7 @@ def _matmul(k: int, n: int) -> Workload:
 
     space = [MATMUL_DEFAULT] + [kn for kn in MATMUL_SPACE if kn != MATMUL_DEFAULT and kn.fits(n)]
     return Workload(matmul_workload(k, n), "matmul", build, space, inputs,
-                    f"x [m,{k}] @ W [{k},{n}], m = {', '.join(map(str, rows))}", prepare)
+                    f"x [1,m,{k}] @ W [{k},{n}], m = {', '.join(map(str, rows))}", prepare)
 
 
 def tree_attention_workloads(config: LlamaConfig, context: int, dhsa=None) -> list[Workload]:

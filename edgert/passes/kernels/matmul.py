@@ -12,9 +12,10 @@ registers): several sequential streams keep more cache-line fills in flight than
 alone cannot saturate DRAM with one stream), and a Medusa tree of q rows reads each panel
 once per ``mb`` rows instead of once per row.
 
-    x    [m, K]   (m dynamic: 1 for decode, the tree size for Medusa, the prefill chunk)
+    x    [b, m, K]   (b, m dynamic: [1, 1] for decode, [1, q] for a tree or a prefill chunk;
+                     rows = b * m, read in place: no reshape around the call)
     Wp   [N / bn, K, bn]
-    out  [m, N]
+    out  [b, m, N]
 
 The knobs (bn, mb, streams) are what ``edgert tune`` searches; ``DEFAULT`` is the untuned choice.
 ``packed_take`` reads embedding rows out of the same packed tensor, so a tied embedding and
@@ -41,7 +42,7 @@ class MatmulKnobs:
 DEFAULT = MatmulKnobs()
 MAX_ACCUMULATORS = 128  # floats held across the K loop: 16 AVX2 registers
 SEARCH_SPACE = [MatmulKnobs(bn, mb, streams) for bn in (8, 16, 32, 64, 128) for mb in (1, 2, 4)
-                for streams in (1, 2, 4) if bn * mb * streams <= MAX_ACCUMULATORS]
+                for streams in (1, 2, 4, 8, 16) if bn * mb * streams <= MAX_ACCUMULATORS]
 
 
 def pack_weight(weight: np.ndarray, bn: int) -> np.ndarray:
@@ -51,7 +52,7 @@ def pack_weight(weight: np.ndarray, bn: int) -> np.ndarray:
 
 
 def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
-    """out [m, N] = x [m, K] @ W, W given packed (see module docstring)."""
+    """out [b, m, N] = x [b, m, K] @ W, W given packed (see module docstring)."""
     from tvm.script import tirx as T
 
     if not knobs.fits(n_dim):
@@ -61,20 +62,25 @@ def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
     panels = n_dim // bn
     tasks = panels // streams
 
+    def row(r, b, m):  # a flat row index, clamped to the last row
+        return T.min(r, b * m - 1)
+
     @T.prim_func(private=True, s_tir=True)
     def packed_matmul(var_x: T.handle, var_w: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b = T.int64()
         m = T.int64()
-        x = T.match_buffer(var_x, (m, k_dim), "float32")
+        x = T.match_buffer(var_x, (b, m, k_dim), "float32")
         w = T.match_buffer(var_w, (panels, k_dim, bn), "float32")
-        out = T.match_buffer(var_out, (m, n_dim), "float32")
+        out = T.match_buffer(var_out, (b, m, n_dim), "float32")
         for task in T.parallel(tasks):
-            for rows in range((m + mb - 1) // mb):
+            for rows in range((b * m + mb - 1) // mb):
                 with T.sblock("panels"):
                     vt = T.axis.spatial(tasks, task)
-                    vr = T.axis.spatial((m + mb - 1) // mb, rows)
-                    T.reads(x[0:m, 0:k_dim], w[vt * streams:vt * streams + streams, 0:k_dim, 0:bn])
-                    T.writes(out[0:m, vt * streams * bn:vt * streams * bn + streams * bn])
+                    vr = T.axis.spatial((b * m + mb - 1) // mb, rows)
+                    T.reads(x[0:b, 0:m, 0:k_dim],
+                            w[vt * streams:vt * streams + streams, 0:k_dim, 0:bn])
+                    T.writes(out[0:b, 0:m, vt * streams * bn:vt * streams * bn + streams * bn])
                     acc = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
                     for r, s in T.grid(mb, streams):
                         for c in T.vectorized(bn):
@@ -83,14 +89,15 @@ def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
                         for r in T.unroll(mb):
                             for s in T.unroll(streams):
                                 for c in T.vectorized(bn):
-                                    # rows past m (the last partial group) recompute row m-1
+                                    # rows past b*m (the last partial group) recompute the last
                                     acc[r, s, c] = acc[r, s, c] + x[
-                                        T.min(vr * mb + r, m - 1), kk] * w[vt * streams + s,
-                                                                            kk, c]
+                                        row(vr * mb + r, b, m) // m, row(vr * mb + r, b, m) % m,
+                                        kk] * w[vt * streams + s, kk, c]
                     for r, s in T.grid(mb, streams):
-                        if vr * mb + r < m:
+                        if vr * mb + r < b * m:
                             for c in T.vectorized(bn):
-                                out[vr * mb + r, (vt * streams + s) * bn + c] = acc[r, s, c]
+                                out[(vr * mb + r) // m, (vr * mb + r) % m,
+                                    (vt * streams + s) * bn + c] = acc[r, s, c]
 
     return packed_matmul
 
