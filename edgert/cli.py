@@ -67,7 +67,7 @@ def export(model: str, output: Path, max_context: int | None, force: bool, heads
 @main.command("compile")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--target", default="llvm", show_default=True,
-              help="llvm, cuda, opencl or metal (webgpu and vulkan are refused with the reason).")
+              help="llvm, cuda, opencl, metal or webgpu (vulkan is refused with the reason).")
 @click.option("--device", default=None, help="Target device refinement, e.g. adreno (opencl).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
               help="Write the IR after each pipeline phase into this directory.")

@@ -30,6 +30,7 @@ class TargetSpec:
     output: str
     supported: bool = True
     reason: str = ""
+    int32_only: bool = False  # no 64-bit integers on the device (WGSL)
 
     @property
     def gpu(self) -> bool:
@@ -45,11 +46,7 @@ TARGETS: dict[str, TargetSpec] = {
     "cuda": TargetSpec("cuda", {"kind": "cuda", "arch": "sm_80"}, "library+source"),
     "opencl": TargetSpec("opencl", {"kind": "opencl"}, "source"),
     "metal": TargetSpec("metal", {"kind": "metal"}, "source"),
-    "webgpu": TargetSpec("webgpu", {"kind": "webgpu"}, "source", supported=False,
-                         reason="WGSL has no 64-bit integers and the artifact's graph carries "
-                                "int64 tensors (token ids, positions, gather indices) into "
-                                "generic ops; edgert's own kernels build for webgpu, the rest of "
-                                "the graph does not yet (target opencl or metal instead)"),
+    "webgpu": TargetSpec("webgpu", {"kind": "webgpu"}, "source", int32_only=True),
     "vulkan": TargetSpec("vulkan", {"kind": "vulkan"}, "source", supported=False,
                          reason="this TVM build has no SPIR-V backend (target.build.vulkan is "
                                 "missing); build TVM with USE_VULKAN=ON to target Vulkan"),
@@ -190,7 +187,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
     if tuning.records:
         log(f"applying {len(tuning.workloads())} tuned workloads from {tuning.path}")
     dhsa = DHSAParams.from_dict(manifest.dhsa) if manifest.dhsa else None
-    ctx = CompileContext(manifest.config, gpu=spec.gpu, tuning=tuning, dhsa=dhsa)
+    ctx = CompileContext(manifest.config, gpu=spec.gpu, tuning=tuning, dhsa=dhsa,
+                         int32_only=spec.int32_only)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target}.tmp-", dir=final.parent))
     try:
         for kept in KEPT_ACROSS_BUILDS:  # the tuning records outlive a rebuild
@@ -215,7 +213,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
         # the device KV cache's commit (the TVM backend on a GPU, or with kv_on_device)
         log(f"building kv_commit for {target}...")
         try:
-            commit = build_kv_commit(manifest.kv_cache, tvm_target)
+            commit = build_kv_commit(manifest.kv_cache, tvm_target,
+                                     "int32" if spec.int32_only else "int64")
         except Exception as exc:
             raise BackendError(f"TVM could not build kv_commit for {target}: "
                                f"{_last_line(exc)}") from None

@@ -82,7 +82,7 @@ def expected_module(boundary_layer: int):
            for i in range(2) for kind in ("k", "v")}
     caches = {(kind, i): relax.Var(f"cache_{name}_{i}", _tensor([HKV, cap, D]))
               for i in range(2) for kind, name in (("k", "key"), ("v", "value"))}
-    fixed_chunk = relax.Var("fixed_chunk", tvm.ir.PrimType("int64"))
+    fixed_chunk = relax.Var("fixed_chunk", tvm.ir.PrimType("int32"))
     func_params = [input_ids, tree_order, query]
     for i in range(2):
         func_params += [new["k", i], new["v", i], caches["k", i], caches["v", i]]
@@ -250,13 +250,16 @@ def test_dhsa_prefill_into_the_device_cache_matches_ort(compiled, engines):
     assert got.stats["prefill"] == "dhsa" and got.output_ids == want.output_ids
 
 
-def test_cuda_build_has_the_dhsa_kernels(tiny_dhsa_artifact, tmp_path):
+@pytest.mark.parametrize("target, ext", [("cuda", "cu"), ("webgpu", "wgsl")])
+def test_gpu_build_has_the_dhsa_kernels(tiny_dhsa_artifact, tmp_path, target, ext):
     from edgert.compile import compile_artifact
 
     art = tmp_path / "artifact"
     shutil.copytree(tiny_dhsa_artifact, art)
-    compile_artifact(art, "cuda", log=lambda m: None)
-    source = (art / "tvm" / "cuda" / "decoder.cu").read_text()
+    compile_artifact(art, target, log=lambda m: None)
+    source = (art / "tvm" / target / f"decoder.{ext}").read_text()
     for kernel in ("edgert_dhsa_attention", "edgert_dhsa_boundaries", "edgert_tree_attention",
                    "edgert_kv_append"):
         assert kernel in source
+    if target == "webgpu":
+        assert "i64" not in source  # WGSL has no 64-bit integers

@@ -22,10 +22,11 @@ SMALL = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8, pro
 LLVM = {"kind": "llvm", "num-cores": 2}
 
 
-def build_llvm(params: DHSAParams):
+def build_llvm(params: DHSAParams, index_dtype: str = "int64"):
     from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir
 
-    mod = tvm.IRModule({"edgert_dhsa_boundaries": dhsa_boundaries_tir(HQ, HKV, D, params)})
+    mod = tvm.IRModule({"edgert_dhsa_boundaries": dhsa_boundaries_tir(
+        HQ, HKV, D, params, index_dtype=index_dtype)})
     return tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_dhsa_boundaries"]
 
 
@@ -89,6 +90,15 @@ def test_structured_boundaries(kernels):
     assert np.flatnonzero(starts).tolist() == [0, 40, 60, 100, 110, seq_len - SMALL.dense_tail]
 
 
+@pytest.mark.parametrize("fixed", [0, 10])
+def test_int32_indices_match_reference(fixed):
+    """The WebGPU variant (int32 lengths and indices) computes the same starts."""
+    params = dataclasses.replace(SMALL, boundary_threshold=1.1)
+    q, k = random_qk(150, seed=3)
+    np.testing.assert_array_equal(run_kernel(build_llvm(params, "int32"), q, k, fixed),
+                                  reference_starts(q, k, params, fixed))
+
+
 def test_no_dense_tail():
     params = dataclasses.replace(SMALL, dense_tail=0, boundary_threshold=1.1, nms_radius=2,
                                  boundary_window=2, probe_stride=5)
@@ -101,6 +111,7 @@ GPU_TARGETS = {
     "cuda": {"kind": "cuda", "arch": "sm_80"},
     "opencl": {"kind": "opencl", "device": "adreno"},
     "metal": {"kind": "metal"},
+    "webgpu": {"kind": "webgpu"},
 }
 
 
@@ -108,8 +119,11 @@ GPU_TARGETS = {
 def test_gpu_mapping_builds(name):
     from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir
 
-    mod = tvm.IRModule({"edgert_dhsa_boundaries": dhsa_boundaries_tir(HQ, HKV, D, SMALL,
-                                                                        gpu=True)})
+    int32 = name == "webgpu"  # WGSL has no 64-bit integers
+    mod = tvm.IRModule({"edgert_dhsa_boundaries": dhsa_boundaries_tir(
+        HQ, HKV, D, SMALL, gpu=True, index_dtype="int32" if int32 else "int64")})
     target = tvm.target.Target(GPU_TARGETS[name], host={"kind": "llvm"})
     source = tvm.tirx.build(mod, target).imports[0].inspect_source()
     assert "edgert_dhsa_boundaries" in source
+    if int32:
+        assert "i64" not in source

@@ -20,19 +20,22 @@ LLVM = {"kind": "llvm", "num-cores": 2}
 ATOL = 1e-5
 
 
-def build_llvm(params: DHSAParams, knobs: DHSAKnobs = DHSAKnobs()):
+def build_llvm(params: DHSAParams, knobs: DHSAKnobs = DHSAKnobs(), index_dtype: str = "int64"):
     from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir
 
-    mod = tvm.IRModule({"edgert_dhsa_attention": dhsa_attention_tir(HQ, HKV, D, params,
-                                                                      knobs=knobs)})
+    mod = tvm.IRModule({"edgert_dhsa_attention": dhsa_attention_tir(
+        HQ, HKV, D, params, knobs=knobs, index_dtype=index_dtype)})
     return tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_dhsa_attention"]
 
 
-@pytest.fixture(scope="module", params=[DHSAKnobs(), DHSAKnobs(2, 8), DHSAKnobs(1, 3)], ids=str)
+@pytest.fixture(scope="module", params=[(DHSAKnobs(), "int64"), (DHSAKnobs(2, 8), "int64"),
+                                        (DHSAKnobs(1, 3), "int64"), (DHSAKnobs(), "int32")],
+                ids=str)
 def kernel(request):
-    """The untuned schedule and two tuned ones (K/V loads shared by a KV group's heads; key
-    tiles, one not dividing the key counts): all must compute the same attention."""
-    return build_llvm(SMALL, request.param)
+    """The untuned schedule, two tuned ones (K/V loads shared by a KV group's heads; key
+    tiles, one not dividing the key counts) and int32 indices (WebGPU's): all must compute the
+    same attention."""
+    return build_llvm(SMALL, *request.param)
 
 
 def test_knobs_that_do_not_fit_are_refused():
@@ -155,7 +158,8 @@ def test_gpu_mapping_builds(name):
     from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir
 
     mod = tvm.IRModule({"edgert_dhsa_attention": dhsa_attention_tir(
-        HQ, HKV, D, SMALL, gpu=True, knobs=DHSAKnobs(2, 8))})
+        HQ, HKV, D, SMALL, gpu=True, knobs=DHSAKnobs(2, 8),
+        index_dtype="int32" if name == "webgpu" else "int64")})
     target = tvm.target.Target(GPU_TARGETS[name], host={"kind": "llvm"})
     source = tvm.tirx.build(mod, target).imports[0].inspect_source()
     assert "edgert_dhsa_attention" in source

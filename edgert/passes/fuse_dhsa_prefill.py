@@ -20,7 +20,7 @@ layers attend over the new K/V directly, not read back from the cache. (A bounda
 the last layer makes every layer dense, as the ONNX graph does.)
 
 Signature: ``(input_ids [1,T], position_ids [1,T], tree_order [T,2] int32, logits_index [n],
-cache_key_0, cache_value_0, ... [Hkv,C,D], fixed_chunk int64)``: the prompt goes into an empty
+cache_key_0, cache_value_0, ... [Hkv,C,D], fixed_chunk int32)``: the prompt goes into an empty
 cache, written in place at [0, T); ``tree_order`` is the causal order (read by the dense layers
 only); ``fixed_chunk`` 0 = dynamic boundaries, N > 0 = N-token chunks. It returns ``(logits,
 hidden, cache_key_0, cache_value_0, ...)``: the updated caches (the same buffers, written in
@@ -64,16 +64,18 @@ class FuseDHSAPrefill:
     knobs : the tree-attention kernel's schedule; pass FuseTreeAttention's, so both functions
         share one ``edgert_tree_attention``.
     dhsa_knobs : the DHSA kernel's schedule (the tuning database's best, or untuned).
+    index_dtype : the DHSA kernels' index type ("int32" for targets without 64-bit integers).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,
                  gpu: bool = False, knobs: TreeAttentionKnobs = DEFAULT_KNOBS,
-                 dhsa_knobs: DHSAKnobs = DHSAKnobs()) -> None:
+                 dhsa_knobs: DHSAKnobs = DHSAKnobs(), index_dtype: str = "int64") -> None:
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
         self.params = params
         self.gpu = gpu
         self.knobs = knobs
         self.dhsa_knobs = dhsa_knobs
+        self.index_dtype = index_dtype
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         h, hkv, d, gpu = self.h, self.hkv, self.d, self.gpu
@@ -82,10 +84,11 @@ class FuseDHSAPrefill:
             "attention": bb.add_func(tree_attention_tir(h, hkv, d, gpu, self.knobs),
                                      "edgert_tree_attention"),
             "append": bb.add_func(kv_append_tir(hkv, d, gpu), "edgert_kv_append"),
-            "boundaries": bb.add_func(dhsa_boundaries_tir(h, hkv, d, self.params, gpu),
+            "boundaries": bb.add_func(dhsa_boundaries_tir(h, hkv, d, self.params, gpu,
+                                                          self.index_dtype),
                                       "edgert_dhsa_boundaries"),
             "sparse": bb.add_func(dhsa_attention_tir(h, hkv, d, self.params, gpu,
-                                                     self.dhsa_knobs),
+                                                     self.dhsa_knobs, self.index_dtype),
                                   "edgert_dhsa_attention"),
         }
         mod = bb.get()
@@ -100,7 +103,7 @@ class FuseDHSAPrefill:
                 caches[param] = relax.Var(name.replace("past_", "cache_", 1), cache_ty)
         num_layers = len(caches) // 2
         tree_order = relax.Var("tree_order", relax.TensorType([seq_len, 2], "int32"))
-        fixed_chunk = relax.Var("fixed_chunk", tvm.ir.PrimType("int64"))
+        fixed_chunk = relax.Var("fixed_chunk", tvm.ir.PrimType("int32"))
         rewriter = _PrefillRewriter(mod, self, func, kernels, caches, tree_order, fixed_chunk,
                                     seq_len)
         body = rewriter.visit_expr(func).body

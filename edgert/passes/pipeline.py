@@ -31,6 +31,8 @@ from edgert.passes.fuse_tree_attention import FuseTreeAttention
 from edgert.passes.kernels.dhsa_attention import DHSAKnobs, dhsa_workload
 from edgert.passes.kernels.matmul import MatmulKnobs, matmul_workload
 from edgert.passes.kernels.tree_attention import TreeAttentionKnobs, tree_attention_workload
+from edgert.passes.lower_topk import LowerTopK
+from edgert.passes.narrow_to_int32 import NarrowGenericIndices, NarrowToInt32
 from edgert.passes.pack_matmul_weights import PackMatmulWeights
 from edgert.tuning.database import TuningDatabase
 
@@ -43,6 +45,7 @@ class CompileContext:
     gpu: bool = False  # emit GPU loop mappings (thread blocks); else CPU
     tuning: TuningDatabase = field(default_factory=TuningDatabase)
     dhsa: DHSAParams | None = None  # the artifact's DHSA parameters: also build prefill_dhsa
+    int32_only: bool = False  # the target has no 64-bit integers (WebGPU): narrow them all
 
     def matmul_knobs(self, k: int, n: int) -> MatmulKnobs:
         best = self.tuning.best(matmul_workload(k, n))
@@ -74,24 +77,28 @@ def _edgert_passes(ctx: CompileContext) -> list:
     passes = []
     if ctx.dhsa is not None:  # first: it copies the imported main's attention cores
         passes.append(FuseDHSAPrefill(*shape, ctx.dhsa, gpu=ctx.gpu, knobs=knobs,
-                                      dhsa_knobs=ctx.dhsa_knobs()))
+                                      dhsa_knobs=ctx.dhsa_knobs(),
+                                      index_dtype="int32" if ctx.int32_only else "int64"))
     passes.append(FuseTreeAttention(*shape, gpu=ctx.gpu, knobs=knobs))
-    if not ctx.gpu:
-        passes.append(PackMatmulWeights(ctx.matmul_knobs))
-    return passes
+    return passes + _weight_passes(ctx)
 
 
 def _weight_passes(ctx: CompileContext) -> list:
+    if ctx.int32_only:  # WebGPU: TVM's generic GPU top-k needs blockIdx.z, which it lacks
+        return [NarrowToInt32(), LowerTopK(gpu=True)]
     return [] if ctx.gpu else [PackMatmulWeights(ctx.matmul_knobs)]
 
 
 def _legalize_passes(ctx: CompileContext) -> list:
     # sort/top-k have no LegalizeOps rule: DispatchSortScan picks the target's kernel (it needs
     # the target in scope; the adreno pipeline of tvm.compile never runs it)
-    return [relax.backend.DispatchSortScan(), relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination()]
+    passes = [relax.backend.DispatchSortScan(), relax.transform.LegalizeOps(),
+              relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(),
+              relax.transform.DeadCodeElimination()]
+    if ctx.int32_only:  # loop and buffer indices, and the kernels' scalar shape parameters
+        passes.append(NarrowGenericIndices())
+    return passes
 
 
 PIPELINES: dict[str, list[Phase]] = {

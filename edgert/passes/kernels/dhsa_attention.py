@@ -43,7 +43,8 @@ One TIR template, two loop mappings: GPU (blockIdx.x x threadIdx.x over each sta
 items, one thread per item; chunk_list is a single thread) and CPU (a parallel loop over the
 items, the attention's head_dim loops vectorized). On GPU the stages are ordered kernel
 launches, so each sees the previous one's writes; the workspace is allocated on the device.
-Indices are int64 (T is a Relax int64 shape var); the WebGPU build narrows them to i32.
+Indices are int64 (T is a Relax int64 shape var), or int32 with ``index_dtype="int32"`` for
+targets without 64-bit integers (WebGPU).
 """
 
 from __future__ import annotations
@@ -126,15 +127,19 @@ def _selection_exprs(params: DHSAParams):
     return block_end, free_keys, free_slots, forced
 
 
-def i64(value):
-    """An int32 buffer value (chunk position, count) as an int64 index."""
+def index_type(index_dtype: str):
+    """(a symbolic length of ``index_dtype``, a cast of an int32 buffer value to an index)."""
     from tvm.script import tirx as T
 
-    return T.Cast("int64", value)
+    if index_dtype not in ("int32", "int64"):
+        raise ValueError(f"index_dtype must be int32 or int64, not {index_dtype}")
+    length = T.int32 if index_dtype == "int32" else T.int64
+    return length, lambda value: T.Cast(index_dtype, value)
 
 
 def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,
-                       gpu: bool = False, knobs: DHSAKnobs = DEFAULT_KNOBS):
+                       gpu: bool = False, knobs: DHSAKnobs = DEFAULT_KNOBS,
+                       index_dtype: str = "int64"):
     """The fused kernel as one PrimFunc (see the module docstring for the stages). Each stage
     is a flat loop over ceildiv(items, lanes) x lanes, its sblock axes recovered from the flat
     index (a GPU thread per work item; CPU lanes = 1: the parallel loop is over the items).
@@ -153,18 +158,19 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
     knobs.check(num_heads, num_kv_heads)
     hpt, tile = knobs.heads_per_task, knobs.key_tile
     tasks = hq // hpt
+    length, index = index_type(index_dtype)
 
     def n_blocks(n):
         return T.ceildiv(n, bs)
 
     def n_keys(p, n, sel_count):
         """Keys query p scans: all of [0, p] in the dense tail, else its block's selection."""
-        return T.if_then_else(p >= n - tail, p + 1, i64(sel_count[p // bs]))
+        return T.if_then_else(p >= n - tail, p + 1, index(sel_count[p // bs]))
 
     def key_at(p, n, j, sel_index):
         # TIR's if_then_else evaluates both sides: clamp the selection index
         return T.if_then_else(p >= n - tail, j,
-                              i64(sel_index[p // bs, T.min(j, budget - 1)]))
+                              index(sel_index[p // bs, T.min(j, budget - 1)]))
 
     @T.macro
     def score_tile(q, k, p, task, key, t, partial, score):
@@ -209,7 +215,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
     def dhsa_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle,
                        var_starts: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True})
-        n = T.int64()
+        n = length()
         q = T.match_buffer(var_q, (n, hq, d), "float32")
         k = T.match_buffer(var_k, (n, hkv, d), "float32")
         v = T.match_buffer(var_v, (n, hkv, d), "float32")
@@ -248,9 +254,9 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                     T.writes(chunk_vec[c, x])
                     head_sum = T.alloc_buffer((1,), "float32", scope="local")
                     chunk_sum = T.alloc_buffer((1,), "float32", scope="local")
-                    if c < i64(n_chunks[0]):
+                    if c < index(n_chunks[0]):
                         chunk_sum[0] = T.float32(0)
-                        for t in range(i64(pos[c]), i64(pos[c + 1])):
+                        for t in range(index(pos[c]), index(pos[c + 1])):
                             head_sum[0] = T.float32(0)
                             for h in range(hkv):
                                 head_sum[0] = head_sum[0] + k[t, h, x]
@@ -286,7 +292,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                     T.reads(block_vec[b, 0:d], chunk_vec[c, 0:d], n_chunks[0])
                     T.writes(score[b, c])
                     dot = T.alloc_buffer((1,), "float32", scope="local")
-                    if c < i64(n_chunks[0]):
+                    if c < index(n_chunks[0]):
                         dot[0] = T.float32(0)
                         for x in range(d):
                             dot[0] = dot[0] + block_vec[b, x] * chunk_vec[c, x]
@@ -301,18 +307,18 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                     T.reads(score[b, 0:n], pos[0:n + 1], n_chunks[0])
                     T.writes(take[b, c])
                     rank = T.alloc_buffer((1,), "int32", scope="local")
-                    if c < i64(n_chunks[0]):
+                    if c < index(n_chunks[0]):
                         take[b, c] = 0
-                        if free_keys(i64(pos[c]), i64(pos[c + 1]), block_end(b, n)) > 0:
+                        if free_keys(index(pos[c]), index(pos[c + 1]), block_end(b, n)) > 0:
                             rank[0] = 0
-                            for other in range(i64(n_chunks[0])):
+                            for other in range(index(n_chunks[0])):
                                 if score[b, other] > score[b, c] or (
                                         score[b, other] == score[b, c] and other < c):
                                     rank[0] = rank[0] + T.Cast("int32", free_keys(
-                                        i64(pos[other]), i64(pos[other + 1]), block_end(b, n)))
+                                        index(pos[other]), index(pos[other + 1]), block_end(b, n)))
                             take[b, c] = T.Cast("int32", T.max(0, T.min(
-                                free_slots(block_end(b, n), n) - i64(rank[0]),
-                                free_keys(i64(pos[c]), i64(pos[c + 1]), block_end(b, n)))))
+                                free_slots(block_end(b, n), n) - index(rank[0]),
+                                free_keys(index(pos[c]), index(pos[c + 1]), block_end(b, n)))))
 
         for g in outer(T.ceildiv(n_blocks(n), lanes)):
             for lane in inner(lanes):
@@ -326,11 +332,12 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                     count[0] = 0
                     chunk[0] = 0
                     for t in range(block_end(b, n)):
-                        if t == i64(pos[chunk[0] + 1]):
+                        if t == index(pos[chunk[0] + 1]):
                             chunk[0] = chunk[0] + 1
                         if count[0] < budget and (
                                 forced(t, block_end(b, n))
-                                or t - T.max(i64(pos[chunk[0]]), sink) < i64(take[b, chunk[0]])):
+                                or t - T.max(index(pos[chunk[0]]), sink)
+                                < index(take[b, chunk[0]])):
                             sel_index[b, count[0]] = T.Cast("int32", t)
                             count[0] = count[0] + 1
                     sel_count[b] = count[0]

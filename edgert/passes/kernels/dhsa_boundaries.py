@@ -6,7 +6,7 @@ boundary layer; every later layer's ``edgert_dhsa_attention`` reads the result:
 
     q            [T, Hq, D]   float32 (rotary applied)
     k            [T, Hkv, D]  float32
-    fixed_chunk  int64        0: dynamic boundaries; N > 0: a chunk every N tokens
+    fixed_chunk  int32        0: dynamic boundaries; N > 0: a chunk every N tokens
     starts       [T] int32    1 where a key chunk starts
 
 Probe queries: the strided rows ``r = (i + 1) * probe_stride - 1`` below ``T - tail`` and the
@@ -33,11 +33,11 @@ import math
 
 from edgert.dhsa.params import DHSAParams
 from edgert.dhsa.reference import EPS
-from edgert.passes.kernels.dhsa_attention import DOT_LANES, GPU_LANES, MASKED, _grid
+from edgert.passes.kernels.dhsa_attention import DOT_LANES, GPU_LANES, MASKED, _grid, index_type
 
 
 def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,
-                        gpu: bool = False):
+                        gpu: bool = False, index_dtype: str = "int64"):
     """The boundary kernel as one PrimFunc (global symbol ``edgert_dhsa_boundaries``); see the
     module docstring for the stages. Marked scheduled: dlight's generic rules cannot schedule
     it."""
@@ -54,6 +54,7 @@ def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params
     vector = (lambda e: T.serial(e)) if gpu else (lambda e: T.vectorized(e))
     lanes = GPU_LANES if gpu else 1
     dot_lanes = DOT_LANES if d % DOT_LANES == 0 else 1
+    length, index = index_type(index_dtype)
 
     def n_strided(n):  # strided probes: rows (i + 1) * stride - 1 < n - tail
         return T.max(n - tail, 0) // stride
@@ -80,13 +81,13 @@ def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params
         dot[0] = dot[0] * T.float32(scale)
 
     def clamp(i, n):  # TIR's `and`/`or` do not short-circuit: keep guarded reads in bounds
-        return T.max(T.min(i, n - 1), T.int64(0))
+        return T.max(T.min(i, n - 1), index(0))
 
     @T.prim_func(private=True, s_tir=True)
-    def dhsa_boundaries(var_q: T.handle, var_k: T.handle, fixed_chunk: T.int64,
+    def dhsa_boundaries(var_q: T.handle, var_k: T.handle, fixed_chunk: T.int32,
                         var_starts: T.handle):
         T.func_attr({"tirx.is_scheduled": True})
-        n = T.int64()
+        n = length()
         q = T.match_buffer(var_q, (n, hq, d), "float32")
         k = T.match_buffer(var_k, (n, hkv, d), "float32")
         starts = T.match_buffer(var_starts, (n,), "int32")
@@ -182,7 +183,7 @@ def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params
                     T.writes(starts[t])
                     window = T.alloc_buffer((1,), "float32", scope="local")
                     if fixed_chunk > 0:
-                        starts[t] = T.Cast("int32", t % fixed_chunk == 0)
+                        starts[t] = T.Cast("int32", t % index(fixed_chunk) == 0)
                     elif t == 0 or t == n - dense_tail:  # (dense_tail 0: never, t < n)
                         starts[t] = 1
                     else:  # a boundary after c = t - 1: its ratio peaks within +-radius

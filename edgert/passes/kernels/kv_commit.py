@@ -7,6 +7,7 @@ entry ``length + offsets[t]`` to ``length + t`` for every t, in every key and va
     cache_b [Hkv, C, D]  (b = 0 .. 2L-1: key_0, value_0, key_1, ...)
     offsets [n] int64    ascending, offsets[t] >= t
     length  int64        committed entries before this step
+    (int32 both, and every index, for targets without 64-bit integers: WebGPU)
 
 Source and destination regions overlap (destination <= source), so the copy runs forward in t:
 entry t is written only after every entry it could overwrite (``offsets[t'] == t`` for some
@@ -44,9 +45,9 @@ def _gpu_split(lanes: int) -> tuple[int, int]:
 
 
 def kv_commit_tir(num_buffers: int, num_kv_heads: int, head_dim: int, dtype: str = "float32",
-                  gpu: bool = False):
+                  gpu: bool = False, index_dtype: str = "int64"):
     """The ``edgert_kv_commit`` PrimFunc over ``num_buffers`` cache buffers [Hkv, cap, D]
-    (cap symbolic), then offsets [n] int64 and length int64."""
+    (cap symbolic), then offsets [n] and length, both ``index_dtype``."""
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as T
@@ -56,12 +57,12 @@ def kv_commit_tir(num_buffers: int, num_kv_heads: int, head_dim: int, dtype: str
         with T.prim_func():
             T.func_name(FUNCTION)
             T.func_attr({"tirx.noalias": True, "global_symbol": FUNCTION})
-            cap = tirx.Var("cap", "int64")
-            n = tirx.Var("n", "int64")
+            cap = tirx.Var("cap", index_dtype)
+            n = tirx.Var("n", index_dtype)
             buffers = [T.match_buffer(T.arg(f"cache_{b}", T.handle()), (hkv, cap, d), dtype)
                        for b in range(num_buffers)]
-            offsets = T.match_buffer(T.arg("offsets", T.handle()), (n,), "int64")
-            length = T.arg("length", tirx.Var("length", "int64"))
+            offsets = T.match_buffer(T.arg("offsets", T.handle()), (n,), index_dtype)
+            length = T.arg("length", tirx.Var("length", index_dtype))
             if gpu:
                 parts, threads = _gpu_split(hkv * d)
                 with T.thread_binding(num_buffers * parts, thread="blockIdx.x") as block:
@@ -85,19 +86,19 @@ def kv_commit_tir(num_buffers: int, num_kv_heads: int, head_dim: int, dtype: str
 
 
 def kv_commit_module(num_buffers: int, num_kv_heads: int, head_dim: int, dtype: str = "float32",
-                     gpu: bool = False):
+                     gpu: bool = False, index_dtype: str = "int64"):
     import tvm
 
-    func = kv_commit_tir(num_buffers, num_kv_heads, head_dim, dtype, gpu)
+    func = kv_commit_tir(num_buffers, num_kv_heads, head_dim, dtype, gpu, index_dtype)
     return tvm.IRModule({FUNCTION: func})
 
 
-def build_kv_commit(spec, target):
+def build_kv_commit(spec, target, index_dtype: str = "int64"):
     """Build the commit kernel for a :class:`~edgert.manifest.KVCacheSpec` on ``target`` (a
     ``tvm.target.Target``; GPU targets need their host set). Returns the runtime module."""
     import tvm
 
     gpu = target.kind.name != "llvm"
     mod = kv_commit_module(2 * spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype,
-                           gpu)
+                           gpu, index_dtype)
     return tvm.tirx.build(mod, target)
