@@ -5,6 +5,8 @@
                                               second function, prefill_dhsa, with the DHSA
                                               kernels), FuseTreeAttention (attention -> in-place
                                               kernels),
+                                              FuseParallelMatmuls (CPU: q/k/v and gate/up
+                                              into one matmul each),
                                               PackMatmulWeights (CPU: constant-weight matmuls ->
                                               panel-packed kernels, knobs from the tuning DB)
     phase "legalize" remaining ops -> TIR     (DispatchSortScan, LegalizeOps, FuseOps, FuseTIR;
@@ -27,6 +29,7 @@ from edgert.config import LlamaConfig
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import EdgertError
 from edgert.passes.fuse_dhsa_prefill import FuseDHSAPrefill
+from edgert.passes.fuse_parallel_matmuls import FuseParallelMatmuls
 from edgert.passes.fuse_tree_attention import FuseTreeAttention
 from edgert.passes.kernels.dhsa_attention import DHSAKnobs, dhsa_workload
 from edgert.passes.kernels.matmul import MatmulKnobs, matmul_workload
@@ -80,6 +83,8 @@ def _edgert_passes(ctx: CompileContext) -> list:
                                       dhsa_knobs=ctx.dhsa_knobs(),
                                       index_dtype="int32" if ctx.int32_only else "int64"))
     passes.append(FuseTreeAttention(*shape, gpu=ctx.gpu, knobs=knobs))
+    if not ctx.gpu:  # q/k/v and gate/up: one wider weight stream, fewer thread-pool launches
+        passes.append(FuseParallelMatmuls())
     return passes + _weight_passes(ctx)
 
 

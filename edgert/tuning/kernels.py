@@ -78,10 +78,12 @@ def _named(func, name: str):
 
 
 def matmul_workloads(config: LlamaConfig, context: int, dhsa=None) -> list[Workload]:
+    """The decoder's matmuls after FuseParallelMatmuls (q/k/v fused, gate/up fused), and the
+    Medusa heads' hidden -> hidden blocks."""
     h, d = config.hidden_size, config.head_dim
-    shapes = {(h, config.num_attention_heads * d), (h, config.num_key_value_heads * d),
-              (config.num_attention_heads * d, h), (h, config.intermediate_size),
-              (config.intermediate_size, h), (h, config.vocab_size)}
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
+    shapes = {(h, qkv), (config.num_attention_heads * d, h), (h, 2 * config.intermediate_size),
+              (config.intermediate_size, h), (h, config.vocab_size), (h, h)}
     return [_matmul(k, n) for k, n in sorted(shapes)]
 
 
