@@ -2,6 +2,7 @@
 
     python bench/backends.py artifacts/smollm2-135m [--new-tokens 64] [--speed-prompts 8]
                              [--runs 3] [--json bench/results/backends.json]
+                             [--no-equality] [--context N]
 
 1. Equality: for every bench prompt, greedy output ids of ``backend="tvm"`` (the llvm module
    ``edgert compile``/``edgert tune`` built) against ``backend="ort"``, with Medusa off and on.
@@ -9,6 +10,8 @@
    ``--runs``. Each backend runs in a fresh process of its own, the backends alternating run
    by run (so both see the same machine load): in one process, the thread pool of whichever
    backend ran last keeps spinning and slows the other (ORT measured 2x slower after TVM).
+   ``--context N``: the speed prompts are N-token haystack texts instead (decode over a long
+   cache: the attention kernels' share grows with the context).
 Needs ``edgert compile ARTIFACT --target llvm`` (after ``edgert tune`` for tuned kernels).
 """
 
@@ -41,13 +44,18 @@ def equality(engines: dict, prompts: list[dict], new_tokens: int, medusa: bool) 
 
 
 def speed_in_this_process(artifact: Path, backend: str, prompts: list[dict],
-                          new_tokens: int) -> dict:
+                          new_tokens: int, context: int = 0) -> dict:
     engine = edgert.load(artifact, backend=backend)
+    texts = [p["prompt"] for p in prompts]
+    if context:  # long prompts: needle-in-a-haystack text of ``context`` tokens
+        from niah import build_prompt
+
+        texts = [build_prompt(engine, context, 0.5, seed)[0] for seed in range(len(prompts))]
     engine.generate(prompts[0]["prompt"], max_new_tokens=8, medusa=False)  # warm-up
     tokens, elapsed, rates, prefills = 0, 0.0, [], []
-    for p in prompts:
+    for text in texts:
         t0 = time.perf_counter()
-        result = engine.generate(p["prompt"], max_new_tokens=new_tokens, medusa=False)
+        result = engine.generate(text, max_new_tokens=new_tokens, medusa=False)
         elapsed += time.perf_counter() - t0
         tokens += len(result.output_ids)
         rates.append(result.stats["decode_tokens_per_s"])
@@ -57,7 +65,7 @@ def speed_in_this_process(artifact: Path, backend: str, prompts: list[dict],
 
 
 def speed(artifact: Path, backends: list[str], speed_prompts: int, new_tokens: int,
-          runs: int) -> dict:
+          runs: int, context: int = 0) -> dict:
     """Per backend, medians over runs of: end-to-end tokens/s (prefill included), decode
     tokens/s (the engine's stats) and prefill ms; one fresh process per backend and run."""
     samples = {name: [] for name in backends}
@@ -65,7 +73,8 @@ def speed(artifact: Path, backends: list[str], speed_prompts: int, new_tokens: i
         for name in backends:
             out = subprocess.run([sys.executable, __file__, str(artifact), "--speed-only", name,
                                   "--speed-prompts", str(speed_prompts),
-                                  "--new-tokens", str(new_tokens)],
+                                  "--new-tokens", str(new_tokens),
+                                  "--context", str(context)],
                                  capture_output=True, text=True, check=True)
             samples[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {name: {key: common.median([s[key] for s in runs_])
@@ -85,13 +94,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="equality on the first N prompts")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-equality", action="store_true", help="speed only")
+    ap.add_argument("--context", type=int, default=0,
+                    help="speed with long prompts of this many tokens (haystack text)")
     ap.add_argument("--speed-only", choices=["ort", "tvm"], default=None,
                     help=argparse.SUPPRESS)  # child process of the speed measurement
     args = ap.parse_args()
     if args.speed_only:
         prompts = common.load_prompts(args.speed_prompts)
         print(json.dumps(speed_in_this_process(args.artifact, args.speed_only, prompts,
-                                               args.new_tokens)))
+                                               args.new_tokens, args.context)))
         return
 
     engines = {"ort": edgert.load(args.artifact), "tvm": edgert.load(args.artifact,
@@ -105,7 +116,10 @@ def main() -> None:
         if engines["ort"].has_medusa:
             record["medusa"] = equality(engines, prompts, args.new_tokens, medusa=True)
     del engines  # free both caches before the speed processes start
-    rates = speed(args.artifact, ["ort", "tvm"], args.speed_prompts, args.new_tokens, args.runs)
+    rates = speed(args.artifact, ["ort", "tvm"], args.speed_prompts, args.new_tokens, args.runs,
+                  args.context)
+    if args.context:
+        record["context"] = args.context
     record["speed"] = rates
     record["decode_tvm_over_ort"] = rates["tvm"]["decode_tok_s"] / rates["ort"]["decode_tok_s"]
     rows = [{"backend": name, "decode tok/s": rate["decode_tok_s"],

@@ -108,9 +108,14 @@ class TreeAttentionKnobs:
 DEFAULT_KNOBS = TreeAttentionKnobs()
 
 
+# bumped when the kernel's code changes what its knobs mean: records of an older version are
+# not applied (v2: the CPU mapping's SIMD ``lanes`` knob took effect; v1 ignored it)
+KERNEL_VERSION = 2
+
+
 def tree_attention_workload(num_heads: int, num_kv_heads: int, head_dim: int) -> str:
-    """The tuning-database name of the kernel for this attention shape."""
-    return f"tree_attention_{num_heads}_{num_kv_heads}_{head_dim}"
+    """The tuning-database name of the kernel for this attention shape (and version)."""
+    return f"tree_attention_v{KERNEL_VERSION}_{num_heads}_{num_kv_heads}_{head_dim}"
 
 
 def tree_attention_search_space(num_heads: int, num_kv_heads: int,
@@ -141,7 +146,7 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
     tasks = hq // hpt
     scale = 1.0 / math.sqrt(d)
     outer, inner = _loops(gpu)
-    lanes = tasks if gpu else 1
+    threads = tasks if gpu else 1  # of the flat loop's blocks (not the SIMD ``lanes``)
     # CPU: SIMD over head_dim / lanes; GPU: serial per thread (no float32x16 in CUDA C)
     simd = (lambda e: T.serial(e)) if gpu else (lambda e: T.vectorized(e))
 
@@ -164,14 +169,14 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
         vc = T.match_buffer(var_vc, (hkv, cap, d), "float32")
         order = T.match_buffer(var_order, (n, 2), "int32")
         out = T.match_buffer(var_out, (n, hq, d), "float32")
-        # one flat loop over (query, task): GPU blocks of ``lanes`` threads; CPU one parallel
+        # one flat loop over (query, task): GPU blocks of ``threads`` threads; CPU one parallel
         # loop (one thread-pool launch per call, not one per query)
-        for g in outer(T.ceildiv(n * tasks, lanes)):
-            for lane in inner(lanes):
+        for b in outer(T.ceildiv(n * tasks, threads)):
+            for th in inner(threads):
                 with T.sblock("attention"):
-                    i = T.axis.spatial(n, (g * lanes + lane) // tasks)
-                    task = T.axis.spatial(tasks, (g * lanes + lane) % tasks)
-                    T.where(g * lanes + lane < n * tasks)
+                    i = T.axis.spatial(n, (b * threads + th) // tasks)
+                    task = T.axis.spatial(tasks, (b * threads + th) % tasks)
+                    T.where(b * threads + th < n * tasks)
                     T.reads(q[i, task * hpt:task * hpt + hpt, 0:d],
                             kc[task * hpt // group, 0:cap, 0:d],
                             vc[task * hpt // group, 0:cap, 0:d], order[0:n, 0:2])
@@ -182,6 +187,7 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
                     score = T.alloc_buffer((hpt, tile), "float32", scope="local")
                     part = T.alloc_buffer((hpt, lanes), "float32", scope="local")
                     m_new = T.alloc_buffer((hpt,), "float32", scope="local")
+                    rescale = T.alloc_buffer((hpt,), "float32", scope="local")
                     for g in range(hpt):
                         m[g] = T.float32(MASKED)
                         total[g] = T.float32(0)
@@ -195,8 +201,8 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
                                 for g, lane in T.grid(hpt, lanes):
                                     part[g, lane] = T.float32(0)
                                 for xo in range(d // lanes):
-                                    for lane in simd(lanes):
-                                        for g in T.unroll(hpt):
+                                    for g in T.unroll(hpt):
+                                        for lane in simd(lanes):
                                             part[g, lane] = part[g, lane] + q[
                                                 i, task * hpt + g, xo * lanes + lane] * kc[
                                                 task * hpt // group, key(jt, t),
@@ -213,19 +219,26 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
                             m_new[g] = m[g]
                             for t in range(tile):
                                 m_new[g] = T.max(m_new[g], score[g, t])
-                            total[g] = total[g] * T.exp(m[g] - m_new[g])
-                            for x in simd(d):
-                                acc[g, x] = acc[g, x] * T.exp(m[g] - m_new[g])
+                            rescale[g] = T.exp(m[g] - m_new[g])
+                            total[g] = total[g] * rescale[g]
                             m[g] = m_new[g]
+                        for g in T.unroll(hpt):
+                            for x in simd(d):
+                                acc[g, x] = acc[g, x] * rescale[g]
+                        # the tile's weights first, then the V accumulation: no exp call among
+                        # the vector accumulators (a call would spill them on every key)
                         for t in range(tile):
-                            if score[0, t] > T.float32(MASKED / 2):  # an allowed key
-                                for g in range(hpt):
+                            for g in range(hpt):
+                                if score[g, t] > T.float32(MASKED / 2):  # an allowed key
                                     score[g, t] = T.exp(score[g, t] - m[g])
-                                    total[g] = total[g] + score[g, t]
+                                else:
+                                    score[g, t] = T.float32(0)
+                                total[g] = total[g] + score[g, t]
+                        for t in range(tile):  # masked keys weigh 0; read in bounds
+                            for g in T.unroll(hpt):
                                 for x in simd(d):
-                                    for g in T.unroll(hpt):
-                                        acc[g, x] = acc[g, x] + score[g, t] * vc[
-                                            task * hpt // group, jt * tile + t, x]
+                                    acc[g, x] = acc[g, x] + score[g, t] * vc[
+                                        task * hpt // group, T.min(key(jt, t), past + n - 1), x]
                     for g in range(hpt):
                         for x in range(d):
                             out[i, task * hpt + g, x] = acc[g, x] / total[g]
