@@ -127,11 +127,21 @@ def tune_cmd(artifact: Path, target: str, device: str | None, trials: int,
               help="Use only the first N shipped prompts (default: all).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True,
               help="Length of the backbone's self-distillation responses.")
+@click.option("--prompts-per-topic", type=int, default=3, show_default=True,
+              help="Templates per topic in the shipped prompt set (more = more data).")
+@click.option("--condition", type=click.Choice(["none", "token"]), default="none",
+              show_default=True,
+              help="token: heads also read the embedding of the token the backbone chose "
+                   "(the tree root).")
+@click.option("--output-vocab", type=int, default=0, show_default=True,
+              help="Heads score only this many of the most frequent target tokens (0 = all): "
+                   "a cheaper heads call.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
 def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps: int,
                 batch_size: int, lr: float, data_file: Path | None, max_prompts: int | None,
-                max_new_tokens: int, seed: int) -> None:
+                max_new_tokens: int, prompts_per_topic: int, condition: str, output_vocab: int,
+                seed: int) -> None:
     """Train Medusa-1 heads for MODEL on its own responses (frozen backbone)."""
     from edgert.medusa.distill import DistillOptions
     from edgert.medusa.pipeline import TrainHeadsOptions, train_heads_for_model
@@ -139,9 +149,10 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
 
     options = TrainHeadsOptions(
         train=TrainOptions(num_heads=num_heads, num_layers=num_layers, steps=steps,
-                           batch_size=batch_size, lr=lr, seed=seed),
+                           batch_size=batch_size, lr=lr, seed=seed, condition=condition,
+                           output_vocab=output_vocab),
         distill=DistillOptions(max_new_tokens=max_new_tokens, seed=seed),
-        data_file=data_file, max_prompts=max_prompts)
+        data_file=data_file, max_prompts=max_prompts, prompts_per_topic=prompts_per_topic)
     train_heads_for_model(model, output, options)
 
 

@@ -183,8 +183,8 @@ def test_eos_inside_an_accepted_path_ends_the_output(tiny_dir, random_heads_dir,
                 out.logits[node, nxt] = 0.0
         return out
 
-    def heads(hidden):
-        ids, logits = original_heads(hidden)
+    def heads(hidden, roots):
+        ids, logits = original_heads(hidden, roots)
         done = engine.cache.length - len(plain.prompt_ids) + 1
         for i in range(ids.shape[0]):
             ids[i, :, 0] = script[min(done + i, len(script) - 1)]

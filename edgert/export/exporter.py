@@ -119,7 +119,8 @@ def resolve_export_tree(loaded: LoadedModel, heads: MedusaHeads, options: Export
 def _medusa_manifest(heads: MedusaHeads, topk: int, path: str) -> dict:
     cfg = heads.config
     return {"graph": "medusa", "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
-            "projection": cfg.projection, "topk": topk, "heads_source": path,
+            "projection": cfg.projection, "condition": cfg.condition,
+            "output_vocab": cfg.output_vocab, "topk": topk, "heads_source": path,
             "training": cfg.training}
 
 
@@ -169,7 +170,9 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             raise ConfigError(f"--medusa-topk must be in [1, {config.vocab_size}], got "
                               f"{options.medusa_topk}")
         log(f"exporting {MEDUSA_FILE} ({heads.config.num_heads} Medusa heads)...")
-        graphs[MEDUSA_FILE] = trace_medusa(heads, loaded.lm_head_t(), options.medusa_topk)
+        untied = None if config.tie_word_embeddings else loaded.embedding()
+        graphs[MEDUSA_FILE] = trace_medusa(heads, loaded.lm_head_t(), options.medusa_topk,
+                                           untied)
         graph_specs["medusa"] = medusa_graph_spec(heads, options.medusa_topk)
         medusa = _medusa_manifest(heads, options.medusa_topk,
                                   str(options.heads or "registered model's heads"))

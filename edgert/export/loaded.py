@@ -36,3 +36,7 @@ class LoadedModel:
         if weight is None or self.config.tie_word_embeddings:
             weight = self.state_dict["model.embed_tokens.weight"]
         return weight.t().contiguous()
+
+    def embedding(self) -> torch.Tensor:
+        """The token embedding, [V, H]."""
+        return self.state_dict["model.embed_tokens.weight"]

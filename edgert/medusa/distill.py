@@ -40,20 +40,22 @@ class DistillOptions:
 
 @dataclass
 class DistillData:
-    """Training examples: hidden [N, H] float32, targets [N, K] int64 (IGNORE where absent)."""
+    """Training examples: hidden [N, H] float32, targets [N, K] int64 (IGNORE where absent),
+    roots [N] int64: a_t, the backbone's own next token at t (the tree root at run time)."""
 
     hidden: torch.Tensor
     targets: torch.Tensor
     sequences: int
+    roots: torch.Tensor | None = None  # None in data cached before roots were recorded
 
     def save(self, path: Path) -> None:
-        torch.save({"hidden": self.hidden, "targets": self.targets,
+        torch.save({"hidden": self.hidden, "targets": self.targets, "roots": self.roots,
                     "sequences": self.sequences}, path)
 
     @classmethod
     def load(cls, path: Path) -> DistillData:
         data = torch.load(path, weights_only=True)
-        return cls(data["hidden"], data["targets"], int(data["sequences"]))
+        return cls(data["hidden"], data["targets"], int(data["sequences"]), data.get("roots"))
 
 
 def build_hf_model(loaded: LoadedModel):
@@ -159,7 +161,7 @@ def hidden_and_targets(model, pairs: list[tuple[list[int], list[int]]], num_head
                        batch_size: int = 8, progress: Callable[[int], None] = lambda n: None
                        ) -> DistillData:
     """Teacher-forced forward over each prompt+response; keep response positions."""
-    hidden_rows, target_rows = [], []
+    hidden_rows, target_rows, root_rows = [], [], []
     lm_head = model.lm_head.weight  # [V, H]
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
@@ -185,5 +187,7 @@ def hidden_and_targets(model, pairs: list[tuple[list[int], list[int]]], num_head
             keep = targets[:, 0] != IGNORE
             hidden_rows.append(h[positions[keep]].clone())
             target_rows.append(targets[keep])
+            root_rows.append(argmax[positions[keep]])
         progress(len(batch))
-    return DistillData(torch.cat(hidden_rows), torch.cat(target_rows), len(pairs))
+    return DistillData(torch.cat(hidden_rows), torch.cat(target_rows), len(pairs),
+                       torch.cat(root_rows))

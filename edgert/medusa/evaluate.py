@@ -68,7 +68,9 @@ def evaluate_heads(engine, prompts: list[str] | None = None, max_new_tokens: int
             progress(1)
             continue
         tokens, hidden = greedy_with_hidden(engine, ids, max_new_tokens)
-        ids, _ = engine.backend.medusa_topk(hidden.astype(np.float32))  # [K,m,k]
+        # the root after hidden[j] is tokens[j], the backbone's own choice there
+        ids, _ = engine.backend.medusa_topk(hidden.astype(np.float32),
+                                            np.asarray(tokens, dtype=np.int64))  # [K,m,k]
         m = len(tokens)
         for i in range(num_heads):
             # position j's head i predicts tokens[j + i + 1]

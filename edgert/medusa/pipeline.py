@@ -35,11 +35,14 @@ class TrainHeadsOptions:
     distill: DistillOptions = field(default_factory=DistillOptions)
     data_file: Path | None = None
     max_prompts: int | None = None  # None: the whole shipped prompt set
+    prompts_per_topic: int = 3  # templates per topic in the shipped set (more: more data)
 
 
 def _data_key(loaded: LoadedModel, options: TrainHeadsOptions) -> str:
     described = {"source": loaded.source, "distill": dataclasses.asdict(options.distill),
                  "num_heads": options.train.num_heads, "max_prompts": options.max_prompts,
+                 **({"per_topic": options.prompts_per_topic}
+                    if options.prompts_per_topic != 3 else {}),
                  "data_file": str(options.data_file) if options.data_file else None}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -54,7 +57,7 @@ def build_distill_data(loaded: LoadedModel, options: TrainHeadsOptions,
         pairs = read_data_file(options.data_file, encoder)
         log(f"using {len(pairs)} examples from {options.data_file}")
     else:
-        prompts = training_prompts()[:options.max_prompts]
+        prompts = training_prompts(options.prompts_per_topic)[:options.max_prompts]
         with tqdm(total=len(prompts), desc="backbone responses", unit="prompt") as bar:
             pairs = generate_responses(model, encoder, prompts, options.distill, bar.update)
     with tqdm(total=len(pairs), desc="hidden states", unit="seq") as bar:
@@ -94,13 +97,14 @@ def train_heads_for_model(source: str, output: Path,
             bar.refresh()
 
         heads = train_heads(data, loaded.lm_head_t(), options.train, checkpoint,
-                            report)
+                            report, loaded.embedding())
     recipe = {
         "method": "medusa-1 self-distillation (frozen backbone)",
         "source": loaded.source,
         "data": {"file": str(options.data_file) if options.data_file else None,
                  "prompts": "edgert.medusa.prompts.training_prompts",
-                 "max_prompts": options.max_prompts, "sequences": data.sequences,
+                 "max_prompts": options.max_prompts,
+                 "prompts_per_topic": options.prompts_per_topic, "sequences": data.sequences,
                  "positions": len(data.hidden), **dataclasses.asdict(options.distill)},
         "train": dataclasses.asdict(options.train),
         "seconds": round(time.time() - started, 1),

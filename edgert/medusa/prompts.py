@@ -94,11 +94,19 @@ def _passages() -> list[str]:
     return out
 
 
-def _build(topics, code_topics, passages, seed) -> list[str]:
+def _build(topics, code_topics, passages, seed, per_topic: int = 3) -> list[str]:
+    """``per_topic`` templates per topic (code tasks: about two thirds as many)."""
     rng = random.Random(seed)
     prompts = [rng.choice(TEMPLATES).format(t=t) for t in topics for _ in range(3)]
     prompts += [rng.choice(CODE_TASKS).format(t=t) for t in code_topics for _ in range(2)]
-    for _ in range(len(topics) // 2):
+    if per_topic > 3:  # more data: further distinct templates, drawn from a separate stream
+        more = random.Random(seed + 1000)
+        for t in topics:
+            prompts += [x.format(t=t) for x in more.sample(TEMPLATES, per_topic)]
+        for t in code_topics:
+            prompts += [x.format(t=t) for x in more.sample(CODE_TASKS,
+                                                           min(len(CODE_TASKS), per_topic))]
+    for _ in range(len(topics) // 2 * max(1, per_topic // 3)):
         a, b = rng.randint(2, 19), rng.randint(2, 49)
         prompts.append(rng.choice(MATH_TEMPLATES).format(a=a, b=b, c=rng.randint(50, 400)))
     for passage in passages:
@@ -110,17 +118,19 @@ def _build(topics, code_topics, passages, seed) -> list[str]:
     return sorted(set(prompts))
 
 
-def _splits():
+def _splits(per_topic: int = 3):
     train_topics, held_topics = _split(TOPICS, 1)
     train_code, held_code = _split(CODE_TOPICS, 2)
     train_pass, held_pass = _split(_passages(), 3)
-    return (_build(train_topics, train_code, train_pass, 10),
-            _build(held_topics, held_code, held_pass, 11))
+    held = _build(held_topics, held_code, held_pass, 11)
+    train = _build(train_topics, train_code, train_pass, 10, per_topic)
+    return [p for p in train if p not in set(held)], held  # random arithmetic can collide
 
 
-def training_prompts() -> list[str]:
-    """A few hundred prompts used to self-distill the heads."""
-    return _splits()[0]
+def training_prompts(per_topic: int = 3) -> list[str]:
+    """Prompts used to self-distill the heads: a few hundred at ``per_topic=3``; more
+    templates per topic give more (the held-out topics and passages never appear)."""
+    return _splits(per_topic)[0]
 
 
 def heldout_prompts() -> list[str]:

@@ -27,6 +27,8 @@ class TrainOptions:
     num_heads: int = 4
     num_layers: int = 1
     projection: str = "shared"
+    condition: str = "none"  # "token": heads also read the tree root's embedding
+    output_vocab: int = 0  # V' > 0: heads score only the V' most frequent target tokens
     steps: int = 600
     batch_size: int = 256
     lr: float = 1e-3
@@ -60,23 +62,45 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> np.ndarray:
     return order[k * batch:(k + 1) * batch]
 
 
-def head_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """Per-head CE [K] and top-1 accuracy over valid targets. logits [K,B,V], targets [B,K]."""
+def frequent_tokens(data: DistillData, count: int, vocab: int) -> torch.Tensor:
+    """The ``count`` most frequent target tokens of ``data`` (ties: lower id), ascending."""
+    counts = torch.bincount(data.targets[data.targets != IGNORE], minlength=vocab)
+    order = torch.sort(-counts, stable=True).indices  # stable: ties keep the lower id first
+    return torch.sort(order[:count]).values
+
+
+def to_projected(targets: torch.Tensor, vocab_ids: torch.Tensor | None, vocab: int
+                 ) -> torch.Tensor:
+    """Targets as positions in the heads' logits; tokens outside ``vocab_ids`` -> IGNORE."""
+    if vocab_ids is None:
+        return targets
+    position = torch.full((vocab,), IGNORE, dtype=torch.int64)
+    position[vocab_ids] = torch.arange(len(vocab_ids))
+    return torch.where(targets == IGNORE, targets, position[targets.clamp(min=0)])
+
+
+def head_losses(logits: torch.Tensor, targets: torch.Tensor,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Per-head CE [K] and top-1 accuracy. logits [K,B,V'], targets [B,K] (positions in the
+    logits, IGNORE where absent or not scoreable); ``valid`` [B,K] marks the positions that
+    count for accuracy (default: targets != IGNORE), so a target outside an output vocab
+    counts as a miss."""
     losses, top1 = [], []
+    valid = targets != IGNORE if valid is None else valid
     for i in range(logits.shape[0]):
         t = targets[:, i]
-        valid = t != IGNORE
-        losses.append(nn.functional.cross_entropy(logits[i], t, ignore_index=IGNORE))
-        hits = (logits[i].argmax(-1) == t) & valid
-        top1.append(float(hits.sum()) / max(1, int(valid.sum())))
+        losses.append(nn.functional.cross_entropy(logits[i], t, ignore_index=IGNORE)
+                      if bool((t != IGNORE).any()) else logits[i].sum() * 0)
+        hits = (logits[i].argmax(-1) == t) & (t != IGNORE)
+        top1.append(float(hits.sum()) / max(1, int(valid[:, i].sum())))
     return torch.stack(losses), top1
 
 
 def _checkpoint_compatible(saved: dict, options: TrainOptions) -> None:
     theirs = dict(saved["options"])
     mine = dataclasses.asdict(options)
-    for key in ("num_heads", "num_layers", "projection", "batch_size", "seed", "lr", "decay",
-                "steps", "warmup"):
+    for key in ("num_heads", "num_layers", "projection", "condition", "output_vocab",
+                "batch_size", "seed", "lr", "decay", "steps", "warmup"):
         if theirs.get(key) != mine[key]:
             raise ConfigError(f"checkpoint was made with {key}={theirs.get(key)!r}, this run "
                               f"uses {mine[key]!r}; pass the same options or delete the "
@@ -85,15 +109,25 @@ def _checkpoint_compatible(saved: dict, options: TrainOptions) -> None:
 
 def train_heads(data: DistillData, lm_head_t: torch.Tensor, options: TrainOptions,
                 checkpoint: Path | None = None,
-                report: Callable[[StepReport], None] = lambda r: None) -> MedusaHeads:
-    """Train heads on ``data``; resumes from ``checkpoint`` when it exists."""
+                report: Callable[[StepReport], None] = lambda r: None,
+                embedding: torch.Tensor | None = None) -> MedusaHeads:
+    """Train heads on ``data``; resumes from ``checkpoint`` when it exists.
+
+    ``embedding`` [V, H] is the backbone's token embedding, needed with
+    ``condition="token"`` (the heads read the root token's embedding)."""
     if data.targets.shape[1] < options.num_heads:
         raise ConfigError(f"the data has targets for {data.targets.shape[1]} heads, "
                           f"{options.num_heads} requested; rebuild the data")
+    if options.condition == "token" and (data.roots is None or embedding is None):
+        raise ConfigError("token-conditioned heads need the data's root tokens and the "
+                          "backbone's embedding; rebuild the self-distillation data (delete "
+                          "the cached distill-*.pt)")
     torch.manual_seed(options.seed)
+    vocab = lm_head_t.shape[1]
+    vocab_ids = frequent_tokens(data, options.output_vocab, vocab) if options.output_vocab else None
     config = MedusaConfig(options.num_heads, options.num_layers, data.hidden.shape[1],
-                          lm_head_t.shape[1], options.projection)
-    heads = MedusaHeads(config, lm_head_t)
+                          vocab, options.projection, options.condition, options.output_vocab)
+    heads = MedusaHeads(config, lm_head_t, vocab_ids)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=options.lr,
                                   weight_decay=options.weight_decay)
     lm_head_t = lm_head_t.detach()
@@ -106,14 +140,17 @@ def train_heads(data: DistillData, lm_head_t: torch.Tensor, options: TrainOption
         start = int(saved["step"])
     weights = torch.tensor([options.decay ** i for i in range(options.num_heads)])
     targets_all = data.targets[:, :options.num_heads]
+    projected_all = to_projected(targets_all, vocab_ids, vocab)
+    projection = heads.select_vocab(lm_head_t)  # [H, V'], gathered once
     heads.train()
     for step in range(start, options.steps):
         rows = torch.from_numpy(batch_indices(step, len(data.hidden), options.batch_size,
                                               options.seed))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, options)
-        logits = heads(data.hidden[rows], lm_head_t)  # [K,B,V]
-        losses, top1 = head_losses(logits, targets_all[rows])
+        roots = embedding[data.roots[rows]] if options.condition == "token" else None
+        logits = heads(data.hidden[rows], projection, roots)  # [K,B,V']
+        losses, top1 = head_losses(logits, projected_all[rows], targets_all[rows] != IGNORE)
         loss = (losses * weights).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

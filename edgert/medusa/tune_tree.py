@@ -64,7 +64,7 @@ def measure_heads_ms(engine, repeats: int = 15) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        engine.backend.medusa_topk(hidden)
+        engine.backend.medusa_topk(hidden, np.zeros(1, dtype=np.int64))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 

@@ -203,7 +203,7 @@ class Engine:
         fits in the cache (near the capacity)."""
         tree = self.tree
         yield token
-        head_ids = self.backend.medusa_topk(out.hidden[-1:])[0][:, 0]  # [K,k]
+        head_ids = self._heads(out.hidden[-1:], token)  # [K,k]
         emitted = 0
         while self.cache.length + tree.size <= self.cache.capacity:
             tokens = propose_tree(tree, token, head_ids)
@@ -216,8 +216,12 @@ class Engine:
             stats["mean_accepted"] = emitted / stats["steps"]
             yield from new
             token = acc.next_token
-            head_ids = self.backend.medusa_topk(out.hidden[acc.nodes[-1:]])[0][:, 0]
+            head_ids = self._heads(out.hidden[acc.nodes[-1:]], token)
         yield from self._plain_tokens(token, opts.params, rng, stats, emitted=True)
+
+    def _heads(self, hidden: np.ndarray, root: int) -> np.ndarray:
+        """The heads' top-k [K,k] on one hidden state [1,H] whose next token is ``root``."""
+        return self.backend.medusa_topk(hidden, np.array([root], dtype=np.int64))[0][:, 0]
 
     def _base_stats(self) -> dict[str, Any]:
         return {"prefill_ms": 0.0, "decode_tokens_per_s": 0.0, "new_tokens": 0,

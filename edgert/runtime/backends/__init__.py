@@ -10,9 +10,13 @@ from typing import Protocol
 import numpy as np
 
 from edgert.errors import BackendError
-from edgert.manifest import Manifest
+from edgert.manifest import GraphSpec, Manifest
 from edgert.runtime.kv_cache import KVCacheBase
 
+
+def heads_read_root(graph: GraphSpec) -> bool:
+    """Whether a Medusa heads graph takes the tree root token (token-conditioned heads)."""
+    return any(spec.name == "root" for spec in graph.inputs)
 
 @dataclass
 class StepInputs:
@@ -50,8 +54,10 @@ class Backend(Protocol):
 
     def forward(self, step: StepInputs) -> StepOutputs: ...
 
-    def medusa_topk(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Medusa heads on hidden [n,H]: (ids [K,n,k], logits [K,n,k])."""
+    def medusa_topk(self, hidden: np.ndarray, roots: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Medusa heads on hidden [n,H] and the backbone's next token after each, roots [n]
+        (read by token-conditioned heads only): (ids [K,n,k], logits [K,n,k])."""
         ...
 
     has_dhsa: bool

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgert.errors import ArtifactError, BackendError
 from edgert.manifest import Manifest
-from edgert.runtime.backends import StepInputs, StepOutputs
+from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
 from edgert.runtime.kv_cache import KVCache
 
 GRAPH_KEY = "ort_gqa"
@@ -70,6 +70,7 @@ class OrtBackend:
         self.session = _session(path / graph.file, device, threads)
         medusa = manifest.graphs.get("medusa")
         self.heads_session = _session(path / medusa.file, device, threads) if medusa else None
+        self._heads_read_root = medusa is not None and heads_read_root(medusa)
         dhsa = manifest.graphs.get("dhsa")
         self.dhsa_session = _session(path / dhsa.file, device, threads) if dhsa else None
         self.device = device
@@ -91,9 +92,13 @@ class OrtBackend:
     def has_heads(self) -> bool:
         return self.heads_session is not None
 
-    def medusa_topk(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """hidden [n,H] -> (ids [K,n,k], logits [K,n,k]) of the Medusa heads."""
-        ids, logits = self.heads_session.run(None, {"hidden": hidden})
+    def medusa_topk(self, hidden: np.ndarray, roots: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """hidden [n,H], roots [n] -> (ids [K,n,k], logits [K,n,k]) of the Medusa heads."""
+        feed = {"hidden": hidden}
+        if self._heads_read_root:
+            feed["root"] = np.asarray(roots, dtype=np.int64)
+        ids, logits = self.heads_session.run(None, feed)
         return ids, logits
 
     @property

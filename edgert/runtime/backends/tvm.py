@@ -34,7 +34,7 @@ import numpy as np
 from edgert.errors import ArtifactError, BackendError
 from edgert.manifest import Manifest, sha256_file
 from edgert.passes.kernels.tree_attention import causal_order, tree_order_from_parents
-from edgert.runtime.backends import StepInputs, StepOutputs
+from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
 from edgert.runtime.kv_cache import ALIGNMENT, KVCache
 
 DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda"}
@@ -182,6 +182,8 @@ class TvmBackend:
         self.vm = relax.VirtualMachine(loaded["decoder.so"], dev)
         self.heads_vm = (relax.VirtualMachine(loaded["medusa.so"], dev)
                          if "medusa.so" in loaded else None)
+        medusa = manifest.graphs.get("medusa")
+        self._heads_read_root = medusa is not None and heads_read_root(medusa)
         if on_device:
             from edgert.runtime.device_kv_cache import DeviceKVCache
 
@@ -211,8 +213,12 @@ class TvmBackend:
     def has_heads(self) -> bool:
         return self.heads_vm is not None
 
-    def medusa_topk(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.heads_vm["main"](self._tensor(hidden))
+    def medusa_topk(self, hidden: np.ndarray, roots: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        args = [self._tensor(hidden)]
+        if self._heads_read_root:
+            args.append(self._tensor(np.asarray(roots, dtype=np.int64)))
+        out = self.heads_vm["main"](*args)
         return out[0].numpy(), out[1].numpy()
 
     def forward(self, step: StepInputs) -> StepOutputs:
