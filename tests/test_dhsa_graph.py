@@ -7,6 +7,7 @@ import io
 import warnings
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -16,6 +17,7 @@ import edgert
 from edgert.config import LlamaConfig
 from edgert.dhsa import reference
 from edgert.dhsa.params import DHSAParams
+from edgert.export.attention import fix_contrib_optional_inputs
 from edgert.export.dhsa_attention import DHSACore
 
 ATOL = 2e-6  # float32 reordering only: the same keys are selected
@@ -35,19 +37,40 @@ class CoreOnly(nn.Module):
         return self.core(query, key, value, None, None, ctx)[0]
 
 
-@pytest.fixture(scope="module")
-def core_session():
+def export_core(params: DHSAParams) -> ort.InferenceSession:
     buf = io.BytesIO()
-    t0 = SMALL.budget
+    t0 = params.budget + params.block_size + 3
     example = (torch.zeros(1, t0, 64), torch.zeros(1, t0, 32), torch.zeros(1, t0, 32),
                torch.tensor(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(CoreOnly(SMALL).eval(), example, buf,
+        torch.onnx.export(CoreOnly(params).eval(), example, buf,
                           input_names=["query", "key", "value", "fixed"], output_names=["out"],
                           dynamic_axes={n: {1: "T"} for n in ("query", "key", "value", "out")},
-                          opset_version=17, dynamo=False)
-    return ort.InferenceSession(buf.getvalue())
+                          opset_version=17, dynamo=False, custom_opsets={"com.microsoft": 1})
+    proto = onnx.load_from_string(buf.getvalue())
+    fix_contrib_optional_inputs(proto.graph)
+    return ort.InferenceSession(proto.SerializeToString())
+
+
+@pytest.fixture(scope="module")
+def core_session():
+    """local >= block_size: blocks attend to their own keys plus selected earlier ones."""
+    return export_core(SMALL)
+
+
+GENERAL = dataclasses.replace(SMALL, local=8, sink=2)  # local < block_size: the masked form
+
+
+@pytest.mark.parametrize("seq_len", [49, 100, 257])
+def test_general_form_matches_reference(seq_len):
+    session = export_core(GENERAL)
+    rng = np.random.default_rng(seq_len)
+    q = rng.standard_normal((4, seq_len, 16)).astype(np.float32)
+    k = rng.standard_normal((2, seq_len, 16)).astype(np.float32)
+    v = rng.standard_normal((2, seq_len, 16)).astype(np.float32)
+    expected, _, _ = reference.dhsa_attention(q, k, v, GENERAL)
+    np.testing.assert_allclose(run_core(session, q, k, v, 0), expected, atol=ATOL)
 
 
 def run_core(session, q, k, v, fixed):
@@ -59,7 +82,7 @@ def run_core(session, q, k, v, fixed):
     return out.reshape(t, hq, d).transpose(1, 0, 2)
 
 
-@pytest.mark.parametrize("seq_len", [48, 100, 150, 257])
+@pytest.mark.parametrize("seq_len", [49, 64, 65, 100, 150, 257])
 @pytest.mark.parametrize("fixed", [0, 10])
 def test_graph_matches_reference(core_session, seq_len, fixed):
     rng = np.random.default_rng(seq_len + fixed)
@@ -86,19 +109,16 @@ def test_graph_matches_reference_with_structured_boundaries(core_session):
     np.testing.assert_allclose(run_core(core_session, q, k, v, 0), expected, atol=ATOL)
 
 
-def test_full_budget_prefill_equals_dense(tiny_dhsa_artifact):
-    """A prompt exactly as long as the budget: every key is selected, so DHSA is dense."""
+def test_prompts_within_the_budget_prefill_densely(tiny_dhsa_artifact):
+    """A prompt no longer than the budget selects every key (dense attention exactly): even
+    with dhsa=True the runtime prefills it densely."""
     engine = edgert.load(tiny_dhsa_artifact)
     ids = np.random.default_rng(0).integers(3, 300, engine.dhsa.budget).tolist()
-    from edgert.runtime.steps import prefill, prefill_sparse
-
-    engine.cache.reset()
-    sparse = prefill_sparse(engine.backend, engine.cache, ids)
-    sparse_kv = engine.cache.storage[..., :len(ids), :].copy()
-    engine.cache.reset()
-    dense = prefill(engine.backend, engine.cache, ids, 512)
-    np.testing.assert_allclose(sparse.logits, dense.logits, atol=1e-4)
-    np.testing.assert_allclose(sparse_kv, engine.cache.storage[..., :len(ids), :], atol=1e-4)
+    assert not engine._use_dhsa(True, len(ids))
+    assert engine._use_dhsa(True, len(ids) + 1)
+    forced = engine.generate("short", dhsa=True, max_new_tokens=8)
+    dense = engine.generate("short", dhsa=False, max_new_tokens=8)
+    assert forced.stats["prefill"] == "dense" and forced.output_ids == dense.output_ids
 
 
 def test_short_prompts_are_unchanged(tiny_dhsa_artifact):
@@ -114,5 +134,3 @@ def test_long_prompts_use_dhsa(tiny_dhsa_artifact):
     result = engine.generate(text, max_new_tokens=8, chat=False)
     assert len(result.prompt_ids) > engine.dhsa.min_context
     assert result.stats["prefill"] == "dhsa"
-    with pytest.raises(edgert.GenerationError, match="at least its budget"):
-        engine.generate("short", dhsa=True)

@@ -84,7 +84,7 @@ class _GroupQueryAttention(torch.autograd.Function):
     def symbolic(g, query, key, value, past_k, past_v, seqlens_k, total_len, bias,
                  num_heads, num_kv_heads, head_dim):
         # The TorchScript exporter cannot emit empty optional inputs; the bias goes in slot 7
-        # here and fix_gqa_optional_inputs() moves it to slot 10 (after cos, sin, position_ids).
+        # here and fix_contrib_optional_inputs() moves it to slot 10 (after cos, sin, position_ids).
         out, present_k, present_v = g.op(
             "com.microsoft::GroupQueryAttention",
             query, key, value, past_k, past_v, seqlens_k, total_len, bias,
@@ -100,12 +100,20 @@ class _GroupQueryAttention(torch.autograd.Function):
 GQA_BIAS_SLOT = 10
 
 
-def fix_gqa_optional_inputs(graph) -> None:
-    """Move each GroupQueryAttention's bias from slot 7 to slot 10 (no rotary caches)."""
+MHA_BIAS_SLOT = 5
+
+
+def fix_contrib_optional_inputs(graph) -> None:
+    """Move the bias the exporter put right after the required inputs to its real slot:
+    GroupQueryAttention 7 -> 10 (no rotary caches), MultiHeadAttention 3 -> 5 (no projection
+    bias, no key padding mask)."""
     for node in graph.node:
         if node.op_type == "GroupQueryAttention" and len(node.input) == 8:
             bias = node.input[7]
             node.input[7:] = ["", "", "", bias]
+        elif node.op_type == "MultiHeadAttention" and len(node.input) == 4:
+            bias = node.input[3]
+            node.input[3:] = ["", "", bias]
 
 
 class GQACore(nn.Module):

@@ -7,8 +7,23 @@ pass can find it and lower it into one fused kernel.
     boundary layer: probe attention -> mass ratios -> NMS (MaxPool) -> chunk starts [T] (shared)
     every layer:    chunk ids = CumSum(starts)-1 -> chunk sums (ScatterElements add) / sqrt(len)
                     block vectors [nb,D] . chunk vectors -> Gather(ids) -> token scores [nb,T]
-                    + causal/local/sink masks -> TopK(budget) -> Gather K/V [Hkv,nb,budget,D]
-                    -> MatMul/Softmax/MatMul per block; last dense_tail queries dense
+                    then attention (below); the last dense_tail queries attend densely
+
+Attention, when ``local >= block_size`` (the defaults), split so that no per-layer mask is
+built: the local window then contains the block itself, so a block attends to its own keys
+(causally) plus ``budget - block_size`` keys strictly before it, which need no mask::
+
+    blocks [0, n0), n0 = budget // block_size: every allowed key fits the budget -> dense causal
+    blocks [n0, nb): TopK(budget - bs) of the earlier keys (sink/local forced) -> Gather K/V
+           (token-major, KV heads repeated, with the block's own keys appended: one Gather)
+        -> com.microsoft MultiHeadAttention, batch = block, with a constant bias (causal
+           within the own keys; the same [bs, budget] tensor for every block and layer)
+    the last block again, exactly: TopK(budget - its length) (a partial block has more room)
+
+Otherwise (``local < block_size``) the general form: TopK(budget) over all allowed keys ->
+Gather K/V [Hkv,nb,budget,D] -> MatMul / causal mask (Where) / Softmax / MatMul per block.
+Both select the same keys as ``edgert.dhsa.reference.select_keys``. The first form needs
+a prompt longer than ``budget`` (the runtime sends DHSA nothing shorter).
 """
 
 from __future__ import annotations
@@ -26,6 +41,43 @@ NEG_INF = float("-inf")
 
 def _repeat(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.repeat_interleave(group, dim=0) if group > 1 else x
+
+
+def causal_bias(rows: int, cols: int) -> torch.Tensor:
+    """[1,1,rows,cols] additive bias: the rows are the last ``rows`` of ``cols`` positions,
+    each sees the keys up to its own position."""
+    query_pos = torch.arange(rows)[:, None] + (cols - rows)
+    bias = torch.where(torch.arange(cols)[None, :] > query_pos, torch.full((rows, cols),
+                       NEG_INF), torch.zeros(rows, cols))
+    return bias[None, None]
+
+
+class _BlockMHA(torch.autograd.Function):
+    """Each block's queries over its gathered keys with an additive bias. Eager: the math
+    (tracing, tests). Export: one com.microsoft MultiHeadAttention node (ONNX Runtime's CPU
+    kernel fuses scores, bias, softmax and the value product, parallel over blocks x heads).
+
+    query [n,S,H*D], key/value [n,L,H*D], bias [1,1,S,L] -> [n,S,H*D]
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, num_heads, head_dim):
+        n, s, _ = query.shape
+        length = key.shape[1]
+        q = query.view(n, s, num_heads, head_dim).transpose(1, 2)
+        k = key.view(n, length, num_heads, head_dim).transpose(1, 2)
+        v = value.view(n, length, num_heads, head_dim).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim) + bias
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return out.transpose(1, 2).reshape(n, s, num_heads * head_dim)
+
+    @staticmethod
+    def symbolic(g, query, key, value, bias, num_heads, head_dim):
+        # attention_bias is input 5; fix_contrib_optional_inputs() moves it there after export
+        out = g.op("com.microsoft::MultiHeadAttention", query, key, value, bias,
+                   num_heads_i=num_heads)
+        out.setType(query.type())
+        return out
 
 
 class DHSACore(nn.Module):
@@ -103,6 +155,78 @@ class DHSACore(nn.Module):
         values, index = torch.topk(ranked, p.budget, dim=1)
         return index, values > NEG_INF
 
+    def select_earlier(self, scores, block_start, block_end, slots):
+        """Top ``slots`` keys strictly before each block (sink and local window forced):
+        scores [n,T], block_start/block_end [n,1] -> index [n,slots]. Every slot is a real key
+        (callers guarantee block_start >= slots)."""
+        p = self.p
+        t = torch.arange(scores.shape[1])[None, :]
+        earlier = t < block_start
+        forced = earlier & ((t < p.sink) | (t >= block_end - p.local))
+        ranked = torch.where(forced, torch.full_like(scores, float("inf")),
+                             torch.where(earlier, scores, torch.full_like(scores, NEG_INF)))
+        return torch.topk(ranked, slots, dim=1).indices
+
+    def _block_attention(self, tokens_q, tokens_k, tokens_v, index):
+        """Blocks of queries over [their selected earlier keys | their own keys], causal
+        within their own keys, the bias the same for every block and layer.
+
+        tokens_q [T',Hq*D] (padded to whole blocks, these blocks only), tokens_k/v [T,Hq*D]
+        (KV heads repeated to the query heads), index [n,P+S] (the own keys last; clamped to
+        T-1 past the prompt, which the bias hides) -> [n,S,Hq*D]."""
+        n, length = index.shape
+        q = tokens_q.view(n, -1, self.h * self.d)
+        s = q.shape[1]
+        return _BlockMHA.apply(q, tokens_k[index], tokens_v[index], causal_bias(s, length),
+                               self.h, self.d)
+
+    def sparse_blocks(self, scores, query, key, value):
+        """The ``local >= block_size`` form (module docstring), dense tail included; same
+        keys as ``select``. Needs a prompt longer than the budget (the runtime's condition
+        for DHSA). query/key/value: the core's token-major inputs [1,T,H*D]; returns
+        [T,Hq*D]."""
+        p = self.p
+        seq_len = query.shape[1]
+        bs, hq, d = p.block_size, self.h, self.d
+        nb = scores.shape[0]
+        n0 = p.budget // bs
+        head = n0 * bs  # queries that see at most `budget` keys: dense
+        tokens_q = nn.functional.pad(query[0], (0, 0, 0, nb * bs - seq_len))  # whole blocks
+        tokens_k = self._heads_repeated(key, seq_len)
+        tokens_v = self._heads_repeated(value, seq_len)
+        out_head = _BlockMHA.apply(tokens_q[None, :head], tokens_k[None, :head],
+                                   tokens_v[None, :head], causal_bias(head, head), hq, d)[0]
+        blocks = torch.arange(nb)[n0:, None]
+        earlier = self.select_earlier(scores[n0:], blocks * bs,
+                                      ((blocks + 1) * bs).clamp(max=seq_len), p.budget - bs)
+        own = (blocks * bs + torch.arange(bs)[None, :]).clamp(max=seq_len - 1)
+        out_mid = self._block_attention(tokens_q[head:], tokens_k, tokens_v,
+                                        torch.cat([earlier, own], dim=1))
+        # the last block, exactly: a partial block has budget - its length earlier keys
+        last = (nb - 1) * bs
+        own_len = seq_len - last
+        last_block = torch.arange(nb)[nb - 1:, None]
+        last_earlier = self.select_earlier(scores[nb - 1:], last_block * bs,
+                                           ((last_block + 1) * bs).clamp(max=seq_len),
+                                           p.budget - own_len)
+        last_own = torch.arange(seq_len)[last:][None, :]
+        out_last = self._block_attention(tokens_q[last:seq_len], tokens_k, tokens_v,
+                                         torch.cat([last_earlier, last_own], dim=1))
+        parts = [out_head, out_mid.reshape(-1, hq * d)[:last - head],
+                 out_last.reshape(-1, hq * d)]
+        out = torch.cat(parts, dim=0)  # [T,Hq*D]
+        if p.dense_tail:
+            tail = p.dense_tail
+            dense = _BlockMHA.apply(tokens_q[None, seq_len - tail:seq_len], tokens_k[None],
+                                    tokens_v[None], causal_bias(tail, seq_len), hq, d)[0]
+            out = torch.cat([out[:seq_len - tail], dense], dim=0)
+        return out
+
+    def _heads_repeated(self, x, seq_len):
+        """[1,T,Hkv*D] -> [T,Hq*D]: each KV head repeated for its query heads (GQA)."""
+        x = x.view(seq_len, self.hkv, 1, self.d).expand(seq_len, self.hkv, self.group, self.d)
+        return x.reshape(seq_len, self.h * self.d)
+
     # -- attention ----------------------------------------------------------------------
     def sparse(self, q, k, v, index, valid):
         p = self.p
@@ -121,7 +245,12 @@ class DHSACore(nn.Module):
         out = torch.matmul(torch.softmax(scores, dim=-1), v_sel)  # [Hkv,nb,g*bs,D]
         out = out.view(self.hkv, nb, g, bs, d).permute(0, 2, 1, 3, 4).reshape(self.h,
                                                                               nb * bs, d)
-        out = out[:, :seq_len]
+        return out[:, :seq_len]
+
+    def with_dense_tail(self, out, q, k, v):
+        """The last ``dense_tail`` queries (the instruction) attend densely."""
+        p = self.p
+        seq_len, g, d = q.shape[1], self.group, self.d
         if p.dense_tail:
             tail = p.dense_tail
             qt = q[:, seq_len - tail:]
@@ -150,8 +279,12 @@ class DHSACore(nn.Module):
         else:
             if ctx["starts"] is None:
                 ctx["starts"] = self.chunk_starts(q, k, ctx["fixed_chunk"])
-            index, valid = self.select(self.token_scores(q, k, ctx["starts"]), seq_len)
-            out = self.sparse(q, k, v, index, valid)
+            scores = self.token_scores(q, k, ctx["starts"])
+            if self.p.local >= self.p.block_size:
+                out = self.sparse_blocks(scores, query, key, value)[None]
+                return out, k[None], v[None]
+            index, valid = self.select(scores, seq_len)
+            out = self.with_dense_tail(self.sparse(q, k, v, index, valid), q, k, v)
         out = out.transpose(0, 1).reshape(1, seq_len, self.h * self.d)
         return out, k[None], v[None]
 

@@ -114,7 +114,8 @@ class LlamaDecoder(nn.Module):
         self.attention: AttentionVariant = ATTENTION_VARIANTS[attention]
         # prefill-only variants are traced with a prompt this long (DHSA: >= its budget)
         dhsa = core_options.get("dhsa")
-        self.example_length = dhsa.budget if dhsa is not None else 8
+        # a traced prompt with full sparse blocks and a partial last one (every graph path)
+        self.example_length = dhsa.budget + dhsa.block_size + 3 if dhsa is not None else 8
         if not config.tie_word_embeddings:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.lm_head_t = nn.Parameter(torch.zeros(config.hidden_size, config.vocab_size))

@@ -17,7 +17,7 @@ import torch
 from onnx import external_data_helper
 
 from edgert.errors import EdgertError
-from edgert.export.attention import fix_gqa_optional_inputs
+from edgert.export.attention import fix_contrib_optional_inputs
 from edgert.export.llama import LlamaDecoder
 
 OPSET = 17
@@ -117,7 +117,7 @@ def trace_decoder(model: LlamaDecoder) -> onnx.ModelProto:
         )
     proto = onnx.load_from_string(buffer.getvalue())
     _readable_initializer_names(proto)
-    fix_gqa_optional_inputs(proto.graph)
+    fix_contrib_optional_inputs(proto.graph)
     proto.producer_name = "edgert"
     return proto
 

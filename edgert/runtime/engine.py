@@ -169,7 +169,9 @@ class Engine:
         stats["decode_tokens_per_s"] = (new - 1) / elapsed if new > 1 and elapsed > 0 else 0.0
 
     def _use_dhsa(self, requested: bool | None, prompt_len: int) -> bool:
-        """Default: DHSA above its min_context; True forces it (prompt >= its budget)."""
+        """Default: DHSA above its min_context; True forces it for any prompt longer than its
+        budget. A prompt no longer than the budget selects every key, which is dense
+        attention exactly, so it prefills densely either way."""
         if requested is False:
             return False
         if self.dhsa is None:
@@ -177,13 +179,9 @@ class Engine:
                 raise GenerationError("this artifact has no DHSA prefill graph; re-export it "
                                       "with a KV capacity above 1024 (or pass dhsa=False)")
             return False
-        if requested:
-            if prompt_len < self.dhsa.budget:
-                raise GenerationError(f"DHSA needs a prompt of at least its budget "
-                                      f"({self.dhsa.budget} tokens), got {prompt_len}; pass "
-                                      "dhsa=None to decide automatically")
-            return True
-        return prompt_len > self.dhsa.min_context
+        if prompt_len <= self.dhsa.budget:
+            return False
+        return bool(requested) or prompt_len > self.dhsa.min_context
 
     def _plain_tokens(self, token: int, params: SamplingParams, rng: np.random.Generator,
                       stats: dict[str, Any], emitted: bool = False) -> Iterator[int]:
