@@ -196,3 +196,30 @@ def test_conditioned_heads_decode_losslessly(conditioned_artifact):
         plain = engine.generate(prompt, max_new_tokens=200, medusa=False)
         fast = engine.generate(prompt, max_new_tokens=200, medusa=True)
         assert fast.output_ids == plain.output_ids, prompt
+
+
+def test_tvm_build_of_conditioned_heads_matches_ort(conditioned_artifact, tmp_path):
+    """llvm: the heads graph (root embedding, output vocab) and Medusa decoding agree with
+    ONNX Runtime; webgpu: the narrowed build has no 64-bit integers left."""
+    import shutil
+
+    pytest.importorskip("tvm")
+    from edgert.compile import compile_artifact
+
+    art = tmp_path / "art"
+    shutil.copytree(conditioned_artifact, art)
+    compile_artifact(art, "llvm", log=lambda m: None)
+    ort_engine, tvm_engine = edgert.load(art), edgert.load(art, backend="tvm")
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(2, ort_engine.manifest.config.hidden_size)).astype(np.float32)
+    roots = np.array([7, 30], dtype=np.int64)
+    want_ids, want_logits = ort_engine.backend.medusa_topk(hidden, roots)
+    got_ids, got_logits = tvm_engine.backend.medusa_topk(hidden, roots)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    prompt = "Write a story about a robot."
+    assert (tvm_engine.generate(prompt, max_new_tokens=40, medusa=True).output_ids
+            == ort_engine.generate(prompt, max_new_tokens=40, medusa=True).output_ids)
+    record = compile_artifact(art, "webgpu", log=lambda m: None)
+    assert "medusa.wgsl" in record["files"]
+    assert "i64" not in (art / "tvm" / "webgpu" / "medusa.wgsl").read_text()
