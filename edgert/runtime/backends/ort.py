@@ -39,13 +39,18 @@ def _providers(device: str) -> list[str]:
     return PROVIDERS[device]
 
 
-def _session(path: Path, device: str, threads: int):
+def _session(path: Path, device: str, threads: int, spin: bool = True):
+    """``spin=False`` for sessions that run between decode steps (the Medusa heads): ONNX
+    Runtime's idle workers spin-wait after a run, and a second session's spinning workers
+    would take the cores from the next decode step."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=_providers(device))
     except BackendError:
@@ -69,7 +74,8 @@ class OrtBackend:
                                 "re-export it with this edgert")
         self.session = _session(path / graph.file, device, threads)
         medusa = manifest.graphs.get("medusa")
-        self.heads_session = _session(path / medusa.file, device, threads) if medusa else None
+        self.heads_session = (_session(path / medusa.file, device, threads, spin=False)
+                              if medusa else None)
         self._heads_read_root = medusa is not None and heads_read_root(medusa)
         dhsa = manifest.graphs.get("dhsa")
         self.dhsa_session = _session(path / dhsa.file, device, threads) if dhsa else None
