@@ -223,3 +223,11 @@ def test_tvm_build_of_conditioned_heads_matches_ort(conditioned_artifact, tmp_pa
     record = compile_artifact(art, "webgpu", log=lambda m: None)
     assert "medusa.wgsl" in record["files"]
     assert "i64" not in (art / "tvm" / "webgpu" / "medusa.wgsl").read_text()
+
+
+def test_heads_session_does_not_spin_wait(conditioned_artifact):
+    """The heads run between two verification forwards: their idle workers must not spin on
+    the cores the next forward needs (docs/medusa.md)."""
+    backend = edgert.load(conditioned_artifact).backend
+    heads = backend.heads_session.get_session_options()
+    assert heads.get_session_config_entry("session.intra_op.allow_spinning") == "0"
