@@ -29,21 +29,14 @@ def tiny_artifact(tiny_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_medusa_artifact(tiny_dir, tmp_path_factory) -> Path:
     """The tiny model with (random) Medusa heads: 3 heads, top-4 candidates."""
-    import json
 
-    import torch
+
+    from tiny_model import save_random_heads
 
     from edgert.export.exporter import ExportOptions, export_model
-    from edgert.medusa.heads import MedusaConfig, MedusaHeads, save_heads
 
-    cfg = json.loads((tiny_dir / "config.json").read_text())
-    heads = MedusaHeads(MedusaConfig(3, 1, cfg["hidden_size"], cfg["vocab_size"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0, 0.3)
     root = tmp_path_factory.mktemp("tiny_medusa")
-    save_heads(heads, root / "heads")
+    save_random_heads(tiny_dir, root / "heads", seed=0, std=0.3)
     art = root / "artifact"
     export_model(str(tiny_dir), art, ExportOptions(max_context=512, heads=root / "heads",
                                                    medusa_topk=4), log=lambda m: None)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_model import save_random_heads
 
 import edgert
-from edgert.medusa.heads import MedusaConfig, MedusaHeads, save_heads
+from edgert.medusa.heads import save_heads
 from edgert.medusa.tree import build_tree_buffers, chain_tree
 from edgert.runtime.medusa import accept_greedy, accept_typical, propose_tree
 from edgert.runtime.sampling import SamplingParams
@@ -95,16 +96,8 @@ def test_typical_accepts_a_confident_candidate_and_rejects_an_unlikely_one():
 @pytest.fixture(scope="module")
 def random_heads_dir(tiny_dir, tmp_path_factory) -> Path:
     """Heads with random (bad) weights: their proposals are mostly wrong."""
-    cfg = json.loads((tiny_dir / "config.json").read_text())
-    heads = MedusaHeads(MedusaConfig(num_heads=3, num_layers=1, hidden_size=cfg["hidden_size"],
-                                     vocab_size=cfg["vocab_size"]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("random_heads")
-    save_heads(heads, out)
-    return out
+    return save_random_heads(tiny_dir, tmp_path_factory.mktemp("random_heads"), seed=1,
+                             std=0.5)
 
 
 def export_with(tiny_dir, heads_dir, tmp_path, tree="cpu", capacity=768) -> Path:

@@ -9,11 +9,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from tiny_model import save_random_heads
 
 import edgert
 from edgert.errors import ConfigError
 from edgert.medusa.distill import IGNORE, DistillData
-from edgert.medusa.heads import MedusaConfig, MedusaHeads, load_heads, save_heads
+from edgert.medusa.heads import MedusaConfig, MedusaHeads, load_heads
 from edgert.medusa.train import (
     TrainOptions,
     frequent_tokens,
@@ -34,7 +35,7 @@ def conditioned(output_vocab: int = 4) -> MedusaHeads:
 def test_fresh_conditioned_heads_are_lm_head_on_their_vocab():
     heads = conditioned()
     h, e, lm_head_t = torch.randn(5, 8), torch.randn(5, 8), torch.randn(8, 11)
-    logits = heads(h, lm_head_t, e)
+    logits = heads(h, heads.select_vocab(lm_head_t), e)
     assert logits.shape == (2, 5, 4)
     torch.testing.assert_close(logits, (h @ lm_head_t[:, VOCAB_IDS]).expand(2, 5, 4))
     assert heads.to_vocab(torch.tensor([0, 3, 2])).tolist() == [1, 10, 7]
@@ -125,7 +126,8 @@ def test_conditioned_training_lowers_the_loss(loaded, distill_data):
 
     def loss(h):
         with torch.no_grad():
-            return float(head_losses(h(distill_data.hidden, lm_head_t, roots), targets)[0].sum())
+            logits = h(distill_data.hidden, h.select_vocab(lm_head_t), roots)
+            return float(head_losses(logits, targets)[0].sum())
 
     assert loss(heads) < 0.8 * loss(fresh)
     with pytest.raises(ConfigError, match="embedding"):
@@ -137,16 +139,9 @@ def conditioned_heads_dir(tiny_dir, tmp_path_factory) -> Path:
     """Random (bad) token-conditioned heads over a 40-token output vocab."""
     cfg = json.loads((tiny_dir / "config.json").read_text())
     vocab_ids = torch.randperm(cfg["vocab_size"], generator=torch.Generator().manual_seed(0))
-    heads = MedusaHeads(MedusaConfig(3, 1, cfg["hidden_size"], cfg["vocab_size"],
-                                     condition="token", output_vocab=40),
-                        vocab_ids=torch.sort(vocab_ids[:40]).values)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("conditioned_heads")
-    save_heads(heads, out)
-    return out
+    return save_random_heads(tiny_dir, tmp_path_factory.mktemp("conditioned_heads"), seed=2,
+                             std=0.5, vocab_ids=torch.sort(vocab_ids[:40]).values,
+                             condition="token", output_vocab=40)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +169,7 @@ def test_exported_heads_graph_matches_the_module(conditioned_artifact, condition
     ids, logits = session.run(None, {"hidden": hidden, "root": roots})
     lm_head_t = loaded.lm_head_t()
     with torch.no_grad():
-        expected = heads(torch.from_numpy(hidden), lm_head_t,
+        expected = heads(torch.from_numpy(hidden), heads.select_vocab(lm_head_t),
                          loaded.embedding()[torch.from_numpy(roots)])
     values, index = torch.topk(expected, 4, dim=-1)
     np.testing.assert_allclose(logits, values.numpy(), rtol=1e-4, atol=1e-4)

@@ -84,3 +84,21 @@ def load_reference(directory: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+
+
+def save_random_heads(model_dir: Path, out: Path, seed: int, std: float,
+                      vocab_ids: torch.Tensor | None = None, **options) -> Path:
+    """Medusa heads for the tiny model in ``model_dir`` (3 heads, 1 block each; ``options``:
+    more MedusaConfig fields) with every weight drawn from N(0, std): bad proposals. Saved to
+    ``out``."""
+    from edgert.medusa.heads import MedusaConfig, MedusaHeads, save_heads
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads = MedusaHeads(MedusaConfig(3, 1, cfg["hidden_size"], cfg["vocab_size"], **options),
+                        vocab_ids=vocab_ids)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, std)
+    save_heads(heads, out)
+    return out

@@ -110,10 +110,10 @@ def fix_contrib_optional_inputs(graph) -> None:
     for node in graph.node:
         if node.op_type == "GroupQueryAttention" and len(node.input) == 8:
             bias = node.input[7]
-            node.input[7:] = ["", "", "", bias]
+            node.input[7:] = [""] * (GQA_BIAS_SLOT - 7) + [bias]
         elif node.op_type == "MultiHeadAttention" and len(node.input) == 4:
             bias = node.input[3]
-            node.input[3:] = ["", "", bias]
+            node.input[3:] = [""] * (MHA_BIAS_SLOT - 3) + [bias]
 
 
 class GQACore(nn.Module):

@@ -113,8 +113,8 @@ class TokenBlock(nn.Module):
 
 
 class MedusaHeads(nn.Module):
-    """``forward(hidden [..., H], lm_head_t [H, V], root_embedding [..., H] | None)
-    -> logits [K, ..., V']`` (V' = ``config.projected_vocab``)."""
+    """``forward(hidden [..., H], select_vocab(lm_head_t) [H, V'], root_embedding [..., H] |
+    None) -> logits [K, ..., V']`` (V' = ``config.projected_vocab``)."""
 
     def __init__(self, config: MedusaConfig, lm_head_t: torch.Tensor | None = None,
                  vocab_ids: torch.Tensor | None = None) -> None:
@@ -157,15 +157,13 @@ class MedusaHeads(nn.Module):
                                 for mix, blocks in zip(self.token_blocks, self.blocks)])
         return torch.stack([blocks(hidden) for blocks in self.blocks])
 
-    def forward(self, hidden: torch.Tensor, lm_head_t: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, projection: torch.Tensor | None,
                 root_embedding: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits over the projected vocab. ``lm_head_t`` is the full [H, V] (shared
-        projection) or already narrowed to [H, V'] (see :meth:`select_vocab`)."""
+        """Logits over the projected vocab. ``projection``: the shared projection [H, V'],
+        ``select_vocab(lm_head_t)`` (unused with own projections)."""
         states = self.head_states(hidden, root_embedding)
         if self.config.projection == "shared":
-            if lm_head_t.shape[1] != self.config.projected_vocab:
-                lm_head_t = self.select_vocab(lm_head_t)
-            return torch.matmul(states, lm_head_t)
+            return torch.matmul(states, projection)
         return torch.stack([torch.matmul(states[i], p) for i, p in enumerate(self.proj_t)])
 
     def to_vocab(self, index: torch.Tensor) -> torch.Tensor:

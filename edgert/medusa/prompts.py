@@ -95,7 +95,8 @@ def _passages() -> list[str]:
 
 
 def _build(topics, code_topics, passages, seed, per_topic: int = 3) -> list[str]:
-    """``per_topic`` templates per topic (code tasks: about two thirds as many)."""
+    """Three templates per topic and two per code topic; ``per_topic > 3`` adds
+    ``per_topic`` more distinct ones to each (at most all four code templates)."""
     rng = random.Random(seed)
     prompts = [rng.choice(TEMPLATES).format(t=t) for t in topics for _ in range(3)]
     prompts += [rng.choice(CODE_TASKS).format(t=t) for t in code_topics for _ in range(2)]
