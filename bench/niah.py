@@ -8,6 +8,11 @@ random passcode for a random object) is inserted at each depth; the question ask
 an answer counts when the greedy reply contains the passcode. Each (mode, context) runs in a
 fresh process so its peak RSS is its own. Prefill latency is the median of ``--runs`` prefills
 at 50% depth.
+
+Memory, two figures per mode: ``peak_rss_mb``, the process's peak (model load included: the
+three sessions' weights and the KV cache), and ``request_peak_mb``, the largest peak RSS while
+serving one request, measured from a peak reset (``/proc/self/clear_refs``) at its start, and
+``request_extra_mb``, that peak minus the RSS before the request: what prefill adds.
 """
 
 from __future__ import annotations
@@ -65,6 +70,25 @@ def build_prompt(engine, context: int, depth: float, seed: int) -> tuple[str, st
     return text_with(lo), code
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def request_memory(run) -> tuple[object, float, float]:
+    """(run(), peak RSS MB during it, that peak minus the RSS before it). Linux: the peak
+    (VmHWM) is reset to the current RSS first."""
+    before = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    result = run()
+    peak = _status_mb("VmHWM")
+    return result, peak, peak - before
+
+
 def worker(artifact: str, mode: str, context: int, depths: list[float], runs: int,
            fixed_chunk: int) -> dict:
     import edgert
@@ -73,10 +97,13 @@ def worker(artifact: str, mode: str, context: int, depths: list[float], runs: in
     if mode == "fixed":
         engine.dhsa_fixed_chunk = fixed_chunk
     kwargs = MODES[mode]
-    hits, latencies, prompt_tokens = [], [], []
+    hits, latencies, prompt_tokens, peaks, extras = [], [], [], [], []
     for j, depth in enumerate(depths):
         prompt, code = build_prompt(engine, context, depth, seed=context * 100 + j)
-        r = engine.generate(prompt, max_new_tokens=ANSWER_TOKENS, **kwargs)
+        r, peak, extra = request_memory(
+            lambda: engine.generate(prompt, max_new_tokens=ANSWER_TOKENS, **kwargs))
+        peaks.append(peak)
+        extras.append(extra)
         hits.append(code in r.text)
         prompt_tokens.append(len(r.prompt_ids))
         if abs(depth - 0.5) < 1e-9:
@@ -87,7 +114,8 @@ def worker(artifact: str, mode: str, context: int, depths: list[float], runs: in
     return {"mode": mode, "context": context, "accuracy": sum(hits) / len(hits),
             "hits": hits, "prefill_ms": common.median(latencies) if latencies else None,
             "prompt_tokens": prompt_tokens,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "request_peak_mb": max(peaks), "request_extra_mb": max(extras)}
 
 
 def main() -> None:
@@ -131,12 +159,15 @@ def main() -> None:
         rows.append({"context": r["context"], "mode": r["mode"],
                      "accuracy": f"{r['accuracy']:.2f}",
                      "prefill ms": r["prefill_ms"], "vs dense": ratio,
-                     "peak RSS MB": r["peak_rss_mb"]})
+                     "peak RSS MB": r["peak_rss_mb"],
+                     "request peak MB": r["request_peak_mb"],
+                     "prefill adds MB": r["request_extra_mb"]})
     record = {"bench": "niah", "model": manifest.source.get("name"), "backend": "ort",
               "dhsa": manifest.dhsa, "fixed_chunk": args.fixed_chunk, "depths": depths,
               "runs": args.runs, "machine": common.machine(), "results": results}
     common.emit(record, rows, ["context", "mode", "accuracy", "prefill ms", "vs dense",
-                               "peak RSS MB"], args.json_path)
+                               "peak RSS MB", "request peak MB", "prefill adds MB"],
+                args.json_path)
 
 
 if __name__ == "__main__":

@@ -46,12 +46,12 @@ def tiny_medusa_artifact(tiny_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dhsa_artifact(tiny_dir, tmp_path_factory) -> Path:
     """The tiny model with a DHSA prefill graph (small parameters: prompts over 128 tokens go
-    sparse; boundaries at layer 0)."""
+    sparse, in calls of 64 tokens; boundaries at layer 0)."""
     from edgert.dhsa.params import DHSAParams
     from edgert.export.exporter import ExportOptions, export_model
 
     params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
-                        probe_stride=8, min_context=128)
+                        probe_stride=8, min_context=128, prefill_chunk=64)
     out = tmp_path_factory.mktemp("tiny_dhsa") / "artifact"
     export_model(str(tiny_dir), out, ExportOptions(max_context=512, dhsa=params),
                  log=lambda m: None)

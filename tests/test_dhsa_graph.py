@@ -28,25 +28,35 @@ CFG = LlamaConfig(vocab_size=10, hidden_size=64, intermediate_size=16, num_hidde
 
 
 class CoreOnly(nn.Module):
+    """One layer's DHSA core as a graph: one prefill call against a cache."""
+
     def __init__(self, params: DHSAParams) -> None:
         super().__init__()
         self.core = DHSACore(CFG, 0, dhsa=params)
 
-    def forward(self, query, key, value, fixed):
-        ctx = {"fixed_chunk": fixed, "starts": None}
-        return self.core(query, key, value, None, None, ctx)[0]
+    def forward(self, query, key, value, past_k, past_v, fixed, prompt_len, past_starts):
+        ctx = {"fixed_chunk": fixed, "prompt_len": prompt_len, "past_starts": past_starts,
+               "starts": None}
+        out = self.core(query, key, value, past_k, past_v, ctx)[0]
+        return out, ctx["starts"]
 
 
 def export_core(params: DHSAParams) -> ort.InferenceSession:
     buf = io.BytesIO()
-    t0 = params.budget + params.block_size + 3
-    example = (torch.zeros(1, t0, 64), torch.zeros(1, t0, 32), torch.zeros(1, t0, 32),
-               torch.tensor(0))
+    q0 = params.budget + params.block_size + 3
+    p0 = 2 * params.block_size if params.local >= params.block_size else 0  # general: one call
+    cache = torch.zeros(1, 2, p0 + q0 + 2, 16)
+    example = (torch.zeros(1, q0, 64), torch.zeros(1, q0, 32), torch.zeros(1, q0, 32), cache,
+               cache, torch.tensor(0), torch.tensor(p0 + q0), torch.ones(p0, dtype=torch.bool))
+    axes = {n: {1: "q"} for n in ("query", "key", "value", "out")}
+    axes.update({"past_k": {2: "C"}, "past_v": {2: "C"}, "past_starts": {0: "P"},
+                 "starts": {0: "q"}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(CoreOnly(params).eval(), example, buf,
-                          input_names=["query", "key", "value", "fixed"], output_names=["out"],
-                          dynamic_axes={n: {1: "T"} for n in ("query", "key", "value", "out")},
+                          input_names=["query", "key", "value", "past_k", "past_v", "fixed",
+                                       "prompt_len", "past_starts"],
+                          output_names=["out", "starts"], dynamic_axes=axes,
                           opset_version=17, dynamo=False, custom_opsets={"com.microsoft": 1})
     proto = onnx.load_from_string(buf.getvalue())
     fix_contrib_optional_inputs(proto.graph)
@@ -59,42 +69,78 @@ def core_session():
     return export_core(SMALL)
 
 
-GENERAL = dataclasses.replace(SMALL, local=8, sink=2)  # local < block_size: the masked form
+CHUNKED = dataclasses.replace(SMALL, prefill_chunk=64)  # calls of 64 tokens (4 blocks)
+GENERAL = dataclasses.replace(SMALL, local=8, sink=2, prefill_chunk=0)  # the masked form
+
+
+def random_qkv(seq_len, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((4, seq_len, 16)).astype(np.float32),
+            rng.standard_normal((2, seq_len, 16)).astype(np.float32),
+            rng.standard_normal((2, seq_len, 16)).astype(np.float32))
+
+
+def run_core(session, q, k, v, fixed, params):
+    """The prompt through the core graph call by call, as the runtime does: the K/V of each
+    call go into a fixed cache, the chunk starts into the next call's past_chunk_starts.
+    Returns (out [Hq,T,D], starts [T])."""
+    hq, t, d = q.shape
+    capacity = t + 5
+    cache_k = np.zeros((1, 2, capacity, d), np.float32)
+    cache_v = np.zeros((1, 2, capacity, d), np.float32)
+    cache_k[0, :, :t], cache_v[0, :, :t] = k, v  # only [0, start) may be read by a call
+    starts = np.zeros(t, bool)
+    out = np.zeros((t, hq * d), np.float32)
+    for start, end in reference.prefill_calls(t, params):
+        visible_k, visible_v = cache_k.copy(), cache_v.copy()
+        visible_k[:, :, start:], visible_v[:, :, start:] = np.nan, np.nan
+        rows = slice(start, end)
+        out[rows], starts[rows] = session.run(None, {
+            "query": q[:, rows].transpose(1, 0, 2).reshape(1, end - start, hq * d),
+            "key": k[:, rows].transpose(1, 0, 2).reshape(1, end - start, -1),
+            "value": v[:, rows].transpose(1, 0, 2).reshape(1, end - start, -1),
+            "past_k": visible_k, "past_v": visible_v,
+            "fixed": np.array(fixed, dtype=np.int64), "prompt_len": np.array(t, np.int64),
+            "past_starts": starts[:start].copy()})
+    return out.reshape(t, hq, d).transpose(1, 0, 2), starts
 
 
 @pytest.mark.parametrize("seq_len", [49, 100, 257])
 def test_general_form_matches_reference(seq_len):
     session = export_core(GENERAL)
-    rng = np.random.default_rng(seq_len)
-    q = rng.standard_normal((4, seq_len, 16)).astype(np.float32)
-    k = rng.standard_normal((2, seq_len, 16)).astype(np.float32)
-    v = rng.standard_normal((2, seq_len, 16)).astype(np.float32)
+    q, k, v = random_qkv(seq_len, seq_len)
     expected, _, _ = reference.dhsa_attention(q, k, v, GENERAL)
-    np.testing.assert_allclose(run_core(session, q, k, v, 0), expected, atol=ATOL)
-
-
-def run_core(session, q, k, v, fixed):
-    hq, t, d = q.shape
-    out = session.run(None, {"query": q.transpose(1, 0, 2).reshape(1, t, hq * d),
-                             "key": k.transpose(1, 0, 2).reshape(1, t, -1),
-                             "value": v.transpose(1, 0, 2).reshape(1, t, -1),
-                             "fixed": np.array(fixed, dtype=np.int64)})[0]
-    return out.reshape(t, hq, d).transpose(1, 0, 2)
+    np.testing.assert_allclose(run_core(session, q, k, v, 0, GENERAL)[0], expected, atol=ATOL)
 
 
 @pytest.mark.parametrize("seq_len", [49, 64, 65, 100, 150, 257])
 @pytest.mark.parametrize("fixed", [0, 10])
 def test_graph_matches_reference(core_session, seq_len, fixed):
-    rng = np.random.default_rng(seq_len + fixed)
-    q = rng.standard_normal((4, seq_len, 16)).astype(np.float32)
-    k = rng.standard_normal((2, seq_len, 16)).astype(np.float32)
-    v = rng.standard_normal((2, seq_len, 16)).astype(np.float32)
-    expected, _, _ = reference.dhsa_attention(q, k, v, dataclasses.replace(SMALL,
-                                                                           fixed_chunk=fixed))
-    np.testing.assert_allclose(run_core(core_session, q, k, v, fixed), expected, atol=ATOL)
+    """One call over the whole prompt (prefill_chunk >= the prompt)."""
+    q, k, v = random_qkv(seq_len, seq_len + fixed)
+    params = dataclasses.replace(SMALL, fixed_chunk=fixed)
+    expected, starts, _ = reference.dhsa_attention(q, k, v, params)
+    out, got_starts = run_core(core_session, q, k, v, fixed, params)
+    np.testing.assert_allclose(out, expected, atol=ATOL)
+    np.testing.assert_array_equal(got_starts, starts)
 
 
-def test_graph_matches_reference_with_structured_boundaries(core_session):
+@pytest.mark.parametrize("seq_len", [65, 128, 135, 200, 257])
+@pytest.mark.parametrize("fixed", [0, 10])
+def test_chunked_calls_match_reference(core_session, seq_len, fixed):
+    """Calls of 64 query tokens against the cache (the last merged when shorter than the
+    dense tail: 135 = 64 + 71); NaN in the cache past each call's prefix proves a call reads
+    nothing beyond it."""
+    q, k, v = random_qkv(seq_len, 3 * seq_len + fixed)
+    params = dataclasses.replace(CHUNKED, fixed_chunk=fixed)
+    expected, starts, _ = reference.dhsa_attention(q, k, v, params)
+    out, got_starts = run_core(core_session, q, k, v, fixed, params)
+    np.testing.assert_allclose(out, expected, atol=ATOL)
+    np.testing.assert_array_equal(got_starts, starts)
+
+
+@pytest.mark.parametrize("params", [SMALL, CHUNKED], ids=["one call", "chunked"])
+def test_graph_matches_reference_with_structured_boundaries(core_session, params):
     """Inputs with real attention-mass jumps, so the dynamic boundary rule fires."""
     seq_len, d = 160, 16
     rng = np.random.default_rng(5)
@@ -104,9 +150,11 @@ def test_graph_matches_reference_with_structured_boundaries(core_session):
     q[:, :, 0] += 3.0
     k[:, 40:60, 0] += 3.0
     k[:, 100:110, 0] += 3.0
-    expected, starts, _ = reference.dhsa_attention(q, k, v, SMALL)
+    expected, starts, _ = reference.dhsa_attention(q, k, v, params)
     assert starts.sum() >= 3
-    np.testing.assert_allclose(run_core(core_session, q, k, v, 0), expected, atol=ATOL)
+    out, got_starts = run_core(core_session, q, k, v, 0, params)
+    np.testing.assert_allclose(out, expected, atol=ATOL)
+    np.testing.assert_array_equal(got_starts, starts)
 
 
 def test_prompts_within_the_budget_prefill_densely(tiny_dhsa_artifact):
@@ -134,3 +182,44 @@ def test_long_prompts_use_dhsa(tiny_dhsa_artifact):
     result = engine.generate(text, max_new_tokens=8, chat=False)
     assert len(result.prompt_ids) > engine.dhsa.min_context
     assert result.stats["prefill"] == "dhsa"
+
+
+def _dense_and_sparse_prefill(engine, ids):
+    """(logits, K/V of the prompt) after DHSA prefill and after dense prefill."""
+    from edgert.runtime.steps import prefill, prefill_sparse
+
+    results = []
+    for run in (lambda: prefill_sparse(engine.backend, engine.cache, ids),
+                lambda: prefill(engine.backend, engine.cache, ids, 512)):
+        engine.cache.reset()
+        out = run()
+        results.append((out.logits, engine.cache.storage[..., :len(ids), :].copy()))
+    return results
+
+
+def test_chunked_prefill_of_dense_layers_equals_dense_prefill(tiny_dir, tmp_path):
+    """With the boundary layer past the last layer every layer attends densely, so the
+    chunked DHSA prefill (calls of 64 tokens against the cache) must give dense prefill's
+    logits and K/V: the calls read the right prefix and land where they belong."""
+    from edgert.export.exporter import ExportOptions, export_model
+
+    params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
+                        probe_stride=8, min_context=128, prefill_chunk=64, boundary_layer=2)
+    export_model(str(tiny_dir), tmp_path / "art", ExportOptions(max_context=512, dhsa=params),
+                 log=lambda m: None)
+    engine = edgert.load(tmp_path / "art")
+    ids = np.random.default_rng(3).integers(3, 300, 260).tolist()
+    assert len(reference.prefill_calls(len(ids), params)) == 4  # the last one merged: 68
+    (sparse_logits, sparse_kv), (dense_logits, dense_kv) = _dense_and_sparse_prefill(engine, ids)
+    np.testing.assert_allclose(sparse_logits, dense_logits, atol=1e-4)
+    np.testing.assert_allclose(sparse_kv, dense_kv, atol=1e-4)
+
+
+def test_chunked_sparse_prefill_fills_the_cache(tiny_dhsa_artifact):
+    """Layer 0's K/V do not depend on attention: after the chunked sparse prefill they equal
+    dense prefill's at every position; layer 1's differ (its inputs went through DHSA)."""
+    engine = edgert.load(tiny_dhsa_artifact)
+    ids = np.random.default_rng(4).integers(3, 300, 250).tolist()
+    (_, sparse_kv), (_, dense_kv) = _dense_and_sparse_prefill(engine, ids)
+    np.testing.assert_allclose(sparse_kv[0], dense_kv[0], atol=1e-5)
+    assert np.abs(sparse_kv[1] - dense_kv[1]).max() > 1e-3

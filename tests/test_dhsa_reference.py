@@ -11,6 +11,7 @@ from edgert.dhsa.reference import (
     chunk_starts,
     dense_attention,
     dhsa_attention,
+    prefill_calls,
     select_keys,
     token_scores,
 )
@@ -101,7 +102,41 @@ def test_fixed_chunks():
     assert np.flatnonzero(starts).tolist() == [0, 10, 20, 30, 40]
 
 
+@pytest.mark.parametrize("seq_len, chunk, expected", [
+    (300, 64, [(0, 64), (64, 128), (128, 192), (192, 256), (256, 300)]),
+    (260, 64, [(0, 64), (64, 128), (128, 192), (192, 260)]),  # 4 < dense tail: merged
+    (64, 64, [(0, 64)]),
+    (300, 0, [(0, 300)]),
+])
+def test_prefill_calls(seq_len, chunk, expected):
+    params = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8,
+                        min_context=64, prefill_chunk=chunk)
+    assert prefill_calls(seq_len, params) == expected
+
+
+def test_chunked_calls_see_only_their_prefix():
+    """Each call [s, e) is decided from the tokens before e: changing tokens at and after a
+    call boundary changes neither the outputs nor the chunk starts before it."""
+    params = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8,
+                        probe_stride=8, min_context=64, prefill_chunk=64)
+    q, k, v = random_qkv(200)
+    out, starts, _ = dhsa_attention(q, k, v, params)
+    q2, k2, v2 = q.copy(), k.copy(), v.copy()
+    q2[:, 128:] *= -1.5
+    k2[:, 128:] += 3.0
+    v2[:, 128:] -= 2.0
+    out2, starts2, _ = dhsa_attention(q2, k2, v2, params)
+    np.testing.assert_array_equal(starts2[:128], starts[:128])
+    np.testing.assert_allclose(out2[:, :128], out[:, :128], atol=1e-6)
+    # while the whole-prompt call looks ahead: its boundaries use later probes
+    whole = DHSAParams(**{**params.to_dict(), "prefill_chunk": 0})
+    assert not np.array_equal(dhsa_attention(q, k, v, whole)[1], starts)
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    ({"prefill_chunk": 1000}, "multiple of"),
+    ({"prefill_chunk": 512}, "at least dhsa.budget"),
+    ({"local": 64, "prefill_chunk": 1024}, "local >= dhsa.block_size"),
     ({"local": 900, "sink": 200}, "must not exceed"),
     ({"min_context": 100}, "min_context"),
     ({"block_size": 0}, "block_size"),

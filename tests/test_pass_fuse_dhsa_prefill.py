@@ -149,19 +149,17 @@ def test_boundary_layer_past_the_last_layer_is_dense():
 @pytest.fixture(scope="module", params=[0, 1], ids=["boundary0", "boundary1"])
 def compiled(request, tiny_dir, tiny_dhsa_artifact, tmp_path_factory):
     """The tiny DHSA artifact compiled for llvm: boundaries at layer 0 (both layers sparse), or
-    at layer 1 (layer 0 dense through edgert_tree_attention, layer 1 sparse)."""
+    at layer 1 (layer 0 dense through edgert_tree_attention, layer 1 sparse). One prefill
+    call per prompt (``prefill_chunk = 0``): the form the TVM kernel computes."""
     from edgert.artifact import load_manifest
     from edgert.compile import compile_artifact
     from edgert.export.exporter import ExportOptions, export_model
 
     art = tmp_path_factory.mktemp("tvm_dhsa") / "artifact"
-    if request.param == 0:
-        shutil.copytree(tiny_dhsa_artifact, art)
-    else:
-        params = {**load_manifest(tiny_dhsa_artifact).dhsa, "boundary_layer": request.param}
-        export_model(str(tiny_dir), art, ExportOptions(max_context=512,
-                                                       dhsa=DHSAParams(**params)),
-                     log=lambda m: None)
+    params = {**load_manifest(tiny_dhsa_artifact).dhsa, "boundary_layer": request.param,
+              "prefill_chunk": 0}
+    export_model(str(tiny_dir), art, ExportOptions(max_context=512, dhsa=DHSAParams(**params)),
+                 log=lambda m: None)
     compile_artifact(art, "llvm", log=lambda m: None)
     return art
 
@@ -207,9 +205,13 @@ def test_every_token_matches_ort(engines, fixed_chunk):
     t = len(PROMPT)
     ids, positions = np.array([PROMPT]), np.arange(t)[None]
     everything = np.arange(t)
+    empty_cache = np.zeros((1, HKV, 256, D), np.float32)
     want = ort_engine.backend.dhsa_session.run(None, {
         "input_ids": ids, "position_ids": positions, "logits_index": everything,
-        "dhsa_fixed_chunk": np.array(fixed_chunk)})[0][0]
+        "dhsa_fixed_chunk": np.array(fixed_chunk), "prompt_length": np.array(t),
+        "past_chunk_starts": np.zeros(0, bool),
+        **{f"past_{kind}_{i}": empty_cache for i in range(2) for kind in ("key", "value")}
+    })[0][0]
     tensor = tvm.runtime.tensor
     caches = [tensor(np.zeros((HKV, 256, D), np.float32)) for _ in range(4)]
     got = tvm_engine.backend.vm["prefill_dhsa"](

@@ -26,6 +26,10 @@ class DHSAParams:
     boundary_layer: the layer whose attention places the boundaries (shared by all layers).
     fixed_chunk: 0 = dynamic boundaries; N > 0 = fixed N-token chunks (the baseline).
     min_context: prompts longer than this prefill through DHSA (shorter ones densely).
+    prefill_chunk: query tokens per prefill call (0: the whole prompt in one call). A call
+        sees only the tokens up to its end, like chunked prefill against the cache, so the
+        peak memory is sized by the chunk, not the prompt. A multiple of block_size, at
+        least the budget, and only with local >= block_size.
     """
 
     block_size: int = 128
@@ -40,13 +44,14 @@ class DHSAParams:
     boundary_layer: int = 0
     fixed_chunk: int = 0
     min_context: int = 1024
+    prefill_chunk: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("block_size", "budget", "local", "boundary_window", "nms_radius",
                      "probe_stride", "min_context"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"dhsa.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sink", "dense_tail", "fixed_chunk", "boundary_layer"):
+        for name in ("sink", "dense_tail", "fixed_chunk", "boundary_layer", "prefill_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"dhsa.{name} must be >= 0, got {getattr(self, name)}")
         if self.local + self.sink > self.budget:
@@ -55,6 +60,18 @@ class DHSAParams:
         if self.min_context < self.budget:
             raise ConfigError(f"dhsa.min_context ({self.min_context}) must be >= dhsa.budget "
                               f"({self.budget}): shorter prompts are cheaper dense")
+        if self.prefill_chunk:
+            self._check_prefill_chunk()
+
+    def _check_prefill_chunk(self) -> None:
+        chunk = self.prefill_chunk
+        if chunk % self.block_size or chunk < self.budget:
+            raise ConfigError(f"dhsa.prefill_chunk ({chunk}) must be a multiple of "
+                              f"dhsa.block_size ({self.block_size}) and at least dhsa.budget "
+                              f"({self.budget}); or 0 for the whole prompt in one call")
+        if self.local < self.block_size:
+            raise ConfigError(f"dhsa.prefill_chunk needs dhsa.local >= dhsa.block_size "
+                              f"({self.local} < {self.block_size}); set prefill_chunk to 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,6 +1,8 @@
-"""NumPy reference of one DHSA prefill attention call (causal, GQA).
+"""NumPy reference of DHSA prefill attention (causal, GQA).
 
-    q [Hq,T,D], k/v [Hkv,T,D] (rotary applied)
+    q [Hq,T,D], k/v [Hkv,T,D] (rotary applied). The prompt is processed in calls
+    (``prefill_calls``: query chunks of ``prefill_chunk`` tokens; 0 = one call): a call
+    covering [s, e) sees only tokens < e, as a chunked prefill against the cache does.
     1. boundaries (training-free, shared by all layers; computed at ``boundary_layer``):
        probe queries R = every probe_stride-th token + the last dense_tail tokens;
        A = causal softmax(q k^T / sqrt(D)) over R, averaged over heads  [|R|, T];
@@ -9,7 +11,9 @@
            ratio = (max + eps) / (min + eps)      (valid for 2w-1 <= c < T-2w)
        boundaries = ratio >= threshold and a local maximum within +-nms_radius,
        plus one before the dense tail; (fixed_chunk > 0: every fixed_chunk tokens instead)
-    2. chunks: key chunk j = [s_j, s_{j+1});  vec_j = mean(k_bar[chunk]) * sqrt(len)
+       per call [s, e): probes in [s, e) decide the boundaries after c in [s-1, e-1)
+       (valid also needs c < e - 2w); earlier boundaries are kept as they were
+    2. chunks: key chunk j = [s_j, s_{j+1}) cut at e;  vec_j = mean(k_bar[chunk]) * sqrt(len)
        query block b (block_size tokens): vec_b = mean(q_bar[block]) * sqrt(len)
        (q_bar, k_bar: averaged over heads)
     3. token score[b, t] = vec_b . vec_{chunk(t)}; allowed: t < end of block b (causal);
@@ -41,17 +45,34 @@ def _repeat_kv(x: np.ndarray, group: int) -> np.ndarray:
     return np.repeat(x, group, axis=0)
 
 
+def prefill_calls(seq_len: int, params: DHSAParams) -> list[tuple[int, int]]:
+    """[(start, end)] of the prefill calls: ``prefill_chunk`` query tokens each (0: one call);
+    a last call shorter than the dense tail is merged into the one before it, so the
+    instruction is never split."""
+    chunk = params.prefill_chunk
+    if not chunk or seq_len <= chunk:
+        return [(0, seq_len)]
+    ends = [*range(chunk, seq_len, chunk), seq_len]
+    if ends[-1] - ends[-2] < max(params.dense_tail, 1):
+        del ends[-2]
+    return list(zip([0, *ends[:-1]], ends))
+
+
 def probe_rows(seq_len: int, params: DHSAParams) -> np.ndarray:
     strided = np.arange(params.probe_stride - 1, seq_len, params.probe_stride)
     tail = np.arange(max(0, seq_len - max(params.dense_tail, 1)), seq_len)
     return np.unique(np.concatenate([strided, tail]))
 
 
-def boundary_ratios(q: np.ndarray, k: np.ndarray, params: DHSAParams) -> np.ndarray:
-    """ratio[c] for a boundary between c and c+1 (0 where not a valid candidate)."""
+def boundary_ratios(q: np.ndarray, k: np.ndarray, params: DHSAParams, start: int = 0,
+                    prompt_len: int | None = None) -> np.ndarray:
+    """ratio[c] for a boundary between c and c+1 (0 where not a valid candidate), for the call
+    that covers [start, E): q/k are the tokens [0, E) (E = q.shape[1]); the probes are the
+    prompt's probe rows in [start, E) and the candidates c in [start - 1, E - 1)."""
     hq, seq_len, d = q.shape
     w = params.boundary_window
-    rows = probe_rows(seq_len, params)
+    rows = probe_rows(prompt_len or seq_len, params)
+    rows = rows[(rows >= start) & (rows < seq_len)]
     keys = _repeat_kv(k, hq // k.shape[0])
     scores = np.einsum("hrd,htd->hrt", q[:, rows], keys) / np.sqrt(d)
     scores = np.where(np.arange(seq_len)[None, None, :] <= rows[None, :, None], scores, NEG)
@@ -65,13 +86,16 @@ def boundary_ratios(q: np.ndarray, k: np.ndarray, params: DHSAParams) -> np.ndar
     past = (past_rows * probe_ok).sum(0)
     future = (future_rows * probe_ok).sum(0)
     ratio = (np.maximum(past, future) + EPS) / (np.minimum(past, future) + EPS)
-    valid = (c >= 2 * w - 1) & (c < seq_len - 2 * w)
+    valid = (c >= 2 * w - 1) & (c < seq_len - 2 * w) & (c >= start - 1)
     return np.where(valid, ratio, 0.0).astype(np.float32)
 
 
-def chunk_starts(ratio: np.ndarray, params: DHSAParams) -> np.ndarray:
-    """Boolean [T]: token t starts a chunk. Token 0 always does."""
+def chunk_starts(ratio: np.ndarray, params: DHSAParams, prompt_len: int | None = None
+                 ) -> np.ndarray:
+    """Boolean [E]: token t starts a chunk. Token 0 always does; so does the dense tail of a
+    prompt of ``prompt_len`` (default E) tokens."""
     seq_len = len(ratio)
+    prompt_len = prompt_len or seq_len
     starts = np.zeros(seq_len, dtype=bool)
     starts[0] = True
     if params.fixed_chunk:
@@ -82,16 +106,28 @@ def chunk_starts(ratio: np.ndarray, params: DHSAParams) -> np.ndarray:
     window_max = np.lib.stride_tricks.sliding_window_view(padded, 2 * r + 1).max(axis=1)
     peaks = (ratio >= params.boundary_threshold) & (ratio >= window_max)
     starts[1:] |= peaks[:-1]  # boundary after c: chunk starts at c + 1
-    if params.dense_tail and seq_len > params.dense_tail:
-        starts[seq_len - params.dense_tail] = True  # the instruction is a chunk of its own
+    tail_start = prompt_len - params.dense_tail
+    if params.dense_tail and 0 < tail_start < seq_len:
+        starts[tail_start] = True  # the instruction is a chunk of its own
     return starts
 
 
-def token_scores(q: np.ndarray, k: np.ndarray, starts: np.ndarray,
-                 params: DHSAParams) -> np.ndarray:
-    """[nb, T] score of every key token for every query block (its chunk's score)."""
+def causal_chunk_starts(q: np.ndarray, k: np.ndarray, params: DHSAParams) -> np.ndarray:
+    """Chunk starts [T] of a whole prompt, call by call (each call decides its own tokens)."""
+    seq_len = q.shape[1]
+    starts = np.zeros(seq_len, dtype=bool)
+    for start, end in prefill_calls(seq_len, params):
+        ratio = boundary_ratios(q[:, :end], k[:, :end], params, start, seq_len)
+        starts[start:end] = chunk_starts(ratio, params, seq_len)[start:]
+    return starts
+
+
+def token_scores(q: np.ndarray, k: np.ndarray, starts: np.ndarray, params: DHSAParams,
+                 start: int = 0) -> np.ndarray:
+    """[nb, E] score of every key token for every query block of the call [start, E) (its
+    chunk's score); q/k/starts: the tokens [0, E)."""
     _, seq_len, _ = q.shape
-    q_bar = q.mean(axis=0)  # [T,D]
+    q_bar = q[:, start:].mean(axis=0)  # [E-start,D]
     k_bar = k.mean(axis=0)
     ids = np.cumsum(starts) - 1  # chunk id per token
     n_chunks = ids[-1] + 1
@@ -100,10 +136,10 @@ def token_scores(q: np.ndarray, k: np.ndarray, starts: np.ndarray,
     lengths = np.bincount(ids, minlength=n_chunks).astype(np.float32)
     chunk_vec = sums / np.sqrt(lengths)[:, None]  # mean * sqrt(len)
     bs = params.block_size
-    nb = -(-seq_len // bs)
+    nb = -(-len(q_bar) // bs)
     padded = np.zeros((nb * bs, q_bar.shape[1]), np.float32)
-    padded[:seq_len] = q_bar
-    block_len = np.minimum(bs, seq_len - np.arange(nb) * bs).astype(np.float32)
+    padded[:len(q_bar)] = q_bar
+    block_len = np.minimum(bs, len(q_bar) - np.arange(nb) * bs).astype(np.float32)
     block_vec = padded.reshape(nb, bs, -1).sum(axis=1) / np.sqrt(block_len)[:, None]
     return (block_vec @ chunk_vec.T)[:, ids]  # upsample chunk scores to tokens
 
@@ -114,10 +150,13 @@ class Selection:
     valid: np.ndarray  # [nb, budget] bool: a real, causally allowed key
 
 
-def select_keys(scores: np.ndarray, seq_len: int, params: DHSAParams) -> Selection:
+def select_keys(scores: np.ndarray, seq_len: int, params: DHSAParams,
+                start: int = 0) -> Selection:
+    """The keys of each query block of the call [start, seq_len) (``start`` a multiple of the
+    block size)."""
     nb = scores.shape[0]
     t = np.arange(seq_len)[None, :]
-    block_end = np.minimum((np.arange(nb)[:, None] + 1) * params.block_size, seq_len)
+    block_end = np.minimum((np.arange(nb)[:, None] + 1) * params.block_size + start, seq_len)
     allowed = t < block_end
     forced = allowed & ((t < params.sink) | (t >= block_end - params.local))
     ranked = np.where(forced, np.inf, np.where(allowed, scores, NEG)).astype(np.float32)
@@ -127,14 +166,17 @@ def select_keys(scores: np.ndarray, seq_len: int, params: DHSAParams) -> Selecti
     return Selection(order, valid)
 
 
-def sparse_attention(q, k, v, sel: Selection, params: DHSAParams) -> np.ndarray:
+def sparse_attention(q, k, v, sel: Selection, params: DHSAParams, start: int = 0,
+                     prompt_len: int | None = None) -> np.ndarray:
+    """Rows [start, E) of the attention output (q/k/v: the tokens [0, E)); the rows of the
+    prompt's dense tail attend densely."""
     hq, seq_len, d = q.shape
     group = hq // k.shape[0]
     keys, values = _repeat_kv(k, group), _repeat_kv(v, group)
     out = np.zeros_like(q)
     bs = params.block_size
     for b in range(sel.index.shape[0]):
-        qs = np.arange(b * bs, min((b + 1) * bs, seq_len))
+        qs = np.arange(start + b * bs, min(start + (b + 1) * bs, seq_len))
         idx = sel.index[b]
         s = np.einsum("hqd,hkd->hqk", q[:, qs], keys[:, idx]) / np.sqrt(d)
         ok = sel.valid[b][None, None, :] & (idx[None, None, :] <= qs[None, :, None])
@@ -142,11 +184,11 @@ def sparse_attention(q, k, v, sel: Selection, params: DHSAParams) -> np.ndarray:
         out[:, qs] = np.einsum("hqk,hkd->hqd", p, values[:, idx])
     tail = params.dense_tail
     if tail:
-        qs = np.arange(max(0, seq_len - tail), seq_len)
+        qs = np.arange(max(start, (prompt_len or seq_len) - tail), seq_len)
         s = np.einsum("hqd,htd->hqt", q[:, qs], keys) / np.sqrt(d)
         s = np.where(np.arange(seq_len)[None, None, :] <= qs[None, :, None], s, NEG)
         out[:, qs] = np.einsum("hqt,htd->hqd", _softmax(s), values)
-    return out
+    return out[:, start:]
 
 
 def dense_attention(q, k, v) -> np.ndarray:
@@ -158,9 +200,19 @@ def dense_attention(q, k, v) -> np.ndarray:
 
 
 def dhsa_attention(q, k, v, params: DHSAParams, starts: np.ndarray | None = None):
-    """One DHSA call; ``starts`` (chunk starts) computed from this call's q/k if not given.
-    Returns (out [Hq,T,D], starts, selection)."""
+    """DHSA over a whole prompt, call by call (``prefill_calls``); ``starts`` (chunk starts)
+    computed from this q/k if not given. Returns (out [Hq,T,D], starts, selection of every
+    query block)."""
+    seq_len = q.shape[1]
     if starts is None:
-        starts = chunk_starts(boundary_ratios(q, k, params), params)
-    sel = select_keys(token_scores(q, k, starts, params), q.shape[1], params)
-    return sparse_attention(q, k, v, sel, params), starts, sel
+        starts = causal_chunk_starts(q, k, params)
+    out = np.zeros_like(q)
+    selections = []
+    for start, end in prefill_calls(seq_len, params):
+        scores = token_scores(q[:, :end], k[:, :end], starts[:end], params, start)
+        sel = select_keys(scores, end, params, start)
+        out[:, start:end] = sparse_attention(q[:, :end], k[:, :end], v[:, :end], sel, params,
+                                             start, seq_len)
+        selections.append(sel)
+    return out, starts, Selection(np.concatenate([s.index for s in selections]),
+                                  np.concatenate([s.valid for s in selections]))

@@ -170,7 +170,11 @@ class AttentionVariant:
     shared_cache: bool  # True: past/present are the runtime's capacity-sized buffers, aliased
     context: Callable  # (tree_mask, past_key_0, extra inputs) -> ctx passed to every core
     example_extra: Callable[[int, int], list[torch.Tensor]]  # (q, past) -> extra inputs
-    prefill_only: bool = False  # the whole prompt in one call, no past
+    # a prefill graph (DHSA): one call per prompt chunk, the cache buffers as read-only
+    # inputs, the new tokens' K/V as outputs
+    prefill_only: bool = False
+    extra_outputs: tuple[str, ...] = ()
+    context_outputs: Callable = lambda ctx: ()  # ctx -> the extra outputs
 
 
 def _dhsa_core(config, layer_index=0, **options):
@@ -185,6 +189,13 @@ def _dhsa_context(tree_mask, past_k0, extra):
     return dhsa_context(tree_mask, past_k0, extra)
 
 
+def _dhsa_example_extra(q: int, past: int) -> list[torch.Tensor]:
+    past_starts = torch.zeros(past, dtype=torch.bool)
+    past_starts[:1] = True
+    return [torch.tensor(0, dtype=torch.int64), torch.tensor(past + q, dtype=torch.int64),
+            past_starts]
+
+
 ATTENTION_VARIANTS: dict[str, AttentionVariant] = {
     "portable": AttentionVariant("portable", PortableCore, (), False, _portable_context,
                                  lambda q, past: []),
@@ -192,8 +203,9 @@ ATTENTION_VARIANTS: dict[str, AttentionVariant] = {
         "ort_gqa", GQACore, ("seqlens_k", "total_sequence_length"), True, _gqa_context,
         lambda q, past: [torch.tensor([past + q - 1], dtype=torch.int32),
                          torch.tensor(past + q, dtype=torch.int32)]),
-    # the whole prompt in one call (no past), DHSA sparse attention in every layer
-    "dhsa": AttentionVariant("dhsa", _dhsa_core, ("dhsa_fixed_chunk",), False, _dhsa_context,
-                             lambda q, past: [torch.tensor(0, dtype=torch.int64)],
-                             prefill_only=True),
+    # prefill calls (a prompt chunk against the cache), DHSA sparse attention in every layer
+    "dhsa": AttentionVariant(
+        "dhsa", _dhsa_core, ("dhsa_fixed_chunk", "prompt_length", "past_chunk_starts"), False,
+        _dhsa_context, _dhsa_example_extra, prefill_only=True,
+        extra_outputs=("chunk_starts",), context_outputs=lambda ctx: (ctx["starts"],)),
 }

@@ -1,29 +1,36 @@
 """DHSA prefill attention core in export-friendly torch (standard ONNX ops: CumSum,
-ScatterElements(add), MaxPool, TopK, Gather, MatMul, Softmax). Mirrors
-``edgert.dhsa.reference`` step for step; exported as ``model.dhsa.onnx`` (whole prompt in one
-call, no past). Every layer's core is one subgraph under ``/layers.i/self_attn/core`` so a TVM
-pass can find it and lower it into one fused kernel.
+ScatterElements(add), MaxPool, TopK, Gather, MatMul, Softmax, plus com.microsoft
+MultiHeadAttention). Mirrors ``edgert.dhsa.reference`` step for step; exported as
+``model.dhsa.onnx``. One call of the graph is one prefill call of the reference
+(``prefill_calls``): ``q`` new tokens at [P, E) against the P cached ones, E = P + q. The
+cache buffers come in as inputs (read only), so a long prompt is prefilled in query chunks and
+the peak memory is sized by the chunk. Every layer's core is one subgraph under
+``/layers.i/self_attn/core`` so a TVM pass can find it and lower it into one fused kernel.
 
-    boundary layer: probe attention -> mass ratios -> NMS (MaxPool) -> chunk starts [T] (shared)
-    every layer:    chunk ids = CumSum(starts)-1 -> chunk sums (ScatterElements add) / sqrt(len)
-                    block vectors [nb,D] . chunk vectors -> Gather(ids) -> token scores [nb,T]
-                    then attention (below); the last dense_tail queries attend densely
+    boundary layer: probe attention -> mass ratios -> NMS (MaxPool) -> chunk starts of the q
+                    new tokens (shared by all layers; the earlier ones come in as an input)
+    every layer:    chunk ids = CumSum(starts)-1 over [0, E) -> chunk sums (ScatterElements
+                    add) / sqrt(len); block vectors [nb,D] . chunk vectors -> Gather(ids)
+                    -> token scores [nb,E]; then attention (below)
 
-Attention, when ``local >= block_size`` (the defaults), split so that no per-layer mask is
-built: the local window then contains the block itself, so a block attends to its own keys
-(causally) plus ``budget - block_size`` keys strictly before it, which need no mask::
+Attention, when ``local >= block_size`` (the defaults): the local window then contains the
+block itself, so a block attends to its own keys (causally) plus ``budget - block_size`` keys
+strictly before it::
 
-    blocks [0, n0), n0 = budget // block_size: every allowed key fits the budget -> dense causal
-    blocks [n0, nb): TopK(budget - bs) of the earlier keys (sink/local forced) -> Gather K/V
-           (token-major, KV heads repeated, with the block's own keys appended: one Gather)
-        -> com.microsoft MultiHeadAttention, batch = block, with a constant bias (causal
-           within the own keys; the same [bs, budget] tensor for every block and layer)
+    every block: TopK(budget - bs) of its earlier keys (sink/local forced) -> one Gather of
+        [earlier | own] keys token-major (KV heads repeated) -> com.microsoft
+        MultiHeadAttention, batch = block. The bias is causal over the own keys, and hides the
+        earlier slots past the block's start (a block near the start of the prompt has fewer
+        earlier keys than slots: it attends to all of them, i.e. densely). It depends on
+        positions only, so it is built once per call and shared by the layers.
     the last block again, exactly: TopK(budget - its length) (a partial block has more room)
+    the prompt's last dense_tail queries (the instruction): dense over [0, E)
 
-Otherwise (``local < block_size``) the general form: TopK(budget) over all allowed keys ->
-Gather K/V [Hkv,nb,budget,D] -> MatMul / causal mask (Where) / Softmax / MatMul per block.
-Both select the same keys as ``edgert.dhsa.reference.select_keys``. The first form needs
-a prompt longer than ``budget`` (the runtime sends DHSA nothing shorter).
+Otherwise (``local < block_size``, whole prompt in one call only) the general form:
+TopK(budget) over all allowed keys -> Gather K/V [Hkv,nb,budget,D] -> MatMul / causal mask
+(Where) / Softmax / MatMul per block. Both select the same keys as
+``edgert.dhsa.reference.select_keys``. A call needs E > budget - block_size keys
+(``prefill_chunk >= budget``; the runtime sends DHSA no prompt within the budget).
 """
 
 from __future__ import annotations
@@ -52,12 +59,24 @@ def causal_bias(rows: int, cols: int) -> torch.Tensor:
     return bias[None, None]
 
 
+def earlier_slots_bias(block_start: torch.Tensor, slots: int, rows: int,
+                       cols: int) -> torch.Tensor:
+    """[n,1,rows,cols] bias of blocks whose keys are [``slots`` earlier | own]: the own keys
+    causal, an earlier slot hidden unless it is one of the block's ``block_start`` earlier
+    keys (TopK ranks the real ones first)."""
+    slot = torch.arange(cols)[None, :]
+    hidden = (slot < slots) & (slot >= block_start)  # [n,cols]
+    earlier = torch.where(hidden, torch.full(hidden.shape, NEG_INF),
+                          torch.zeros(hidden.shape))
+    return causal_bias(rows, cols) + earlier[:, None, None, :]
+
+
 class _BlockMHA(torch.autograd.Function):
     """Each block's queries over its gathered keys with an additive bias. Eager: the math
     (tracing, tests). Export: one com.microsoft MultiHeadAttention node (ONNX Runtime's CPU
     kernel fuses scores, bias, softmax and the value product, parallel over blocks x heads).
 
-    query [n,S,H*D], key/value [n,L,H*D], bias [1,1,S,L] -> [n,S,H*D]
+    query [n,S,H*D], key/value [n,L,H*D], bias [1 or n,1,S,L] -> [n,S,H*D]
     """
 
     @staticmethod
@@ -91,57 +110,64 @@ class DHSACore(nn.Module):
         self.p = dhsa or DHSAParams()
 
     # -- boundaries ---------------------------------------------------------------------
-    def chunk_starts(self, q, k, fixed_chunk):
+    def chunk_starts(self, q, k, past_len, prompt_len, fixed_chunk):
+        """Chunk starts [q] of this call's tokens: q [Hq,q,D] new queries, k [Hkv,E,D]."""
         p = self.p
-        seq_len = q.shape[1]
-        w = p.boundary_window
-        t = torch.arange(seq_len)
+        q_len, total = q.shape[1], k.shape[1]
+        w, stride = p.boundary_window, p.probe_stride
         tail = max(p.dense_tail, 1)
-        rows = torch.cat([torch.arange(p.probe_stride - 1, seq_len - tail, p.probe_stride),
-                          torch.arange(seq_len - tail, seq_len)])
+        pos = torch.arange(q_len) + past_len  # the new tokens' positions
+        t = torch.arange(total)
+        # probes: every stride-th position, and the prompt's last `tail` ones (the last
+        # `tail` rows of a call are taken, weighted 0 where they are not probes)
+        first = (stride - 1 - past_len) % stride
+        rows = torch.cat([torch.arange(first, q_len - tail, stride),
+                          torch.arange(q_len - tail, q_len)])
+        row_pos = pos.index_select(0, rows)
+        is_probe = ((row_pos % stride) == stride - 1) | (row_pos >= prompt_len - tail)
         keys = _repeat(k, self.group)
         scores = torch.matmul(q.index_select(1, rows), keys.transpose(1, 2)) / math.sqrt(self.d)
-        scores = scores.masked_fill(t[None, None, :] > rows[None, :, None], NEG_INF)
-        attn = torch.softmax(scores, dim=-1).mean(0)  # [R,T]
+        scores = scores.masked_fill(t[None, None, :] > row_pos[None, :, None], NEG_INF)
+        attn = torch.softmax(scores, dim=-1).mean(0)  # [R,E]
         csum = torch.cat([torch.zeros_like(attn[:, :1]), torch.cumsum(attn, dim=1)], dim=1)
-        lo = (t - w + 1).clamp(min=0)
-        mid = t + 1
-        hi = (t + w + 1).clamp(max=seq_len)
-        past_rows = csum.index_select(1, mid) - csum.index_select(1, lo)
-        future_rows = csum.index_select(1, hi) - csum.index_select(1, mid)
-        probe_ok = (rows[:, None] >= (t + w)[None, :]).to(attn.dtype)
+        c = pos - 1  # candidate: a boundary after c starts a chunk at c + 1 = pos
+        lo = (c - w + 1).clamp(min=0)
+        hi = (c + w + 1).clamp(max=total)
+        past_rows = csum.index_select(1, pos) - csum.index_select(1, lo)
+        future_rows = csum.index_select(1, hi) - csum.index_select(1, pos)
+        probe_ok = ((row_pos[:, None] >= (c + w)[None, :]) & is_probe[:, None]).to(attn.dtype)
         past = (past_rows * probe_ok).sum(0)
         future = (future_rows * probe_ok).sum(0)
         ratio = (torch.maximum(past, future) + 1e-6) / (torch.minimum(past, future) + 1e-6)
-        valid = (t >= 2 * w - 1) & (t < seq_len - 2 * w)
+        valid = (c >= 2 * w - 1) & (c < total - 2 * w)
         ratio = torch.where(valid, ratio, torch.zeros_like(ratio))
         r = p.nms_radius
         window_max = nn.functional.max_pool1d(ratio[None, None], 2 * r + 1, stride=1,
                                               padding=r)[0, 0]
-        peaks = (ratio >= p.boundary_threshold) & (ratio >= window_max)
-        # boundary after c -> chunk starts at c+1; token 0 and the dense tail start chunks
-        starts = torch.cat([torch.ones(1, dtype=torch.bool), peaks[:-1]])
+        starts = (ratio >= p.boundary_threshold) & (ratio >= window_max)
+        starts = starts | (pos == 0)
         if p.dense_tail:
-            starts = starts | (t == seq_len - p.dense_tail)
-        grid = (t % fixed_chunk.clamp(min=1)) == 0
+            starts = starts | (pos == prompt_len - p.dense_tail)  # the instruction
+        grid = (pos % fixed_chunk.clamp(min=1)) == 0
         use_grid = fixed_chunk > 0  # (no Where on booleans: ORT lacks that kernel)
         return (use_grid & grid) | (~use_grid & starts)
 
     # -- selection ----------------------------------------------------------------------
     def token_scores(self, q, k, starts):
+        """q [Hq,q,D] this call's queries, k [Hkv,E,D], starts [E] -> [nb,E]."""
         p = self.p
-        seq_len = q.shape[1]
+        q_len, total = q.shape[1], k.shape[1]
         bs = p.block_size
-        q_bar, k_bar = q.mean(0), k.mean(0)  # [T,D]
+        q_bar, k_bar = q.mean(0), k.mean(0)  # [q,D], [E,D]
         ids = torch.cumsum(starts.to(torch.int64), dim=0) - 1
-        sums = torch.zeros_like(k_bar).scatter_add(0, ids[:, None].expand(seq_len, self.d), k_bar)
+        sums = torch.zeros_like(k_bar).scatter_add(0, ids[:, None].expand(total, self.d), k_bar)
         lengths = torch.zeros_like(k_bar[:, 0]).scatter_add(0, ids, torch.ones_like(k_bar[:, 0]))
         chunk_vec = sums / lengths.clamp(min=1.0).sqrt()[:, None]
-        nb = (seq_len + bs - 1) // bs
-        padded = nn.functional.pad(q_bar, (0, 0, 0, nb * bs - seq_len))
-        block_len = (seq_len - torch.arange(nb) * bs).clamp(max=bs).to(q.dtype)
+        nb = (q_len + bs - 1) // bs
+        padded = nn.functional.pad(q_bar, (0, 0, 0, nb * bs - q_len))
+        block_len = (q_len - torch.arange(nb) * bs).clamp(max=bs).to(q.dtype)
         block_vec = padded.view(nb, bs, self.d).sum(1) / block_len.sqrt()[:, None]
-        return torch.matmul(block_vec, chunk_vec.t()).index_select(1, ids)  # [nb,T]
+        return torch.matmul(block_vec, chunk_vec.t()).index_select(1, ids)  # [nb,E]
 
     def select(self, scores, seq_len):
         p = self.p
@@ -157,8 +183,8 @@ class DHSACore(nn.Module):
 
     def select_earlier(self, scores, block_start, block_end, slots):
         """Top ``slots`` keys strictly before each block (sink and local window forced):
-        scores [n,T], block_start/block_end [n,1] -> index [n,slots]. Every slot is a real key
-        (callers guarantee block_start >= slots)."""
+        scores [n,E], block_start/block_end [n,1] -> index [n,slots]; the real keys rank
+        first, the slots past ``block_start`` of them are hidden by the bias."""
         p = self.p
         t = torch.arange(scores.shape[1])[None, :]
         earlier = t < block_start
@@ -167,67 +193,68 @@ class DHSACore(nn.Module):
                              torch.where(earlier, scores, torch.full_like(scores, NEG_INF)))
         return torch.topk(ranked, slots, dim=1).indices
 
-    def _block_attention(self, tokens_q, tokens_k, tokens_v, index):
-        """Blocks of queries over [their selected earlier keys | their own keys], causal
-        within their own keys, the bias the same for every block and layer.
-
-        tokens_q [T',Hq*D] (padded to whole blocks, these blocks only), tokens_k/v [T,Hq*D]
-        (KV heads repeated to the query heads), index [n,P+S] (the own keys last; clamped to
-        T-1 past the prompt, which the bias hides) -> [n,S,Hq*D]."""
+    def _gather_heads(self, tokens, index):
+        """tokens [E,Hkv*D], index [n,L] -> [n,L,Hq*D], each KV head repeated (GQA)."""
         n, length = index.shape
-        q = tokens_q.view(n, -1, self.h * self.d)
-        s = q.shape[1]
-        return _BlockMHA.apply(q, tokens_k[index], tokens_v[index], causal_bias(s, length),
-                               self.h, self.d)
+        x = tokens[index].view(n, length, self.hkv, 1, self.d)
+        return x.expand(n, length, self.hkv, self.group, self.d).reshape(n, length,
+                                                                         self.h * self.d)
 
-    def sparse_blocks(self, scores, query, key, value):
+    def _block_attention(self, tokens_q, k_tok, v_tok, index, bias):
+        """Blocks of queries over the keys ``index`` [n,L]: tokens_q [n*S,Hq*D] (padded to
+        whole blocks), k_tok/v_tok [E,Hkv*D] -> [n,S,Hq*D]."""
+        n = index.shape[0]
+        q = tokens_q.view(n, -1, self.h * self.d)
+        return _BlockMHA.apply(q, self._gather_heads(k_tok, index),
+                               self._gather_heads(v_tok, index), bias, self.h, self.d)
+
+    def sparse_blocks(self, scores, query, k, v, past_len, prompt_len, ctx):
         """The ``local >= block_size`` form (module docstring), dense tail included; same
-        keys as ``select``. Needs a prompt longer than the budget (the runtime's condition
-        for DHSA). query/key/value: the core's token-major inputs [1,T,H*D]; returns
-        [T,Hq*D]."""
+        keys as ``select``. query [1,q,Hq*D] this call's queries, k/v [Hkv,E,D] all keys;
+        returns [q,Hq*D]."""
         p = self.p
-        seq_len = query.shape[1]
+        q_len, total = query.shape[1], k.shape[1]
         bs, hq, d = p.block_size, self.h, self.d
         nb = scores.shape[0]
-        n0 = p.budget // bs
-        head = n0 * bs  # queries that see at most `budget` keys: dense
-        tokens_q = nn.functional.pad(query[0], (0, 0, 0, nb * bs - seq_len))  # whole blocks
-        tokens_k = self._heads_repeated(key, seq_len)
-        tokens_v = self._heads_repeated(value, seq_len)
-        out_head = _BlockMHA.apply(tokens_q[None, :head], tokens_k[None, :head],
-                                   tokens_v[None, :head], causal_bias(head, head), hq, d)[0]
-        blocks = torch.arange(nb)[n0:, None]
-        earlier = self.select_earlier(scores[n0:], blocks * bs,
-                                      ((blocks + 1) * bs).clamp(max=seq_len), p.budget - bs)
-        own = (blocks * bs + torch.arange(bs)[None, :]).clamp(max=seq_len - 1)
-        out_mid = self._block_attention(tokens_q[head:], tokens_k, tokens_v,
-                                        torch.cat([earlier, own], dim=1))
+        tokens_q = nn.functional.pad(query[0], (0, 0, 0, nb * bs - q_len))  # whole blocks
+        k_tok = k.transpose(0, 1).reshape(total, self.hkv * d)
+        v_tok = v.transpose(0, 1).reshape(total, self.hkv * d)
+        slots = p.budget - bs
+        block_start = past_len + torch.arange(nb)[:, None] * bs
+        block_end = (block_start + bs).clamp(max=total)
+        if "block_bias" not in ctx:  # positions only: built once, shared by the layers
+            ctx["block_bias"] = earlier_slots_bias(block_start, slots, bs, p.budget)
+        earlier = self.select_earlier(scores, block_start, block_end, slots)
+        own = (block_start + torch.arange(bs)[None, :]).clamp(max=total - 1)
+        out_blocks = self._block_attention(tokens_q, k_tok, v_tok, torch.cat([earlier, own], 1),
+                                           ctx["block_bias"])
         # the last block, exactly: a partial block has budget - its length earlier keys
         last = (nb - 1) * bs
-        own_len = seq_len - last
-        last_block = torch.arange(nb)[nb - 1:, None]
-        last_earlier = self.select_earlier(scores[nb - 1:], last_block * bs,
-                                           ((last_block + 1) * bs).clamp(max=seq_len),
+        own_len = q_len - last
+        last_start = block_start[nb - 1:]
+        if "last_bias" not in ctx:
+            ctx["last_bias"] = earlier_slots_bias(last_start, p.budget - own_len, own_len,
+                                                  p.budget)
+        last_earlier = self.select_earlier(scores[nb - 1:], last_start, block_end[nb - 1:],
                                            p.budget - own_len)
-        last_own = torch.arange(seq_len)[last:][None, :]
-        out_last = self._block_attention(tokens_q[last:seq_len], tokens_k, tokens_v,
-                                         torch.cat([last_earlier, last_own], dim=1))
-        parts = [out_head, out_mid.reshape(-1, hq * d)[:last - head],
-                 out_last.reshape(-1, hq * d)]
-        out = torch.cat(parts, dim=0)  # [T,Hq*D]
-        if p.dense_tail:
+        last_own = torch.arange(total)[past_len + last:][None, :]
+        out_last = self._block_attention(tokens_q[last:q_len], k_tok, v_tok,
+                                         torch.cat([last_earlier, last_own], dim=1),
+                                         ctx["last_bias"])
+        out = torch.cat([out_blocks.reshape(-1, hq * d)[:last], out_last.reshape(-1, hq * d)])
+        if p.dense_tail:  # the last rows of the call, where they are the prompt's tail
             tail = p.dense_tail
-            dense = _BlockMHA.apply(tokens_q[None, seq_len - tail:seq_len], tokens_k[None],
-                                    tokens_v[None], causal_bias(tail, seq_len), hq, d)[0]
-            out = torch.cat([out[:seq_len - tail], dense], dim=0)
+            everything = torch.arange(total)[None, :]
+            dense = _BlockMHA.apply(tokens_q[None, q_len - tail:q_len],
+                                    self._gather_heads(k_tok, everything),
+                                    self._gather_heads(v_tok, everything),
+                                    causal_bias(tail, total), hq, d)[0]
+            in_tail = (past_len + torch.arange(q_len - tail, q_len)) >= prompt_len - tail
+            rows = torch.where(in_tail[:, None], dense, out[q_len - tail:])
+            out = torch.cat([out[:q_len - tail], rows], dim=0)
         return out
 
-    def _heads_repeated(self, x, seq_len):
-        """[1,T,Hkv*D] -> [T,Hq*D]: each KV head repeated for its query heads (GQA)."""
-        x = x.view(seq_len, self.hkv, 1, self.d).expand(seq_len, self.hkv, self.group, self.d)
-        return x.reshape(seq_len, self.h * self.d)
-
-    # -- attention ----------------------------------------------------------------------
+    # -- attention, general form (one call over the whole prompt) -------------------------
     def sparse(self, q, k, v, index, valid):
         p = self.p
         seq_len = q.shape[1]
@@ -262,33 +289,41 @@ class DHSACore(nn.Module):
             out = torch.cat([out[:, :seq_len - tail], dense], dim=1)
         return out  # [Hq,T,D]
 
-    def dense(self, q, k, v):
-        seq_len = q.shape[1]
-        s = torch.matmul(q, _repeat(k, self.group).transpose(1, 2)) / math.sqrt(self.d)
-        causal = torch.arange(seq_len)[None, :] > torch.arange(seq_len)[:, None]
-        s = s.masked_fill(causal[None], NEG_INF)
-        return torch.matmul(torch.softmax(s, dim=-1), _repeat(v, self.group))
+    def dense(self, query, k, v):
+        """This call's queries over all keys, causal: [q,Hq*D]."""
+        q_len, total = query.shape[1], k.shape[1]
+        everything = torch.arange(total)[None, :]
+        k_all = self._gather_heads(k.transpose(0, 1).reshape(total, -1), everything)
+        v_all = self._gather_heads(v.transpose(0, 1).reshape(total, -1), everything)
+        return _BlockMHA.apply(query, k_all, v_all, causal_bias(q_len, total), self.h,
+                               self.d)[0]
 
     def forward(self, query, key, value, past_k, past_v, ctx):
-        seq_len = query.shape[1]
-        q = query.view(seq_len, self.h, self.d).transpose(0, 1)  # [Hq,T,D]
-        k = key.view(seq_len, self.hkv, self.d).transpose(0, 1)
-        v = value.view(seq_len, self.hkv, self.d).transpose(0, 1)
+        q_len = query.shape[1]
+        past_len = ctx["past_starts"].shape[0]
+        k_new = key.view(q_len, self.hkv, self.d).transpose(0, 1)  # [Hkv,q,D]
+        v_new = value.view(q_len, self.hkv, self.d).transpose(0, 1)
+        k = torch.cat([past_k[0, :, :past_len], k_new], dim=1)  # [Hkv,E,D]
+        v = torch.cat([past_v[0, :, :past_len], v_new], dim=1)
         if self.layer_index < self.p.boundary_layer:
-            out = self.dense(q, k, v)
-        else:
-            if ctx["starts"] is None:
-                ctx["starts"] = self.chunk_starts(q, k, ctx["fixed_chunk"])
-            scores = self.token_scores(q, k, ctx["starts"])
-            if self.p.local >= self.p.block_size:
-                out = self.sparse_blocks(scores, query, key, value)[None]
-                return out, k[None], v[None]
-            index, valid = self.select(scores, seq_len)
-            out = self.with_dense_tail(self.sparse(q, k, v, index, valid), q, k, v)
-        out = out.transpose(0, 1).reshape(1, seq_len, self.h * self.d)
-        return out, k[None], v[None]
+            if ctx["starts"] is None:  # (no chunks when every layer is dense)
+                ctx["starts"] = torch.zeros(q_len, dtype=torch.bool)
+            return self.dense(query, k, v)[None], k_new[None], v_new[None]
+        q = query.view(q_len, self.h, self.d).transpose(0, 1)  # [Hq,q,D]
+        if self.layer_index == self.p.boundary_layer:
+            ctx["starts"] = self.chunk_starts(q, k, past_len, ctx["prompt_len"],
+                                              ctx["fixed_chunk"])
+        scores = self.token_scores(q, k, torch.cat([ctx["past_starts"], ctx["starts"]]))
+        if self.p.local >= self.p.block_size:
+            out = self.sparse_blocks(scores, query, k, v, past_len, ctx["prompt_len"], ctx)
+            return out[None], k_new[None], v_new[None]
+        index, valid = self.select(scores, q_len)  # general form: P = 0
+        out = self.with_dense_tail(self.sparse(q, k, v, index, valid), q, k, v)
+        out = out.transpose(0, 1).reshape(1, q_len, self.h * self.d)
+        return out, k_new[None], v_new[None]
 
 
 def dhsa_context(tree_mask, past_k0, extra):
-    (fixed_chunk,) = extra
-    return {"fixed_chunk": fixed_chunk, "starts": None}
+    fixed_chunk, prompt_len, past_starts = extra
+    return {"fixed_chunk": fixed_chunk, "prompt_len": prompt_len, "past_starts": past_starts,
+            "starts": None}

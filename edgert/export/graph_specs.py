@@ -58,16 +58,30 @@ def decode_graph_spec(file: str, variant_name: str, config: LlamaConfig) -> Grap
 
 def _prefill_graph_spec(file: str, variant_name: str, config: LlamaConfig,
                         common: list[TensorSpec]) -> GraphSpec:
-    """A whole-prompt prefill graph (DHSA): no past, no tree mask (causal inside)."""
+    """A prefill-call graph (DHSA): q prompt tokens after the P cached ones, no tree mask
+    (causal inside); the cache buffers are read, the new K/V come out."""
     hkv, d = config.num_key_value_heads, config.head_dim
     inputs = [t for t in common if t.name != "tree_mask"]
-    inputs.append(TensorSpec("dhsa_fixed_chunk", [], "int64",
-                             "0: DHSA's dynamic chunk boundaries; N > 0: fixed N-token chunks "
-                             "(the block-sparse baseline)"))
+    inputs += [
+        TensorSpec("dhsa_fixed_chunk", [], "int64",
+                   "0: DHSA's dynamic chunk boundaries; N > 0: fixed N-token chunks "
+                   "(the block-sparse baseline)"),
+        TensorSpec("prompt_length", [], "int64",
+                   "tokens in the whole prompt (its last dense_tail attend densely)"),
+        TensorSpec("past_chunk_starts", ["past"], "bool",
+                   "chunk starts of the P cached prompt tokens (the earlier calls' "
+                   "chunk_starts); P is the cached prefix length"),
+    ]
     outputs = _head_outputs(config)
     for i in range(config.num_hidden_layers):
         for kind in ("key", "value"):
+            inputs.append(TensorSpec(f"past_{kind}_{i}", [1, hkv, "capacity", d], "float32",
+                                     f"layer {i} {kind} cache buffer (read: its first P "
+                                     "entries)"))
             outputs.append(TensorSpec(f"present_{kind}_{i}", [1, hkv, "q", d], "float32",
-                                      f"layer {i} {kind}s of the prompt (copied into the cache)"))
+                                      f"layer {i} {kind}s of the q new tokens (the runtime "
+                                      "writes them at [P, P+q))"))
+    outputs.append(TensorSpec("chunk_starts", ["q"], "bool",
+                              "which of the q new tokens start a key chunk"))
     return GraphSpec(file=file, attention=variant_name, shared_cache=False, inputs=inputs,
                      outputs=outputs)

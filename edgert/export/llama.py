@@ -112,10 +112,12 @@ class LlamaDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.attention: AttentionVariant = ATTENTION_VARIANTS[attention]
-        # prefill-only variants are traced with a prompt this long (DHSA: >= its budget)
+        # prefill-only variants (DHSA) are traced with a chunk this long after a cached
+        # prefix: full sparse blocks and a partial last one (every graph path)
         dhsa = core_options.get("dhsa")
-        # a traced prompt with full sparse blocks and a partial last one (every graph path)
         self.example_length = dhsa.budget + dhsa.block_size + 3 if dhsa is not None else 8
+        chunked = dhsa is not None and dhsa.local >= dhsa.block_size  # else one call, P = 0
+        self.example_past = 2 * dhsa.block_size if chunked else 0
         if not config.tie_word_embeddings:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.lm_head_t = nn.Parameter(torch.zeros(config.hidden_size, config.vocab_size))
@@ -140,7 +142,8 @@ class LlamaDecoder(nn.Module):
 
     def forward(self, input_ids, position_ids, tree_mask, logits_index, *rest):
         """rest = (*extra inputs of the attention variant, past_key_0, past_value_0, ...);
-        returns (logits [1,n,V], hidden [1,n,H], present_key_0, present_value_0, ...)."""
+        returns (logits [1,n,V], hidden [1,n,H], present_key_0, present_value_0, ...,
+        *extra outputs of the variant)."""
         n_extra = len(self.attention.extra_inputs)
         extra, past = rest[:n_extra], rest[n_extra:]
         x = self.embed(input_ids)
@@ -152,7 +155,7 @@ class LlamaDecoder(nn.Module):
             presents += [k, v]
         hidden = self.norm(x).index_select(1, logits_index)
         logits = torch.matmul(hidden, self.lm_head_t)
-        return (logits, hidden, *presents)
+        return (logits, hidden, *presents, *self.attention.context_outputs(ctx))
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a transformers-style Llama state dict (``model.`` prefixes accepted)."""

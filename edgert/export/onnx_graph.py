@@ -40,19 +40,20 @@ def decoder_io_names(model: LlamaDecoder) -> GraphIO:
     return GraphIO(
         inputs=("input_ids", "position_ids", "tree_mask", "logits_index",
                 *model.attention.extra_inputs, *past),
-        outputs=("logits", "hidden", *present),
+        outputs=("logits", "hidden", *present, *model.attention.extra_outputs),
     )
 
 
 def example_inputs(model: LlamaDecoder, q: int = 3, past: int = 2) -> tuple[torch.Tensor, ...]:
     cfg = model.config
     if model.attention.prefill_only:
-        q, past = model.example_length, 0
+        q, past = model.example_length, model.example_past
     ids = torch.zeros((1, q), dtype=torch.int64)
     pos = torch.arange(past, past + q, dtype=torch.int64).unsqueeze(0)
     mask = torch.zeros((1, 1, q, q), dtype=torch.float32)
     logits_index = torch.tensor([q - 1], dtype=torch.int64)
-    length = past + q + 2 if model.attention.shared_cache else past
+    capacity = model.attention.shared_cache or model.attention.prefill_only
+    length = past + q + 2 if capacity else past
     kv = torch.zeros((1, cfg.num_key_value_heads, length, cfg.head_dim), dtype=torch.float32)
     extra = model.attention.example_extra(q, past)
     return (ids, pos, mask, logits_index, *extra, *([kv] * (2 * cfg.num_hidden_layers)))
@@ -67,15 +68,18 @@ def _dynamic_axes(model: LlamaDecoder, names: GraphIO) -> dict[str, dict[int, st
         "logits": {1: "n"},
         "hidden": {1: "n"},
     }
-    cache_axis = "capacity" if model.attention.shared_cache else "past"
+    prefill = model.attention.prefill_only
+    cache_axis = "capacity" if model.attention.shared_cache or prefill else "past"
     present_axis = "capacity" if model.attention.shared_cache else "q"
-    if model.attention.prefill_only:
+    if prefill:
         del axes["tree_mask"]
+        axes["past_chunk_starts"] = {0: "past"}
+        axes["chunk_starts"] = {0: "q"}
     for name in names.inputs:
-        if name.startswith("past_"):
+        if name.startswith(("past_key_", "past_value_")):
             axes[name] = {2: cache_axis}
     for name in names.outputs:
-        if name.startswith("present_"):
+        if name.startswith(("present_key_", "present_value_")):
             axes[name] = {2: present_axis}
     return axes
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgert.dhsa.params import DHSAParams
+from edgert.dhsa.reference import prefill_calls
 from edgert.errors import ArtifactError, BackendError
 from edgert.manifest import Manifest
 from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
@@ -77,8 +79,6 @@ class OrtBackend:
         self.heads_session = (_session(path / medusa.file, device, threads, spin=False)
                               if medusa else None)
         self._heads_read_root = medusa is not None and heads_read_root(medusa)
-        dhsa = manifest.graphs.get("dhsa")
-        self.dhsa_session = _session(path / dhsa.file, device, threads) if dhsa else None
         self.device = device
         self.cache = cache = KVCache(manifest.kv_cache)
         self.binding = self.session.io_binding()
@@ -93,6 +93,7 @@ class OrtBackend:
             self.binding.bind_ortvalue_input(f"past_{kind}_{layer}", value)
             self.binding.bind_ortvalue_output(f"present_{kind}_{layer}", value)
             self._cache_values.append(value)
+        self.dhsa_session = self._dhsa_session(path, manifest, threads)
 
     @property
     def has_heads(self) -> bool:
@@ -107,20 +108,50 @@ class OrtBackend:
         ids, logits = self.heads_session.run(None, feed)
         return ids, logits
 
+    def _dhsa_session(self, path: Path, manifest: Manifest, threads: int):
+        """The DHSA prefill-call graph, with the cache buffers bound as its past inputs."""
+        spec = manifest.graphs.get("dhsa")
+        if spec is None:
+            return None
+        if "prompt_length" not in {t.name for t in spec.inputs}:
+            raise ArtifactError(f"artifact {path} has a whole-prompt DHSA graph from an older "
+                                "edgert; re-export it (the DHSA graph now prefills in chunks)")
+        session = _session(path / spec.file, self.device, threads)
+        self.dhsa_params = DHSAParams.from_dict(manifest.dhsa)
+        self._chunk_starts = np.zeros(self.cache.capacity, dtype=bool)
+        self.dhsa_binding = session.io_binding()
+        self._dhsa_inputs = {i.name for i in session.get_inputs()}
+        for i, value in enumerate(self._cache_values):
+            kind = "key" if i % 2 == 0 else "value"
+            self.dhsa_binding.bind_ortvalue_input(f"past_{kind}_{i // 2}", value)
+        return session
+
     @property
     def has_dhsa(self) -> bool:
         return self.dhsa_session is not None
 
     def prefill_sparse(self, ids: np.ndarray, fixed_chunk: int = 0) -> StepOutputs:
-        """Whole-prompt DHSA prefill into an empty cache: ids [1,T]; K/V land at [0, T)."""
-        q = ids.shape[1]
-        outputs = self.dhsa_session.run(None, {
-            "input_ids": ids, "position_ids": np.arange(q, dtype=np.int64)[None],
-            "logits_index": np.array([q - 1], dtype=np.int64),
-            "dhsa_fixed_chunk": np.array(fixed_chunk, dtype=np.int64)})
-        for buf, present in zip(self.cache.buffers(), outputs[2:]):
-            buf[:, :, :q] = present
-        return StepOutputs(logits=outputs[0][0], hidden=outputs[1][0])
+        """DHSA prefill into an empty cache, call by call (``prefill_calls``: query chunks of
+        ``prefill_chunk`` tokens against the cache): ids [1,T]; K/V land at [0, T)."""
+        total = ids.shape[1]
+        b = self.dhsa_binding
+        starts = self._chunk_starts
+        for name, value in (("dhsa_fixed_chunk", fixed_chunk), ("prompt_length", total)):
+            if name in self._dhsa_inputs:  # (unused inputs leave a graph whose layers
+                b.bind_cpu_input(name, np.array(value, dtype=np.int64))  # are all dense)
+        for start, end in prefill_calls(total, self.dhsa_params):
+            b.bind_cpu_input("input_ids", np.ascontiguousarray(ids[:, start:end]))
+            b.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
+            b.bind_cpu_input("logits_index", np.array([end - start - 1], dtype=np.int64))
+            b.bind_cpu_input("past_chunk_starts", starts[:start])
+            for output in self.dhsa_session.get_outputs():
+                b.bind_output(output.name, "cpu")
+            self.dhsa_session.run_with_iobinding(b)
+            outputs = b.get_outputs()
+            for buf, present in zip(self.cache.buffers(), outputs[2:-1]):
+                buf[:, :, start:end] = present.numpy()
+            starts[start:end] = outputs[-1].numpy()
+        return StepOutputs(logits=outputs[0].numpy()[0], hidden=outputs[1].numpy()[0])
 
     def forward(self, step: StepInputs) -> StepOutputs:
         q = step.input_ids.shape[1]
