@@ -18,6 +18,7 @@ serving one request, measured from a peak reset (``/proc/self/clear_refs``) at i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import resource
@@ -100,8 +101,8 @@ def worker(artifact: str, mode: str, context: int, depths: list[float], runs: in
     hits, latencies, prompt_tokens, peaks, extras = [], [], [], [], []
     for j, depth in enumerate(depths):
         prompt, code = build_prompt(engine, context, depth, seed=context * 100 + j)
-        r, peak, extra = request_memory(
-            lambda: engine.generate(prompt, max_new_tokens=ANSWER_TOKENS, **kwargs))
+        r, peak, extra = request_memory(functools.partial(
+            engine.generate, prompt, max_new_tokens=ANSWER_TOKENS, **kwargs))
         peaks.append(peak)
         extras.append(extra)
         hits.append(code in r.text)
