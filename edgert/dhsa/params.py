@@ -44,7 +44,7 @@ class DHSAParams:
     boundary_layer: int = 0
     fixed_chunk: int = 0
     min_context: int = 1024
-    prefill_chunk: int = 1024
+    prefill_chunk: int = 2048
 
     def __post_init__(self) -> None:
         for name in ("block_size", "budget", "local", "boundary_window", "nms_radius",

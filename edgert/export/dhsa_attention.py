@@ -24,7 +24,8 @@ strictly before it::
         earlier keys than slots: it attends to all of them, i.e. densely). It depends on
         positions only, so it is built once per call and shared by the layers.
     the last block again, exactly: TopK(budget - its length) (a partial block has more room)
-    the prompt's last dense_tail queries (the instruction): dense over [0, E)
+    the prompt's last dense_tail queries (the instruction, in the last call): dense over
+        [0, E); other calls have no tail rows (zero-length inputs, no work)
 
 Otherwise (``local < block_size``, whole prompt in one call only) the general form:
 TopK(budget) over all allowed keys -> Gather K/V [Hkv,nb,budget,D] -> MatMul / causal mask
@@ -50,12 +51,12 @@ def _repeat(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.repeat_interleave(group, dim=0) if group > 1 else x
 
 
-def causal_bias(rows: int, cols: int) -> torch.Tensor:
+def causal_bias(rows, cols) -> torch.Tensor:
     """[1,1,rows,cols] additive bias: the rows are the last ``rows`` of ``cols`` positions,
     each sees the keys up to its own position."""
     query_pos = torch.arange(rows)[:, None] + (cols - rows)
-    bias = torch.where(torch.arange(cols)[None, :] > query_pos, torch.full((rows, cols),
-                       NEG_INF), torch.zeros(rows, cols))
+    bias = torch.where(torch.arange(cols)[None, :] > query_pos, torch.tensor(NEG_INF),
+                       torch.tensor(0.0))
     return bias[None, None]
 
 
@@ -66,9 +67,13 @@ def earlier_slots_bias(block_start: torch.Tensor, slots: int, rows: int,
     keys (TopK ranks the real ones first)."""
     slot = torch.arange(cols)[None, :]
     hidden = (slot < slots) & (slot >= block_start)  # [n,cols]
-    earlier = torch.where(hidden, torch.full(hidden.shape, NEG_INF),
-                          torch.zeros(hidden.shape))
+    earlier = torch.where(hidden, torch.tensor(NEG_INF), torch.tensor(0.0))
     return causal_bias(rows, cols) + earlier[:, None, None, :]
+
+
+def rows_from(first_position, past_len, q_len):
+    """The call's local row of prompt position ``first_position``, clamped to [0, q]."""
+    return torch.clamp(first_position - past_len, min=0, max=q_len)
 
 
 class _BlockMHA(torch.autograd.Function):
@@ -115,16 +120,14 @@ class DHSACore(nn.Module):
         p = self.p
         q_len, total = q.shape[1], k.shape[1]
         w, stride = p.boundary_window, p.probe_stride
-        tail = max(p.dense_tail, 1)
         pos = torch.arange(q_len) + past_len  # the new tokens' positions
         t = torch.arange(total)
-        # probes: every stride-th position, and the prompt's last `tail` ones (the last
-        # `tail` rows of a call are taken, weighted 0 where they are not probes)
+        # probes: every stride-th position, and the prompt's last max(dense_tail, 1) ones
+        # (in the last call only)
         first = (stride - 1 - past_len) % stride
-        rows = torch.cat([torch.arange(first, q_len - tail, stride),
-                          torch.arange(q_len - tail, q_len)])
+        tail_from = rows_from(prompt_len - max(p.dense_tail, 1), past_len, q_len)
+        rows = torch.cat([torch.arange(first, tail_from, stride), torch.arange(tail_from, q_len)])
         row_pos = pos.index_select(0, rows)
-        is_probe = ((row_pos % stride) == stride - 1) | (row_pos >= prompt_len - tail)
         keys = _repeat(k, self.group)
         scores = torch.matmul(q.index_select(1, rows), keys.transpose(1, 2)) / math.sqrt(self.d)
         scores = scores.masked_fill(t[None, None, :] > row_pos[None, :, None], NEG_INF)
@@ -135,7 +138,7 @@ class DHSACore(nn.Module):
         hi = (c + w + 1).clamp(max=total)
         past_rows = csum.index_select(1, pos) - csum.index_select(1, lo)
         future_rows = csum.index_select(1, hi) - csum.index_select(1, pos)
-        probe_ok = ((row_pos[:, None] >= (c + w)[None, :]) & is_probe[:, None]).to(attn.dtype)
+        probe_ok = (row_pos[:, None] >= (c + w)[None, :]).to(attn.dtype)
         past = (past_rows * probe_ok).sum(0)
         future = (future_rows * probe_ok).sum(0)
         ratio = (torch.maximum(past, future) + 1e-6) / (torch.minimum(past, future) + 1e-6)
@@ -193,20 +196,36 @@ class DHSACore(nn.Module):
                              torch.where(earlier, scores, torch.full_like(scores, NEG_INF)))
         return torch.topk(ranked, slots, dim=1).indices
 
-    def _gather_heads(self, tokens, index):
-        """tokens [E,Hkv*D], index [n,L] -> [n,L,Hq*D], each KV head repeated (GQA)."""
-        n, length = index.shape
-        x = tokens[index].view(n, length, self.hkv, 1, self.d)
-        return x.expand(n, length, self.hkv, self.group, self.d).reshape(n, length,
-                                                                         self.h * self.d)
+    def _fold(self, query):
+        """GQA as multi-head attention over the KV heads: [n,S,Hq*D] -> [n,S*g,Hkv*D], the g
+        query heads sharing a KV head become g rows of that head (row s*g + j)."""
+        n, s, _ = query.shape
+        x = query.view(n, s, self.hkv, self.group, self.d).transpose(2, 3)
+        return x.reshape(n, s * self.group, self.hkv * self.d)
 
-    def _block_attention(self, tokens_q, k_tok, v_tok, index, bias):
+    def _unfold(self, out, rows):
+        """[n,S*g,Hkv*D] -> [n,S,Hq*D] (inverse of ``_fold``; S given, it may be 0)."""
+        n = out.shape[0]
+        x = out.view(n, rows, self.group, self.hkv, self.d).transpose(2, 3)
+        return x.reshape(n, rows, self.h * self.d)
+
+    def _fold_bias(self, bias):
+        """A bias over query rows [.., S, L] -> over folded rows [.., S*g, L]."""
+        b, _, s, length = bias.shape
+        return bias[:, :, :, None, :].expand(b, 1, s, self.group, length).reshape(
+            b, 1, s * self.group, length)
+
+    def _attend(self, query, keys, values, folded_bias):
+        """query [n,S,Hq*D] over keys/values [n,L,Hkv*D] (GQA, no KV head copies)."""
+        out = _BlockMHA.apply(self._fold(query), keys, values, folded_bias, self.hkv, self.d)
+        return self._unfold(out, query.shape[1])
+
+    def _block_attention(self, tokens_q, k_tok, v_tok, index, folded_bias):
         """Blocks of queries over the keys ``index`` [n,L]: tokens_q [n*S,Hq*D] (padded to
         whole blocks), k_tok/v_tok [E,Hkv*D] -> [n,S,Hq*D]."""
         n = index.shape[0]
-        q = tokens_q.view(n, -1, self.h * self.d)
-        return _BlockMHA.apply(q, self._gather_heads(k_tok, index),
-                               self._gather_heads(v_tok, index), bias, self.h, self.d)
+        return self._attend(tokens_q.view(n, -1, self.h * self.d), k_tok[index], v_tok[index],
+                            folded_bias)
 
     def sparse_blocks(self, scores, query, k, v, past_len, prompt_len, ctx):
         """The ``local >= block_size`` form (module docstring), dense tail included; same
@@ -223,7 +242,8 @@ class DHSACore(nn.Module):
         block_start = past_len + torch.arange(nb)[:, None] * bs
         block_end = (block_start + bs).clamp(max=total)
         if "block_bias" not in ctx:  # positions only: built once, shared by the layers
-            ctx["block_bias"] = earlier_slots_bias(block_start, slots, bs, p.budget)
+            ctx["block_bias"] = self._fold_bias(earlier_slots_bias(block_start, slots, bs,
+                                                                   p.budget))
         earlier = self.select_earlier(scores, block_start, block_end, slots)
         own = (block_start + torch.arange(bs)[None, :]).clamp(max=total - 1)
         out_blocks = self._block_attention(tokens_q, k_tok, v_tok, torch.cat([earlier, own], 1),
@@ -233,8 +253,8 @@ class DHSACore(nn.Module):
         own_len = q_len - last
         last_start = block_start[nb - 1:]
         if "last_bias" not in ctx:
-            ctx["last_bias"] = earlier_slots_bias(last_start, p.budget - own_len, own_len,
-                                                  p.budget)
+            ctx["last_bias"] = self._fold_bias(earlier_slots_bias(
+                last_start, p.budget - own_len, own_len, p.budget))
         last_earlier = self.select_earlier(scores[nb - 1:], last_start, block_end[nb - 1:],
                                            p.budget - own_len)
         last_own = torch.arange(total)[past_len + last:][None, :]
@@ -242,16 +262,13 @@ class DHSACore(nn.Module):
                                          torch.cat([last_earlier, last_own], dim=1),
                                          ctx["last_bias"])
         out = torch.cat([out_blocks.reshape(-1, hq * d)[:last], out_last.reshape(-1, hq * d)])
-        if p.dense_tail:  # the last rows of the call, where they are the prompt's tail
-            tail = p.dense_tail
-            everything = torch.arange(total)[None, :]
-            dense = _BlockMHA.apply(tokens_q[None, q_len - tail:q_len],
-                                    self._gather_heads(k_tok, everything),
-                                    self._gather_heads(v_tok, everything),
-                                    causal_bias(tail, total), hq, d)[0]
-            in_tail = (past_len + torch.arange(q_len - tail, q_len)) >= prompt_len - tail
-            rows = torch.where(in_tail[:, None], dense, out[q_len - tail:])
-            out = torch.cat([out[:q_len - tail], rows], dim=0)
+        if p.dense_tail:  # the prompt's tail: the last rows of the last call, dense
+            tail_from = rows_from(prompt_len - p.dense_tail, past_len, q_len)  # q: none
+            if "tail_bias" not in ctx:
+                ctx["tail_bias"] = self._fold_bias(causal_bias(q_len - tail_from, total))
+            dense = self._attend(tokens_q[None, tail_from:q_len], k_tok[None], v_tok[None],
+                                 ctx["tail_bias"])[0]
+            out = torch.cat([out[:tail_from], dense], dim=0)
         return out
 
     # -- attention, general form (one call over the whole prompt) -------------------------
@@ -292,11 +309,9 @@ class DHSACore(nn.Module):
     def dense(self, query, k, v):
         """This call's queries over all keys, causal: [q,Hq*D]."""
         q_len, total = query.shape[1], k.shape[1]
-        everything = torch.arange(total)[None, :]
-        k_all = self._gather_heads(k.transpose(0, 1).reshape(total, -1), everything)
-        v_all = self._gather_heads(v.transpose(0, 1).reshape(total, -1), everything)
-        return _BlockMHA.apply(query, k_all, v_all, causal_bias(q_len, total), self.h,
-                               self.d)[0]
+        k_tok = k.transpose(0, 1).reshape(1, total, -1)
+        v_tok = v.transpose(0, 1).reshape(1, total, -1)
+        return self._attend(query, k_tok, v_tok, self._fold_bias(causal_bias(q_len, total)))[0]
 
     def forward(self, query, key, value, past_k, past_v, ctx):
         q_len = query.shape[1]

@@ -35,7 +35,8 @@ def prefill(backend: Backend, cache: KVCacheBase, ids: list[int], chunk: int) ->
 
 def prefill_sparse(backend: Backend, cache: KVCacheBase, ids: list[int],
                    fixed_chunk: int = 0) -> StepOutputs:
-    """DHSA prefill: the whole prompt in one call of the sparse graph (empty cache only)."""
+    """DHSA prefill into an empty cache: ONNX Runtime runs the sparse graph in calls of
+    ``prefill_chunk`` tokens, TVM's ``prefill_dhsa`` the whole prompt in one call."""
     cache.check_room(len(ids))
     out = backend.prefill_sparse(np.asarray(ids, dtype=np.int64)[None], fixed_chunk)
     cache.advance(len(ids))

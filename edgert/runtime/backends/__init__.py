@@ -63,7 +63,8 @@ class Backend(Protocol):
     has_dhsa: bool
 
     def prefill_sparse(self, ids: np.ndarray, fixed_chunk: int = 0) -> StepOutputs:
-        """Whole-prompt DHSA prefill into an empty cache (K/V written at [0, T))."""
+        """DHSA prefill of a whole prompt into an empty cache (K/V written at [0, T)), in
+        as many calls as the backend runs it (ORT: `prefill_calls`; TVM: one)."""
         ...
 
 
