@@ -313,6 +313,15 @@ class DHSACore(nn.Module):
         v_tok = v.transpose(0, 1).reshape(1, total, -1)
         return self._attend(query, k_tok, v_tok, self._fold_bias(causal_bias(q_len, total)))[0]
 
+    @staticmethod
+    def presents(past_k, past_v, k_new, v_new, past_len):
+        """The cache buffers with the new K/V [Hkv,q,D] at [P, P+q) (ScatterElements): the
+        runtime binds each present to its past buffer, so the write is in place and no K/V
+        leaves the graph."""
+        index = (torch.arange(k_new.shape[1]) + past_len)[None, None, :, None].expand(
+            1, k_new.shape[0], k_new.shape[1], k_new.shape[2])
+        return past_k.scatter(2, index, k_new[None]), past_v.scatter(2, index, v_new[None])
+
     def forward(self, query, key, value, past_k, past_v, ctx):
         q_len = query.shape[1]
         past_len = ctx["past_starts"].shape[0]
@@ -323,7 +332,8 @@ class DHSACore(nn.Module):
         if self.layer_index < self.p.boundary_layer:
             if ctx["starts"] is None:  # (no chunks when every layer is dense)
                 ctx["starts"] = torch.zeros(q_len, dtype=torch.bool)
-            return self.dense(query, k, v)[None], k_new[None], v_new[None]
+            return (self.dense(query, k, v)[None],
+                    *self.presents(past_k, past_v, k_new, v_new, past_len))
         q = query.view(q_len, self.h, self.d).transpose(0, 1)  # [Hq,q,D]
         if self.layer_index == self.p.boundary_layer:
             ctx["starts"] = self.chunk_starts(q, k, past_len, ctx["prompt_len"],
@@ -331,11 +341,11 @@ class DHSACore(nn.Module):
         scores = self.token_scores(q, k, torch.cat([ctx["past_starts"], ctx["starts"]]))
         if self.p.local >= self.p.block_size:
             out = self.sparse_blocks(scores, query, k, v, past_len, ctx["prompt_len"], ctx)
-            return out[None], k_new[None], v_new[None]
+            return out[None], *self.presents(past_k, past_v, k_new, v_new, past_len)
         index, valid = self.select(scores, q_len)  # general form: P = 0
         out = self.with_dense_tail(self.sparse(q, k, v, index, valid), q, k, v)
         out = out.transpose(0, 1).reshape(1, q_len, self.h * self.d)
-        return out, k_new[None], v_new[None]
+        return out, *self.presents(past_k, past_v, k_new, v_new, past_len)
 
 
 def dhsa_context(tree_mask, past_k0, extra):

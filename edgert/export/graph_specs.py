@@ -59,7 +59,7 @@ def decode_graph_spec(file: str, variant_name: str, config: LlamaConfig) -> Grap
 def _prefill_graph_spec(file: str, variant_name: str, config: LlamaConfig,
                         common: list[TensorSpec]) -> GraphSpec:
     """A prefill-call graph (DHSA): q prompt tokens after the P cached ones, no tree mask
-    (causal inside); the cache buffers are read, the new K/V come out."""
+    (causal inside); the cache buffers are read and written in place."""
     hkv, d = config.num_key_value_heads, config.head_dim
     inputs = [t for t in common if t.name != "tree_mask"]
     inputs += [
@@ -76,11 +76,11 @@ def _prefill_graph_spec(file: str, variant_name: str, config: LlamaConfig,
     for i in range(config.num_hidden_layers):
         for kind in ("key", "value"):
             inputs.append(TensorSpec(f"past_{kind}_{i}", [1, hkv, "capacity", d], "float32",
-                                     f"layer {i} {kind} cache buffer (read: its first P "
-                                     "entries)"))
-            outputs.append(TensorSpec(f"present_{kind}_{i}", [1, hkv, "q", d], "float32",
-                                      f"layer {i} {kind}s of the q new tokens (the runtime "
-                                      "writes them at [P, P+q))"))
+                                     f"layer {i} {kind} cache buffer, bound in place (read: "
+                                     "its first P entries)"))
+            outputs.append(TensorSpec(f"present_{kind}_{i}", [1, hkv, "capacity", d],
+                                      "float32", f"the same buffer as past_{kind}_{i}; the q "
+                                      "new entries written at [P, P+q)"))
     outputs.append(TensorSpec("chunk_starts", ["q"], "bool",
                               "which of the q new tokens start a key chunk"))
     return GraphSpec(file=file, attention=variant_name, shared_cache=False, inputs=inputs,

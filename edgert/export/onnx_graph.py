@@ -70,7 +70,7 @@ def _dynamic_axes(model: LlamaDecoder, names: GraphIO) -> dict[str, dict[int, st
     }
     prefill = model.attention.prefill_only
     cache_axis = "capacity" if model.attention.shared_cache or prefill else "past"
-    present_axis = "capacity" if model.attention.shared_cache else "q"
+    present_axis = "capacity" if model.attention.shared_cache or prefill else "q"
     if prefill:
         del axes["tree_mask"]
         axes["past_chunk_starts"] = {0: "past"}

@@ -109,7 +109,8 @@ class OrtBackend:
         return ids, logits
 
     def _dhsa_session(self, path: Path, manifest: Manifest, threads: int):
-        """The DHSA prefill-call graph, with the cache buffers bound as its past inputs."""
+        """The DHSA prefill-call graph, with the cache buffers bound in place as its past
+        inputs and present outputs."""
         spec = manifest.graphs.get("dhsa")
         if spec is None:
             return None
@@ -121,9 +122,13 @@ class OrtBackend:
         self._chunk_starts = np.zeros(self.cache.capacity, dtype=bool)
         self.dhsa_binding = session.io_binding()
         self._dhsa_inputs = {i.name for i in session.get_inputs()}
-        for i, value in enumerate(self._cache_values):
+        # get_outputs() order: the cache buffers (bound above), then these
+        self._dhsa_outputs = [*(f"present_{kind}_{i}" for i in range(len(self._cache_values) // 2)
+                                for kind in ("key", "value")), "logits", "hidden", "chunk_starts"]
+        for i, value in enumerate(self._cache_values):  # in place, as for GQA
             kind = "key" if i % 2 == 0 else "value"
             self.dhsa_binding.bind_ortvalue_input(f"past_{kind}_{i // 2}", value)
+            self.dhsa_binding.bind_ortvalue_output(f"present_{kind}_{i // 2}", value)
         return session
 
     @property
@@ -144,14 +149,13 @@ class OrtBackend:
             b.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
             b.bind_cpu_input("logits_index", np.array([end - start - 1], dtype=np.int64))
             b.bind_cpu_input("past_chunk_starts", starts[:start])
-            for output in self.dhsa_session.get_outputs():
-                b.bind_output(output.name, "cpu")
-            self.dhsa_session.run_with_iobinding(b)
-            outputs = b.get_outputs()
-            for buf, present in zip(self.cache.buffers(), outputs[2:-1]):
-                buf[:, :, start:end] = present.numpy()
-            starts[start:end] = outputs[-1].numpy()
-        return StepOutputs(logits=outputs[0].numpy()[0], hidden=outputs[1].numpy()[0])
+            for name in ("logits", "hidden", "chunk_starts"):
+                b.bind_output(name, "cpu")
+            self.dhsa_session.run_with_iobinding(b)  # K/V written into the cache in place
+            outputs = dict(zip(self._dhsa_outputs, b.get_outputs()))
+            starts[start:end] = outputs["chunk_starts"].numpy()
+        return StepOutputs(logits=outputs["logits"].numpy()[0],
+                           hidden=outputs["hidden"].numpy()[0])
 
     def forward(self, step: StepInputs) -> StepOutputs:
         q = step.input_ids.shape[1]
