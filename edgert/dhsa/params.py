@@ -34,7 +34,7 @@ class DHSAParams:
 
     block_size: int = 128
     budget: int = 1024
-    local: int = 128
+    local: int = 256
     sink: int = 64
     dense_tail: int = 64
     boundary_window: int = 4
