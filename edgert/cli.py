@@ -52,16 +52,23 @@ def main() -> None:
 @click.option("--tree", default=None,
               help="Medusa tree: a JSON file of top-k rank paths, or a shipped name (chain, cpu, "
                    "gpu). Default: the registered model's tuned tree, else 'cpu'.")
+@click.option("--dhsa", "dhsa_settings", multiple=True, metavar="KEY=VALUE",
+              help="A DHSA prefill parameter (repeatable), e.g. --dhsa budget=2048 --dhsa "
+                   "prefill_chunk=2048; docs/dhsa.md lists them and their defaults.")
+@click.option("--no-dhsa", is_flag=True, help="Export without the DHSA prefill graph.")
 @friendly_errors
 def export(model: str, output: Path, max_context: int | None, force: bool, heads: Path | None,
-           no_heads: bool, medusa_topk: int, tree: str | None) -> None:
+           no_heads: bool, medusa_topk: int, tree: str | None, dhsa_settings: tuple[str, ...],
+           no_dhsa: bool) -> None:
     """Export MODEL (a registered name, a Hugging Face directory or a .gguf file) to an
     ONNX artifact. Default MODEL: smollm2-135m."""
+    from edgert.dhsa.params import DHSAParams
     from edgert.export.exporter import ExportOptions, export_model
 
+    dhsa = None if no_dhsa else DHSAParams.from_settings(dhsa_settings)
     export_model(model, output, ExportOptions(max_context=max_context, overwrite=force,
                                               heads=heads, use_heads=not no_heads,
-                                              medusa_topk=medusa_topk, tree=tree))
+                                              medusa_topk=medusa_topk, tree=tree, dhsa=dhsa))
 
 
 @main.command("compile")

@@ -50,3 +50,31 @@ def test_errors_are_one_line(tiny_artifact, tmp_path):
                           "top_p")
     assert_one_line_error(run_cli("export", "no-such-model", "-o", str(tmp_path / "o")),
                           "unknown model 'no-such-model'")
+
+
+def test_export_takes_dhsa_parameters(tiny_dir, tmp_path):
+    from edgert.artifact import load_manifest
+
+    args = ["export", str(tiny_dir), "-o", str(tmp_path / "art"), "--max-context", "512",
+            "--no-heads", "--dhsa", "block_size=16", "--dhsa", "budget=64", "--dhsa",
+            "local=32", "--dhsa", "sink=4", "--dhsa", "min_context=128", "--dhsa",
+            "prefill_chunk=64", "--dhsa", "boundary_threshold=1.5"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    dhsa = load_manifest(tmp_path / "art").dhsa
+    assert (dhsa["budget"], dhsa["prefill_chunk"], dhsa["boundary_threshold"]) == (64, 64, 1.5)
+    result = CliRunner().invoke(main, ["export", str(tiny_dir), "-o", str(tmp_path / "none"),
+                                       "--max-context", "512", "--no-heads", "--no-dhsa"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(tmp_path / "none").dhsa is None
+
+
+def test_bad_dhsa_parameters_are_one_line_errors(tiny_dir, tmp_path):
+    out = str(tmp_path / "o")
+    assert_one_line_error(run_cli("export", str(tiny_dir), "-o", out, "--dhsa", "budgit=9"),
+                          "KEY one of block_size")
+    assert_one_line_error(run_cli("export", str(tiny_dir), "-o", out, "--dhsa", "budget=big"),
+                          "needs a number")
+    assert_one_line_error(run_cli("export", str(tiny_dir), "-o", out, "--dhsa",
+                                  "prefill_chunk=1000"), "multiple of")
+    assert not (tmp_path / "o").exists()

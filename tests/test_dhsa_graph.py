@@ -139,6 +139,18 @@ def test_chunked_calls_match_reference(core_session, seq_len, fixed):
     np.testing.assert_array_equal(got_starts, starts)
 
 
+def test_chunked_calls_with_probes_off_the_call_grid():
+    """A probe stride (24) that does not divide the call length (64): each call finds its
+    first probe row from its own offset."""
+    params = dataclasses.replace(CHUNKED, probe_stride=24)
+    session = export_core(params)
+    q, k, v = random_qkv(230, 11)
+    expected, starts, _ = reference.dhsa_attention(q, k, v, params)
+    out, got_starts = run_core(session, q, k, v, 0, params)
+    np.testing.assert_allclose(out, expected, atol=ATOL)
+    np.testing.assert_array_equal(got_starts, starts)
+
+
 @pytest.mark.parametrize("params", [SMALL, CHUNKED], ids=["one call", "chunked"])
 def test_graph_matches_reference_with_structured_boundaries(core_session, params):
     """Inputs with real attention-mass jumps, so the dynamic boundary rule fires."""

@@ -77,6 +77,25 @@ class DHSAParams:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_settings(cls, settings: tuple[str, ...] | list[str]) -> DHSAParams:
+        """The defaults with ``KEY=VALUE`` overrides (the CLI's ``--dhsa``)."""
+        kinds = {f.name: float if f.type in (float, "float") else int
+                 for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for item in settings:
+            key, sep, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in kinds:
+                raise ConfigError(f"--dhsa takes KEY=VALUE with KEY one of "
+                                  f"{', '.join(kinds)}; got {item!r}")
+            try:
+                values[key] = kinds[key](raw)
+            except ValueError:
+                raise ConfigError(f"--dhsa {key} needs a{'' if kinds[key] is int else ' real'} "
+                                  f"number, got {raw!r}") from None
+        return cls(**values)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DHSAParams:
         reject_unknown_fields(cls, data, "dhsa")
         return cls(**data)

@@ -124,9 +124,10 @@ class DHSACore(nn.Module):
         t = torch.arange(total)
         # probes: every stride-th position, and the prompt's last max(dense_tail, 1) ones
         # (in the last call only)
-        first = (stride - 1 - past_len) % stride
+        first = torch.remainder(torch.tensor(stride - 1) - past_len, stride)  # P: dynamic
         tail_from = rows_from(prompt_len - max(p.dense_tail, 1), past_len, q_len)
-        rows = torch.cat([torch.arange(first, tail_from, stride), torch.arange(tail_from, q_len)])
+        rows = torch.cat([torch.arange(first, torch.maximum(tail_from, first), stride),
+                          torch.arange(tail_from, q_len)])
         row_pos = pos.index_select(0, rows)
         keys = _repeat(k, self.group)
         scores = torch.matmul(q.index_select(1, rows), keys.transpose(1, 2)) / math.sqrt(self.d)
