@@ -170,8 +170,8 @@ class AttentionVariant:
     shared_cache: bool  # True: past/present are the runtime's capacity-sized buffers, aliased
     context: Callable  # (tree_mask, past_key_0, extra inputs) -> ctx passed to every core
     example_extra: Callable[[int, int], list[torch.Tensor]]  # (q, past) -> extra inputs
-    # a prefill graph (DHSA): one call per prompt chunk, the cache buffers as read-only
-    # inputs, the new tokens' K/V as outputs
+    # a prefill graph (DHSA): one call per prompt chunk, the cache buffers bound in place as
+    # past inputs and present outputs (the chunk's K/V written at [P, P+q))
     prefill_only: bool = False
     extra_outputs: tuple[str, ...] = ()
     context_outputs: Callable = lambda ctx: ()  # ctx -> the extra outputs

@@ -122,13 +122,14 @@ class OrtBackend:
         self._chunk_starts = np.zeros(self.cache.capacity, dtype=bool)
         self.dhsa_binding = session.io_binding()
         self._dhsa_inputs = {i.name for i in session.get_inputs()}
-        # get_outputs() order: the cache buffers (bound above), then these
-        self._dhsa_outputs = [*(f"present_{kind}_{i}" for i in range(len(self._cache_values) // 2)
-                                for kind in ("key", "value")), "logits", "hidden", "chunk_starts"]
+        presents = []
         for i, value in enumerate(self._cache_values):  # in place, as for GQA
             kind = "key" if i % 2 == 0 else "value"
             self.dhsa_binding.bind_ortvalue_input(f"past_{kind}_{i // 2}", value)
             self.dhsa_binding.bind_ortvalue_output(f"present_{kind}_{i // 2}", value)
+            presents.append(f"present_{kind}_{i // 2}")
+        # get_outputs() lists outputs in binding order: the presents above, then these
+        self._dhsa_outputs = [*presents, "logits", "hidden", "chunk_starts"]
         return session
 
     @property
