@@ -170,6 +170,7 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
     import tvm
 
     from edgert.dhsa.params import DHSAParams
+    from edgert.passes.fuse_dhsa_prefill import check_supported
     from edgert.passes.kernels.kv_commit import build_kv_commit
     from edgert.passes.pipeline import CompileContext, run_pipeline
     from edgert.tuning.database import TuningDatabase
@@ -187,6 +188,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
     if tuning.records:
         log(f"applying {len(tuning.workloads())} tuned workloads from {tuning.path}")
     dhsa = DHSAParams.from_dict(manifest.dhsa) if manifest.dhsa else None
+    if dhsa is not None:
+        check_supported(dhsa)  # before the slow import
     ctx = CompileContext(manifest.config, gpu=spec.gpu, tuning=tuning, dhsa=dhsa,
                          int32_only=spec.int32_only)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target}.tmp-", dir=final.parent))

@@ -139,6 +139,18 @@ def test_chunked_calls_match_reference(core_session, seq_len, fixed):
     np.testing.assert_array_equal(got_starts, starts)
 
 
+@pytest.mark.parametrize("seq_len", [65, 130, 200])
+def test_calls_shorter_than_the_budget_match_reference(core_session, seq_len):
+    """32-token calls under a 48-key budget: the first calls have fewer keys than the 32
+    earlier slots (E < slots), attend to all of them, and still agree with the reference."""
+    params = dataclasses.replace(SMALL, prefill_chunk=32)
+    q, k, v = random_qkv(seq_len, 5 * seq_len)
+    expected, starts, _ = reference.dhsa_attention(q, k, v, params)
+    out, got_starts = run_core(core_session, q, k, v, 0, params)
+    np.testing.assert_allclose(out, expected, atol=ATOL)
+    np.testing.assert_array_equal(got_starts, starts)
+
+
 def test_chunked_calls_with_probes_off_the_call_grid():
     """A probe stride (24) that does not divide the call length (64): each call finds its
     first probe row from its own offset."""
@@ -147,6 +159,24 @@ def test_chunked_calls_with_probes_off_the_call_grid():
     q, k, v = random_qkv(230, 11)
     expected, starts, _ = reference.dhsa_attention(q, k, v, params)
     out, got_starts = run_core(session, q, k, v, 0, params)
+    np.testing.assert_allclose(out, expected, atol=ATOL)
+    np.testing.assert_array_equal(got_starts, starts)
+
+
+@pytest.mark.parametrize("params", [dataclasses.replace(CHUNKED, per_kv_head=1),
+                                    dataclasses.replace(GENERAL, per_kv_head=1)],
+                         ids=["chunked", "general form"])
+def test_per_kv_head_selection_matches_reference(params):
+    """Each KV head selects its own keys: the graph gathers per head and agrees with the
+    reference (whose selections per head differ on these inputs: 10-token chunks)."""
+    session = export_core(params)
+    params = dataclasses.replace(params, fixed_chunk=10)
+    q, k, v = random_qkv(200, 21)
+    expected, starts, sel = reference.dhsa_attention(q, k, v, params)
+    assert sel.index.shape[0] == 2 and any(
+        set(sel.keys(b, 0).tolist()) != set(sel.keys(b, 1).tolist())
+        for b in range(sel.index.shape[1]))
+    out, got_starts = run_core(session, q, k, v, 10, params)
     np.testing.assert_allclose(out, expected, atol=ATOL)
     np.testing.assert_array_equal(got_starts, starts)
 

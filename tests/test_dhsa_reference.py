@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -36,29 +38,36 @@ def test_budget_covering_the_context_equals_dense():
     np.testing.assert_allclose(out, dense_attention(q, k, v), rtol=1e-5, atol=1e-6)
 
 
-def test_selection_is_causal():
+PER_KV_HEAD = dataclasses.replace(SMALL, per_kv_head=1)
+
+
+@pytest.mark.parametrize("params", [SMALL, PER_KV_HEAD], ids=["shared", "per_kv_head"])
+def test_selection_is_causal(params):
     q, k, v = random_qkv(150)
-    out, starts, sel = dhsa_attention(q, k, v, SMALL)
-    for b in range(sel.index.shape[0]):
-        block_end = (b + 1) * SMALL.block_size
-        assert (sel.index[b][sel.valid[b]] < block_end).all()
+    out, starts, sel = dhsa_attention(q, k, v, params)
+    assert sel.index.shape[0] == (k.shape[0] if params.per_kv_head else 1)
+    for h in range(sel.index.shape[0]):
+        for b in range(sel.index.shape[1]):
+            assert (sel.keys(b, h) < (b + 1) * params.block_size).all()
     # changing the future does not change the past: outputs before 80 are unaffected
     k2, v2 = k.copy(), v.copy()
     k2[:, 80:] += 3.0
     v2[:, 80:] -= 2.0
-    out2, _, _ = dhsa_attention(q, k2, v2, SMALL, starts=starts)
+    out2, _, _ = dhsa_attention(q, k2, v2, params, starts=starts)
     np.testing.assert_allclose(out2[:, :80], out[:, :80], atol=1e-6)
 
 
-def test_local_sink_and_budget_are_respected():
+@pytest.mark.parametrize("params", [SMALL, PER_KV_HEAD], ids=["shared", "per_kv_head"])
+def test_local_sink_and_budget_are_respected(params):
     q, k, v = random_qkv(200)
-    _, _, sel = dhsa_attention(q, k, v, SMALL)
-    for b in range(sel.index.shape[0]):
-        chosen = set(sel.index[b][sel.valid[b]].tolist())
-        end = min((b + 1) * SMALL.block_size, 200)
-        assert set(range(max(0, end - SMALL.local), end)) <= chosen
-        assert set(range(min(SMALL.sink, end))) <= chosen
-        assert len(chosen) <= SMALL.budget
+    _, _, sel = dhsa_attention(q, k, v, params)
+    for h in range(sel.index.shape[0]):
+        for b in range(sel.index.shape[1]):
+            chosen = set(sel.keys(b, h).tolist())
+            end = min((b + 1) * params.block_size, 200)
+            assert set(range(max(0, end - params.local), end)) <= chosen
+            assert set(range(min(params.sink, end))) <= chosen
+            assert len(chosen) <= params.budget
 
 
 def test_relevant_keys_are_selected():
@@ -76,8 +85,32 @@ def test_relevant_keys_are_selected():
     starts[::12] = True  # chunks aligned with the needle (90 = 7*12 + 6 -> split)
     starts[90] = starts[102] = True
     sel = select_keys(token_scores(q, k, starts, SMALL), seq_len, SMALL)
-    last = sel.index[-1][sel.valid[-1]]
-    assert set(needle.tolist()) <= set(last.tolist())
+    assert set(needle.tolist()) <= set(sel.keys(-1).tolist())
+
+
+def test_each_kv_head_selects_its_own_needle():
+    """Per KV head: head 0's keys hold a needle at 60..72 for its query heads, head 1's at
+    150..162 for its own; each head selects its needle, which the head-averaged selection
+    (one shared choice) cannot both fit within the budget's free slots."""
+    seq_len, d = 256, 16
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((4, seq_len, d)).astype(np.float32) * 0.1
+    k = rng.standard_normal((2, seq_len, d)).astype(np.float32) * 0.1
+    needles = [np.arange(60, 72), np.arange(150, 162)]
+    for head, needle in enumerate(needles):
+        direction = np.zeros(d, np.float32)
+        direction[head] = 1.0
+        k[head, needle] += 3.0 * direction
+        q[2 * head:2 * head + 2, 240:] += 3.0 * direction  # query heads 2h, 2h+1 share KV h
+    starts = np.zeros(seq_len, bool)
+    starts[::12] = True
+    starts[[60, 72, 150, 162]] = True
+    params = dataclasses.replace(PER_KV_HEAD, budget=36)  # 16 local + 4 sink + 16 free
+    sel = select_keys(token_scores(q, k, starts, params), seq_len, params)
+    for head, needle in enumerate(needles):
+        assert set(needle.tolist()) <= set(sel.keys(-1, head).tolist())
+    other = set(needles[1].tolist()) - set(sel.keys(-1, 0).tolist())
+    assert other, "head 0 picked head 1's needle too: the heads did not select apart"
 
 
 def test_boundaries_found_where_attention_mass_jumps():
@@ -135,7 +168,6 @@ def test_chunked_calls_see_only_their_prefix():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"prefill_chunk": 1000}, "multiple of"),
-    ({"prefill_chunk": 512}, "at least dhsa.budget"),
     ({"local": 64, "prefill_chunk": 1024}, "local >= dhsa.block_size"),
     ({"local": 900, "sink": 200}, "must not exceed"),
     ({"min_context": 100}, "min_context"),

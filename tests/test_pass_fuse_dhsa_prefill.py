@@ -13,6 +13,7 @@ from tvm import relax, tirx  # noqa: E402
 
 import edgert  # noqa: E402
 from edgert.dhsa.params import DHSAParams  # noqa: E402
+from edgert.errors import BackendError  # noqa: E402
 from edgert.passes.fuse_dhsa_prefill import FuseDHSAPrefill  # noqa: E402
 from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir  # noqa: E402
 from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir  # noqa: E402
@@ -143,6 +144,28 @@ def test_boundary_layer_past_the_last_layer_is_dense():
         FuseDHSAPrefill(H, HKV, D, params)(before_module()))
     script = after["prefill_dhsa"].script()
     assert script.count("edgert_tree_attention,") == 2 and "edgert_dhsa" not in script
+
+
+def test_per_kv_head_selection_is_refused_in_one_line():
+    """The TVM kernel selects one key set for all heads: an artifact that selects per KV
+    head is refused, naming the setting and the fix, before any rewrite."""
+    params = DHSAParams(**{**PARAMS.to_dict(), "per_kv_head": 1})
+    with pytest.raises(BackendError, match="per_kv_head=0"):
+        FuseDHSAPrefill(H, HKV, D, params)
+
+
+def test_compile_refuses_per_kv_head_before_importing(tiny_dhsa_artifact, tmp_path):
+    """`edgert compile` checks the DHSA settings first: one line, nothing written."""
+    from edgert.artifact import update_manifest
+    from edgert.compile import compile_artifact
+
+    art = tmp_path / "artifact"
+    shutil.copytree(tiny_dhsa_artifact, art)
+    dhsa = {**DHSAParams.from_dict(edgert.load(art).manifest.dhsa).to_dict(), "per_kv_head": 1}
+    update_manifest(art, {"dhsa": dhsa})
+    with pytest.raises(BackendError, match="per_kv_head=0"):
+        compile_artifact(art, "llvm", log=lambda m: None)
+    assert not (art / "tvm" / "llvm").exists()
 
 
 # -- the tiny model, compiled --------------------------------------------------------------

@@ -28,8 +28,10 @@ class DHSAParams:
     min_context: prompts longer than this prefill through DHSA (shorter ones densely).
     prefill_chunk: query tokens per prefill call (0: the whole prompt in one call). A call
         sees only the tokens up to its end, like chunked prefill against the cache, so the
-        peak memory is sized by the chunk, not the prompt. A multiple of block_size, at
-        least the budget, and only with local >= block_size.
+        peak memory is sized by the chunk, not the prompt. A multiple of block_size, and only
+        with local >= block_size.
+    per_kv_head: 1 = each KV head selects its own keys (scored with its query heads
+        averaged); 0 = one selection for all heads (all heads averaged).
     """
 
     block_size: int = 128
@@ -44,7 +46,8 @@ class DHSAParams:
     boundary_layer: int = 0
     fixed_chunk: int = 0
     min_context: int = 1024
-    prefill_chunk: int = 2048
+    prefill_chunk: int = 1024
+    per_kv_head: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "budget", "local", "boundary_window", "nms_radius",
@@ -54,6 +57,8 @@ class DHSAParams:
         for name in ("sink", "dense_tail", "fixed_chunk", "boundary_layer", "prefill_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"dhsa.{name} must be >= 0, got {getattr(self, name)}")
+        if self.per_kv_head not in (0, 1):
+            raise ConfigError(f"dhsa.per_kv_head is 0 or 1, got {self.per_kv_head}")
         if self.local + self.sink > self.budget:
             raise ConfigError(f"dhsa.local + dhsa.sink ({self.local + self.sink}) must not "
                               f"exceed dhsa.budget ({self.budget})")
@@ -65,10 +70,10 @@ class DHSAParams:
 
     def _check_prefill_chunk(self) -> None:
         chunk = self.prefill_chunk
-        if chunk % self.block_size or chunk < self.budget:
+        if chunk % self.block_size:
             raise ConfigError(f"dhsa.prefill_chunk ({chunk}) must be a multiple of "
-                              f"dhsa.block_size ({self.block_size}) and at least dhsa.budget "
-                              f"({self.budget}); or 0 for the whole prompt in one call")
+                              f"dhsa.block_size ({self.block_size}); or 0 for the whole "
+                              "prompt in one call")
         if self.local < self.block_size:
             raise ConfigError(f"dhsa.prefill_chunk needs dhsa.local >= dhsa.block_size "
                               f"({self.local} < {self.block_size}); set prefill_chunk to 0")

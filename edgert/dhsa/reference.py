@@ -15,11 +15,13 @@
        (valid also needs c < e - 2w); earlier boundaries are kept as they were
     2. chunks: key chunk j = [s_j, s_{j+1}) cut at e;  vec_j = mean(k_bar[chunk]) * sqrt(len)
        query block b (block_size tokens): vec_b = mean(q_bar[block]) * sqrt(len)
-       (q_bar, k_bar: averaged over heads)
-    3. token score[b, t] = vec_b . vec_{chunk(t)}; allowed: t < end of block b (causal);
+       selecting heads: per_kv_head = 0, one (q_bar, k_bar averaged over all heads);
+       per_kv_head = 1, one per KV head (k_bar = its keys, q_bar = its query heads averaged)
+    3. per selecting head: token score[b, t] = vec_b . vec_{chunk(t)}; allowed: t < end of
+       block b (causal);
        the first ``sink`` and the last ``local`` allowed tokens are forced in;
        selected = top ``budget`` (stable: lower index first on ties)
-    4. each query p of block b attends to its selected keys with index <= p;
+    4. each query p of block b attends to its selected keys (its KV head's) with index <= p;
        the last dense_tail queries attend to every key <= p (dense).
 """
 
@@ -122,48 +124,64 @@ def causal_chunk_starts(q: np.ndarray, k: np.ndarray, params: DHSAParams) -> np.
     return starts
 
 
+def selecting_heads(q: np.ndarray, k: np.ndarray, params: DHSAParams
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(q_bar [S,T,D], k_bar [S,T,D]) of the heads that select keys: S = Hkv per KV head,
+    else S = 1 (all heads averaged)."""
+    hkv = k.shape[0]
+    if params.per_kv_head:
+        return q.reshape(hkv, q.shape[0] // hkv, *q.shape[1:]).mean(axis=1), k
+    return q.mean(axis=0, keepdims=True), k.mean(axis=0, keepdims=True)
+
+
 def token_scores(q: np.ndarray, k: np.ndarray, starts: np.ndarray, params: DHSAParams,
                  start: int = 0) -> np.ndarray:
-    """[nb, E] score of every key token for every query block of the call [start, E) (its
-    chunk's score); q/k/starts: the tokens [0, E)."""
-    _, seq_len, _ = q.shape
-    q_bar = q[:, start:].mean(axis=0)  # [E-start,D]
-    k_bar = k.mean(axis=0)
+    """[S, nb, E] score of every key token for every query block of the call [start, E) (its
+    chunk's score), per selecting head; q/k/starts: the tokens [0, E)."""
+    q_bar, k_bar = selecting_heads(q[:, start:], k, params)
+    heads, q_len, d = q_bar.shape
     ids = np.cumsum(starts) - 1  # chunk id per token
     n_chunks = ids[-1] + 1
-    sums = np.zeros((n_chunks, k_bar.shape[1]), np.float32)
-    np.add.at(sums, ids, k_bar)
+    sums = np.zeros((heads, n_chunks, d), np.float32)
+    np.add.at(sums, (slice(None), ids), k_bar)
     lengths = np.bincount(ids, minlength=n_chunks).astype(np.float32)
-    chunk_vec = sums / np.sqrt(lengths)[:, None]  # mean * sqrt(len)
+    chunk_vec = sums / np.sqrt(lengths)[None, :, None]  # mean * sqrt(len)
     bs = params.block_size
-    nb = -(-len(q_bar) // bs)
-    padded = np.zeros((nb * bs, q_bar.shape[1]), np.float32)
-    padded[:len(q_bar)] = q_bar
-    block_len = np.minimum(bs, len(q_bar) - np.arange(nb) * bs).astype(np.float32)
-    block_vec = padded.reshape(nb, bs, -1).sum(axis=1) / np.sqrt(block_len)[:, None]
-    return (block_vec @ chunk_vec.T)[:, ids]  # upsample chunk scores to tokens
+    nb = -(-q_len // bs)
+    padded = np.zeros((heads, nb * bs, d), np.float32)
+    padded[:, :q_len] = q_bar
+    block_len = np.minimum(bs, q_len - np.arange(nb) * bs).astype(np.float32)
+    block_vec = padded.reshape(heads, nb, bs, d).sum(axis=2) / np.sqrt(block_len)[None, :, None]
+    return (block_vec @ chunk_vec.transpose(0, 2, 1))[:, :, ids]  # upsampled to tokens
 
 
 @dataclass
 class Selection:
-    index: np.ndarray  # [nb, budget] key positions per query block (sorted by score)
-    valid: np.ndarray  # [nb, budget] bool: a real, causally allowed key
+    index: np.ndarray  # [S, nb, budget] key positions per selecting head and query block
+    valid: np.ndarray  # [S, nb, budget] bool: a real, causally allowed key
+
+    def keys(self, block: int, head: int = 0) -> np.ndarray:
+        """The selected (valid) key positions of query block ``block``, selecting head
+        ``head``."""
+        return self.index[head, block][self.valid[head, block]]
 
 
 def select_keys(scores: np.ndarray, seq_len: int, params: DHSAParams,
                 start: int = 0) -> Selection:
     """The keys of each query block of the call [start, seq_len) (``start`` a multiple of the
     block size)."""
-    nb = scores.shape[0]
+    nb = scores.shape[1]
     t = np.arange(seq_len)[None, :]
     block_end = np.minimum((np.arange(nb)[:, None] + 1) * params.block_size + start, seq_len)
     allowed = t < block_end
     forced = allowed & ((t < params.sink) | (t >= block_end - params.local))
     ranked = np.where(forced, np.inf, np.where(allowed, scores, NEG)).astype(np.float32)
     budget = min(params.budget, seq_len)
-    order = np.argsort(-ranked, axis=1, kind="stable")[:, :budget]
-    valid = np.take_along_axis(ranked, order, axis=1) > NEG
-    return Selection(order, valid)
+    order = np.argsort(-ranked, axis=-1, kind="stable")[..., :budget]
+    valid = np.take_along_axis(ranked, order, axis=-1) > NEG
+    short = params.budget - budget  # fewer keys than the budget: pad with invalid slots
+    pad = [(0, 0), (0, 0), (0, short)]
+    return Selection(np.pad(order, pad), np.pad(valid, pad, constant_values=False))
 
 
 def sparse_attention(q, k, v, sel: Selection, params: DHSAParams, start: int = 0,
@@ -175,13 +193,15 @@ def sparse_attention(q, k, v, sel: Selection, params: DHSAParams, start: int = 0
     keys, values = _repeat_kv(k, group), _repeat_kv(v, group)
     out = np.zeros_like(q)
     bs = params.block_size
-    for b in range(sel.index.shape[0]):
+    head_of = np.arange(hq) // group if sel.index.shape[0] > 1 else np.zeros(hq, int)
+    for b in range(sel.index.shape[1]):
         qs = np.arange(start + b * bs, min(start + (b + 1) * bs, seq_len))
-        idx = sel.index[b]
-        s = np.einsum("hqd,hkd->hqk", q[:, qs], keys[:, idx]) / np.sqrt(d)
-        ok = sel.valid[b][None, None, :] & (idx[None, None, :] <= qs[None, :, None])
+        idx = sel.index[head_of, b]  # [Hq,budget]: each query head its selecting head's keys
+        picked = np.arange(hq)[:, None]
+        s = np.einsum("hqd,hkd->hqk", q[:, qs], keys[picked, idx]) / np.sqrt(d)
+        ok = sel.valid[head_of, b][:, None, :] & (idx[:, None, :] <= qs[None, :, None])
         p = _softmax(np.where(ok, s, NEG))
-        out[:, qs] = np.einsum("hqk,hkd->hqd", p, values[:, idx])
+        out[:, qs] = np.einsum("hqk,hkd->hqd", p, values[picked, idx])
     tail = params.dense_tail
     if tail:
         qs = np.arange(max(start, (prompt_len or seq_len) - tail), seq_len)
@@ -214,5 +234,5 @@ def dhsa_attention(q, k, v, params: DHSAParams, starts: np.ndarray | None = None
         out[:, start:end] = sparse_attention(q[:, :end], k[:, :end], v[:, :end], sel, params,
                                              start, seq_len)
         selections.append(sel)
-    return out, starts, Selection(np.concatenate([s.index for s in selections]),
-                                  np.concatenate([s.valid for s in selections]))
+    return out, starts, Selection(np.concatenate([s.index for s in selections], axis=1),
+                                  np.concatenate([s.valid for s in selections], axis=1))

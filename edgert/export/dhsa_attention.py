@@ -10,15 +10,17 @@ the peak memory is sized by the chunk. Every layer's core is one subgraph under
     boundary layer: probe attention -> mass ratios -> NMS (MaxPool) -> chunk starts of the q
                     new tokens (shared by all layers; the earlier ones come in as an input)
     every layer:    chunk ids = CumSum(starts)-1 over [0, E) -> chunk sums (ScatterElements
-                    add) / sqrt(len); block vectors [nb,D] . chunk vectors -> Gather(ids)
-                    -> token scores [nb,E]; then attention (below)
+                    add) / sqrt(len); block vectors [S,nb,D] . chunk vectors -> Gather(ids)
+                    -> token scores [S,nb,E]; then attention (below). S selecting heads:
+                    1 (all heads averaged) or, with ``per_kv_head``, one per KV head
 
 Attention, when ``local >= block_size`` (the defaults): the local window then contains the
 block itself, so a block attends to its own keys (causally) plus ``budget - block_size`` keys
 strictly before it::
 
     every block: TopK(budget - bs) of its earlier keys (sink/local forced) -> one Gather of
-        [earlier | own] keys token-major (KV heads repeated) -> com.microsoft
+        [earlier | own] keys token-major ([n,L,Hkv*D]; per KV head: each head's slice from
+        its own index) -> com.microsoft
         MultiHeadAttention, batch = block. The bias is causal over the own keys, and hides the
         earlier slots past the block's start (a block near the start of the prompt has fewer
         earlier keys than slots: it attends to all of them, i.e. densely). It depends on
@@ -30,8 +32,10 @@ strictly before it::
 Otherwise (``local < block_size``, whole prompt in one call only) the general form:
 TopK(budget) over all allowed keys -> Gather K/V [Hkv,nb,budget,D] -> MatMul / causal mask
 (Where) / Softmax / MatMul per block. Both select the same keys as
-``edgert.dhsa.reference.select_keys``. A call needs E > budget - block_size keys
-(``prefill_chunk >= budget``; the runtime sends DHSA no prompt within the budget).
+``edgert.dhsa.reference.select_keys``. A call may have fewer keys than the slots (E < budget
+- block_size: the first calls with a ``prefill_chunk`` below the budget): its blocks then
+attend to all their earlier keys, densely. (The runtime sends DHSA no prompt within the
+budget.)
 """
 
 from __future__ import annotations
@@ -157,45 +161,60 @@ class DHSACore(nn.Module):
         return (use_grid & grid) | (~use_grid & starts)
 
     # -- selection ----------------------------------------------------------------------
+    def selecting_heads(self, q, k):
+        """The heads that select keys: q [Hq,q,D], k [Hkv,E,D] -> ([S,q,D], [S,E,D]); per KV
+        head (its query heads averaged, S = Hkv) or all heads averaged (S = 1)."""
+        if self.p.per_kv_head:
+            return q.view(self.hkv, self.group, q.shape[1], self.d).mean(1), k
+        return q.mean(0, keepdim=True), k.mean(0, keepdim=True)
+
     def token_scores(self, q, k, starts):
-        """q [Hq,q,D] this call's queries, k [Hkv,E,D], starts [E] -> [nb,E]."""
+        """q [Hq,q,D] this call's queries, k [Hkv,E,D], starts [E] -> [S,nb,E]."""
         p = self.p
         q_len, total = q.shape[1], k.shape[1]
         bs = p.block_size
-        q_bar, k_bar = q.mean(0), k.mean(0)  # [q,D], [E,D]
+        q_bar, k_bar = self.selecting_heads(q, k)  # [S,q,D], [S,E,D]
+        s = k_bar.shape[0]
         ids = torch.cumsum(starts.to(torch.int64), dim=0) - 1
-        sums = torch.zeros_like(k_bar).scatter_add(0, ids[:, None].expand(total, self.d), k_bar)
-        lengths = torch.zeros_like(k_bar[:, 0]).scatter_add(0, ids, torch.ones_like(k_bar[:, 0]))
-        chunk_vec = sums / lengths.clamp(min=1.0).sqrt()[:, None]
+        sums = torch.zeros_like(k_bar).scatter_add(1, ids[None, :, None].expand(s, total, self.d),
+                                                   k_bar)
+        ones = torch.ones_like(k_bar[0, :, 0])
+        lengths = torch.zeros_like(ones).scatter_add(0, ids, ones)
+        chunk_vec = sums / lengths.clamp(min=1.0).sqrt()[None, :, None]
         nb = (q_len + bs - 1) // bs
         padded = nn.functional.pad(q_bar, (0, 0, 0, nb * bs - q_len))
         block_len = (q_len - torch.arange(nb) * bs).clamp(max=bs).to(q.dtype)
-        block_vec = padded.view(nb, bs, self.d).sum(1) / block_len.sqrt()[:, None]
-        return torch.matmul(block_vec, chunk_vec.t()).index_select(1, ids)  # [nb,E]
+        block_vec = padded.view(s, nb, bs, self.d).sum(2) / block_len.sqrt()[None, :, None]
+        return torch.matmul(block_vec, chunk_vec.transpose(1, 2)).index_select(2, ids)
 
     def select(self, scores, seq_len):
         p = self.p
-        nb = scores.shape[0]
+        nb = scores.shape[1]
         t = torch.arange(seq_len)[None, :]
         block_end = ((torch.arange(nb)[:, None] + 1) * p.block_size).clamp(max=seq_len)
         allowed = t < block_end
         forced = allowed & ((t < p.sink) | (t >= block_end - p.local))
         ranked = torch.where(forced, torch.full_like(scores, float("inf")),
                              torch.where(allowed, scores, torch.full_like(scores, NEG_INF)))
-        values, index = torch.topk(ranked, p.budget, dim=1)
-        return index, values > NEG_INF
+        values, index = torch.topk(ranked, p.budget, dim=-1)
+        return index, values > NEG_INF  # [S,nb,budget]
 
     def select_earlier(self, scores, block_start, block_end, slots):
         """Top ``slots`` keys strictly before each block (sink and local window forced):
-        scores [n,E], block_start/block_end [n,1] -> index [n,slots]; the real keys rank
-        first, the slots past ``block_start`` of them are hidden by the bias."""
+        scores [S,n,E], block_start/block_end [n,1] -> index [S,n,slots]; the real keys rank
+        first, the slots past ``block_start`` of them are hidden by the bias. A call with
+        fewer keys than slots (E < slots, early in the prompt) ranks ``slots`` -inf columns
+        after its keys; their indices are clamped into [0, E) and hidden by the bias too."""
         p = self.p
-        t = torch.arange(scores.shape[1])[None, :]
+        total = scores.shape[-1]
+        t = torch.arange(total)[None, :]
         earlier = t < block_start
         forced = earlier & ((t < p.sink) | (t >= block_end - p.local))
         ranked = torch.where(forced, torch.full_like(scores, float("inf")),
                              torch.where(earlier, scores, torch.full_like(scores, NEG_INF)))
-        return torch.topk(ranked, slots, dim=1).indices
+        filler = torch.full((scores.shape[0], scores.shape[1], slots), NEG_INF)
+        ranked = torch.cat([ranked, filler], dim=-1)
+        return torch.topk(ranked, slots, dim=-1).indices.clamp(max=total - 1)
 
     def _fold(self, query):
         """GQA as multi-head attention over the KV heads: [n,S,Hq*D] -> [n,S*g,Hkv*D], the g
@@ -221,12 +240,23 @@ class DHSACore(nn.Module):
         out = _BlockMHA.apply(self._fold(query), keys, values, folded_bias, self.hkv, self.d)
         return self._unfold(out, query.shape[1])
 
-    def _block_attention(self, tokens_q, k_tok, v_tok, index, folded_bias):
-        """Blocks of queries over the keys ``index`` [n,L]: tokens_q [n*S,Hq*D] (padded to
-        whole blocks), k_tok/v_tok [E,Hkv*D] -> [n,S,Hq*D]."""
-        n = index.shape[0]
-        return self._attend(tokens_q.view(n, -1, self.h * self.d), k_tok[index], v_tok[index],
-                            folded_bias)
+    def gather_tokens(self, x, index):
+        """x [Hkv,E,D] at ``index`` [S,n,L] -> [n,L,Hkv*D] (token-major, as MHA takes keys):
+        S = 1 one gather of whole tokens; S = Hkv each head its own keys."""
+        hkv, total, d = x.shape
+        if index.shape[0] == 1:
+            return x.transpose(0, 1).reshape(total, hkv * d)[index[0]]
+        offsets = (torch.arange(hkv) * total)[:, None, None]
+        picked = x.reshape(hkv * total, d)[index + offsets]  # [Hkv,n,L,D]
+        n, length = index.shape[1], index.shape[2]
+        return picked.permute(1, 2, 0, 3).reshape(n, length, hkv * d)
+
+    def _block_attention(self, tokens_q, k, v, index, folded_bias):
+        """Blocks of queries over the keys ``index`` [S,n,L]: tokens_q [n*R,Hq*D] (padded
+        to whole blocks), k/v [Hkv,E,D] -> [n,R,Hq*D]."""
+        n = index.shape[1]
+        return self._attend(tokens_q.view(n, -1, self.h * self.d), self.gather_tokens(k, index),
+                            self.gather_tokens(v, index), folded_bias)
 
     def sparse_blocks(self, scores, query, k, v, past_len, prompt_len, ctx):
         """The ``local >= block_size`` form (module docstring), dense tail included; same
@@ -235,7 +265,7 @@ class DHSACore(nn.Module):
         p = self.p
         q_len, total = query.shape[1], k.shape[1]
         bs, hq, d = p.block_size, self.h, self.d
-        nb = scores.shape[0]
+        nb = scores.shape[1]
         tokens_q = nn.functional.pad(query[0], (0, 0, 0, nb * bs - q_len))  # whole blocks
         k_tok = k.transpose(0, 1).reshape(total, self.hkv * d)
         v_tok = v.transpose(0, 1).reshape(total, self.hkv * d)
@@ -247,7 +277,8 @@ class DHSACore(nn.Module):
                                                                    p.budget))
         earlier = self.select_earlier(scores, block_start, block_end, slots)
         own = (block_start + torch.arange(bs)[None, :]).clamp(max=total - 1)
-        out_blocks = self._block_attention(tokens_q, k_tok, v_tok, torch.cat([earlier, own], 1),
+        own = own[None].expand(earlier.shape[0], nb, bs)
+        out_blocks = self._block_attention(tokens_q, k, v, torch.cat([earlier, own], 2),
                                            ctx["block_bias"])
         # the last block, exactly: a partial block has budget - its length earlier keys
         last = (nb - 1) * bs
@@ -256,11 +287,12 @@ class DHSACore(nn.Module):
         if "last_bias" not in ctx:
             ctx["last_bias"] = self._fold_bias(earlier_slots_bias(
                 last_start, p.budget - own_len, own_len, p.budget))
-        last_earlier = self.select_earlier(scores[nb - 1:], last_start, block_end[nb - 1:],
-                                           p.budget - own_len)
-        last_own = torch.arange(total)[past_len + last:][None, :]
-        out_last = self._block_attention(tokens_q[last:q_len], k_tok, v_tok,
-                                         torch.cat([last_earlier, last_own], dim=1),
+        last_earlier = self.select_earlier(scores[:, nb - 1:], last_start,
+                                           block_end[nb - 1:], p.budget - own_len)
+        last_own = torch.arange(total)[past_len + last:][None, None, :]
+        last_own = last_own.expand(last_earlier.shape[0], 1, own_len)
+        out_last = self._block_attention(tokens_q[last:q_len], k, v,
+                                         torch.cat([last_earlier, last_own], dim=2),
                                          ctx["last_bias"])
         out = torch.cat([out_blocks.reshape(-1, hq * d)[:last], out_last.reshape(-1, hq * d)])
         if p.dense_tail:  # the prompt's tail: the last rows of the last call, dense
@@ -277,16 +309,16 @@ class DHSACore(nn.Module):
         p = self.p
         seq_len = q.shape[1]
         bs, g, d = p.block_size, self.group, self.d
-        nb, budget = index.shape
-        k_sel = k[:, index]  # [Hkv,nb,budget,D]
-        v_sel = v[:, index]
+        _, nb, budget = index.shape
+        k_sel = self.gather_tokens(k, index).view(nb, budget, self.hkv, d).permute(2, 0, 1, 3)
+        v_sel = self.gather_tokens(v, index).view(nb, budget, self.hkv, d).permute(2, 0, 1, 3)
         qp = nn.functional.pad(q, (0, 0, 0, nb * bs - seq_len))  # [Hq,nb*bs,D]
         qp = qp.view(self.hkv, g, nb, bs, d).permute(0, 2, 1, 3, 4).reshape(self.hkv, nb,
                                                                             g * bs, d)
         scores = torch.matmul(qp, k_sel.transpose(2, 3)) / math.sqrt(d)  # [Hkv,nb,g*bs,bud]
         qpos = (torch.arange(nb)[:, None] * bs + torch.arange(bs)[None, :]).repeat(1, g)
-        ok = valid[:, None, :] & (index[:, None, :] <= qpos[:, :, None])  # [nb,g*bs,bud]
-        scores = scores.masked_fill(~ok[None], NEG_INF)
+        ok = valid[:, :, None, :] & (index[:, :, None, :] <= qpos[None, :, :, None])
+        scores = scores.masked_fill(~ok, NEG_INF)  # ok [S,nb,g*bs,bud]
         out = torch.matmul(torch.softmax(scores, dim=-1), v_sel)  # [Hkv,nb,g*bs,D]
         out = out.view(self.hkv, nb, g, bs, d).permute(0, 2, 1, 3, 4).reshape(self.h,
                                                                               nb * bs, d)

@@ -37,7 +37,7 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from edgert.dhsa.params import DHSAParams
-from edgert.errors import EdgertError
+from edgert.errors import BackendError, EdgertError
 from edgert.passes.fuse_tree_attention import _Bindings, core_pattern
 from edgert.passes.kernels.dhsa_attention import DHSAKnobs, dhsa_attention_tir
 from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir
@@ -50,6 +50,14 @@ from edgert.passes.kernels.tree_attention import (
 
 FUNCTION = "prefill_dhsa"
 _PAST = re.compile(r"past_(key|value)_(\d+)")
+
+
+def check_supported(params: DHSAParams) -> None:
+    """Refuse, in one line, DHSA settings the TVM kernels do not compute."""
+    if params.per_kv_head:
+        raise BackendError("this artifact's DHSA selects keys per KV head (dhsa.per_kv_head=1); "
+                           "the TVM DHSA kernel selects one set for all heads: re-export with "
+                           "`--dhsa per_kv_head=0` (or `--no-dhsa`) to compile it")
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDHSAPrefill")
@@ -70,6 +78,7 @@ class FuseDHSAPrefill:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,
                  gpu: bool = False, knobs: TreeAttentionKnobs = DEFAULT_KNOBS,
                  dhsa_knobs: DHSAKnobs = DHSAKnobs(), index_dtype: str = "int64") -> None:
+        check_supported(params)
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
         self.params = params
         self.gpu = gpu
