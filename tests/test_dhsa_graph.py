@@ -125,7 +125,7 @@ def test_graph_matches_reference(core_session, seq_len, fixed):
     np.testing.assert_array_equal(got_starts, starts)
 
 
-@pytest.mark.parametrize("seq_len", [65, 128, 135, 200, 257])
+@pytest.mark.parametrize("seq_len", [65, 76, 128, 135, 200, 257])
 @pytest.mark.parametrize("fixed", [0, 10])
 def test_chunked_calls_match_reference(core_session, seq_len, fixed):
     """Calls of 64 query tokens against the cache (the last merged when shorter than the

@@ -64,15 +64,18 @@ def causal_bias(rows, cols) -> torch.Tensor:
     return bias[None, None]
 
 
-def earlier_slots_bias(block_start: torch.Tensor, slots: int, rows: int,
+def earlier_slots_bias(block_start: torch.Tensor, own_start: torch.Tensor, rows: int,
                        cols: int) -> torch.Tensor:
-    """[n,1,rows,cols] bias of blocks whose keys are [``slots`` earlier | own]: the own keys
-    causal, an earlier slot hidden unless it is one of the block's ``block_start`` earlier
-    keys (TopK ranks the real ones first)."""
+    """[n,1,rows,cols] bias of blocks whose ``cols`` keys are [earlier | own], the own ones
+    from slot ``own_start`` [n,1]: query row r sees the own keys up to slot own_start + r
+    (causal), and an earlier slot only if it is one of the block's ``block_start`` [n,1]
+    earlier keys (TopK ranks the real ones first). Rows past the block's length (padding of
+    a partial last block) see all its keys."""
     slot = torch.arange(cols)[None, :]
-    hidden = (slot < slots) & (slot >= block_start)  # [n,cols]
-    earlier = torch.where(hidden, torch.tensor(NEG_INF), torch.tensor(0.0))
-    return causal_bias(rows, cols) + earlier[:, None, None, :]
+    hidden = (slot < own_start) & (slot >= block_start)  # [n,cols]
+    future = slot[None] > own_start[:, :, None] + torch.arange(rows)[None, :, None]
+    masked = future | hidden[:, None, :]  # [n,rows,cols]
+    return torch.where(masked, torch.tensor(NEG_INF), torch.tensor(0.0))[:, None]
 
 
 def rows_from(first_position, past_len, q_len):
@@ -251,12 +254,11 @@ class DHSACore(nn.Module):
         n, length = index.shape[1], index.shape[2]
         return picked.permute(1, 2, 0, 3).reshape(n, length, hkv * d)
 
-    def _block_attention(self, tokens_q, k, v, index, folded_bias):
-        """Blocks of queries over the keys ``index`` [S,n,L]: tokens_q [n*R,Hq*D] (padded
-        to whole blocks), k/v [Hkv,E,D] -> [n,R,Hq*D]."""
-        n = index.shape[1]
-        return self._attend(tokens_q.view(n, -1, self.h * self.d), self.gather_tokens(k, index),
-                            self.gather_tokens(v, index), folded_bias)
+    def _block_attention(self, block_q, k, v, index, folded_bias):
+        """Blocks of queries over the keys ``index`` [S,n,L]: block_q [n,R,Hq*D], k/v
+        [Hkv,E,D] -> [n,R,Hq*D]."""
+        return self._attend(block_q, self.gather_tokens(k, index), self.gather_tokens(v, index),
+                            folded_bias)
 
     def sparse_blocks(self, scores, query, k, v, past_len, prompt_len, ctx):
         """The ``local >= block_size`` form (module docstring), dense tail included; same
@@ -266,35 +268,31 @@ class DHSACore(nn.Module):
         q_len, total = query.shape[1], k.shape[1]
         bs, hq, d = p.block_size, self.h, self.d
         nb = scores.shape[1]
+        full = nb - 1  # the blocks before the last one
+        last = full * bs
+        own_len = q_len - last  # the last block's length (a partial block has more room)
         tokens_q = nn.functional.pad(query[0], (0, 0, 0, nb * bs - q_len))  # whole blocks
         k_tok = k.transpose(0, 1).reshape(total, self.hkv * d)
         v_tok = v.transpose(0, 1).reshape(total, self.hkv * d)
-        slots = p.budget - bs
-        block_start = past_len + torch.arange(nb)[:, None] * bs
-        block_end = (block_start + bs).clamp(max=total)
+        block_start = past_len + torch.arange(nb)[:, None] * bs  # [nb,1]
+        # every block has budget keys: [earlier | own]; own_len of them own in the last
+        own_start = p.budget - (block_start + bs).clamp(max=total) + block_start
         if "block_bias" not in ctx:  # positions only: built once, shared by the layers
-            ctx["block_bias"] = self._fold_bias(earlier_slots_bias(block_start, slots, bs,
+            ctx["block_bias"] = self._fold_bias(earlier_slots_bias(block_start, own_start, bs,
                                                                    p.budget))
-        earlier = self.select_earlier(scores, block_start, block_end, slots)
-        own = (block_start + torch.arange(bs)[None, :]).clamp(max=total - 1)
-        own = own[None].expand(earlier.shape[0], nb, bs)
-        out_blocks = self._block_attention(tokens_q, k, v, torch.cat([earlier, own], 2),
-                                           ctx["block_bias"])
-        # the last block, exactly: a partial block has budget - its length earlier keys
-        last = (nb - 1) * bs
-        own_len = q_len - last
-        last_start = block_start[nb - 1:]
-        if "last_bias" not in ctx:
-            ctx["last_bias"] = self._fold_bias(earlier_slots_bias(
-                last_start, p.budget - own_len, own_len, p.budget))
-        last_earlier = self.select_earlier(scores[:, nb - 1:], last_start,
-                                           block_end[nb - 1:], p.budget - own_len)
-        last_own = torch.arange(total)[past_len + last:][None, None, :]
-        last_own = last_own.expand(last_earlier.shape[0], 1, own_len)
-        out_last = self._block_attention(tokens_q[last:q_len], k, v,
-                                         torch.cat([last_earlier, last_own], dim=2),
-                                         ctx["last_bias"])
-        out = torch.cat([out_blocks.reshape(-1, hq * d)[:last], out_last.reshape(-1, hq * d)])
+        earlier = self.select_earlier(scores[:, :full], block_start[:full],
+                                      block_start[:full] + bs, p.budget - bs)
+        own = (block_start[:full] + torch.arange(bs)[None, :])[None].expand(
+            earlier.shape[0], full, bs)
+        last_start = block_start[full:]
+        last_earlier = self.select_earlier(scores[:, full:], last_start, last_start + own_len,
+                                           p.budget - own_len)
+        last_own = torch.arange(total)[past_len + last:][None, None, :].expand(
+            last_earlier.shape[0], 1, own_len)
+        index = torch.cat([torch.cat([earlier, own], 2),
+                           torch.cat([last_earlier, last_own], 2)], dim=1)  # [S,nb,budget]
+        out = self._block_attention(tokens_q.view(nb, bs, hq * d), k, v, index,
+                                    ctx["block_bias"]).reshape(nb * bs, hq * d)[:q_len]
         if p.dense_tail:  # the prompt's tail: the last rows of the last call, dense
             tail_from = rows_from(prompt_len - p.dense_tail, past_len, q_len)  # q: none
             if "tail_bias" not in ctx:
@@ -360,13 +358,15 @@ class DHSACore(nn.Module):
         past_len = ctx["past_starts"].shape[0]
         k_new = key.view(q_len, self.hkv, self.d).transpose(0, 1)  # [Hkv,q,D]
         v_new = value.view(q_len, self.hkv, self.d).transpose(0, 1)
-        k = torch.cat([past_k[0, :, :past_len], k_new], dim=1)  # [Hkv,E,D]
-        v = torch.cat([past_v[0, :, :past_len], v_new], dim=1)
+        # the new K/V go into the cache first; the call's keys [0, E) are then one slice of
+        # it (no Concat of the prefix and the new entries: one copy of [Hkv,E,D], not two)
+        present_k, present_v = self.presents(past_k, past_v, k_new, v_new, past_len)
+        k = present_k[0, :, :past_len + q_len]  # [Hkv,E,D]
+        v = present_v[0, :, :past_len + q_len]
         if self.layer_index < self.p.boundary_layer:
             if ctx["starts"] is None:  # (no chunks when every layer is dense)
                 ctx["starts"] = torch.zeros(q_len, dtype=torch.bool)
-            return (self.dense(query, k, v)[None],
-                    *self.presents(past_k, past_v, k_new, v_new, past_len))
+            return self.dense(query, k, v)[None], present_k, present_v
         q = query.view(q_len, self.h, self.d).transpose(0, 1)  # [Hq,q,D]
         if self.layer_index == self.p.boundary_layer:
             ctx["starts"] = self.chunk_starts(q, k, past_len, ctx["prompt_len"],
@@ -374,11 +374,11 @@ class DHSACore(nn.Module):
         scores = self.token_scores(q, k, torch.cat([ctx["past_starts"], ctx["starts"]]))
         if self.p.local >= self.p.block_size:
             out = self.sparse_blocks(scores, query, k, v, past_len, ctx["prompt_len"], ctx)
-            return out[None], *self.presents(past_k, past_v, k_new, v_new, past_len)
+            return out[None], present_k, present_v
         index, valid = self.select(scores, q_len)  # general form: P = 0
         out = self.with_dense_tail(self.sparse(q, k, v, index, valid), q, k, v)
         out = out.transpose(0, 1).reshape(1, q_len, self.h * self.d)
-        return out, *self.presents(past_k, past_v, k_new, v_new, past_len)
+        return out, present_k, present_v
 
 
 def dhsa_context(tree_mask, past_k0, extra):
