@@ -226,6 +226,15 @@ def test_long_prompts_use_dhsa(tiny_dhsa_artifact):
     assert result.stats["prefill"] == "dhsa"
 
 
+def test_dhsa_session_keeps_no_memory_pattern(tiny_dhsa_artifact):
+    """Every DHSA call has its own input shapes; with ORT's memory pattern on, a repeated
+    request length would allocate each recorded plan again (+100-200 MB at 8K). The decode
+    session keeps it."""
+    engine = edgert.load(tiny_dhsa_artifact)
+    assert engine.backend.dhsa_session.get_session_options().enable_mem_pattern is False
+    assert engine.backend.session.get_session_options().enable_mem_pattern is True
+
+
 def _dense_and_sparse_prefill(engine, ids):
     """(logits, K/V of the prompt) after DHSA prefill and after dense prefill."""
     from edgert.runtime.steps import prefill, prefill_sparse

@@ -169,6 +169,7 @@ def test_chunked_calls_see_only_their_prefix():
 @pytest.mark.parametrize("kwargs, match", [
     ({"prefill_chunk": 1000}, "multiple of"),
     ({"local": 64, "prefill_chunk": 1024}, "local >= dhsa.block_size"),
+    ({"per_kv_head": 2}, "0 or 1"),
     ({"local": 900, "sink": 200}, "must not exceed"),
     ({"min_context": 100}, "min_context"),
     ({"block_size": 0}, "block_size"),

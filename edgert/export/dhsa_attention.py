@@ -243,22 +243,25 @@ class DHSACore(nn.Module):
         out = _BlockMHA.apply(self._fold(query), keys, values, folded_bias, self.hkv, self.d)
         return self._unfold(out, query.shape[1])
 
-    def gather_tokens(self, x, index):
+    def gather_tokens(self, x, index, x_tok=None):
         """x [Hkv,E,D] at ``index`` [S,n,L] -> [n,L,Hkv*D] (token-major, as MHA takes keys):
-        S = 1 one gather of whole tokens; S = Hkv each head its own keys."""
+        S = 1 one gather of whole tokens (from ``x_tok`` [E,Hkv*D] when the caller has it);
+        S = Hkv each head its own keys."""
         hkv, total, d = x.shape
         if index.shape[0] == 1:
-            return x.transpose(0, 1).reshape(total, hkv * d)[index[0]]
+            if x_tok is None:
+                x_tok = x.transpose(0, 1).reshape(total, hkv * d)
+            return x_tok[index[0]]
         offsets = (torch.arange(hkv) * total)[:, None, None]
         picked = x.reshape(hkv * total, d)[index + offsets]  # [Hkv,n,L,D]
         n, length = index.shape[1], index.shape[2]
         return picked.permute(1, 2, 0, 3).reshape(n, length, hkv * d)
 
-    def _block_attention(self, block_q, k, v, index, folded_bias):
+    def _block_attention(self, block_q, k, v, index, folded_bias, k_tok, v_tok):
         """Blocks of queries over the keys ``index`` [S,n,L]: block_q [n,R,Hq*D], k/v
-        [Hkv,E,D] -> [n,R,Hq*D]."""
-        return self._attend(block_q, self.gather_tokens(k, index), self.gather_tokens(v, index),
-                            folded_bias)
+        [Hkv,E,D] (k_tok/v_tok: the same token-major, [E,Hkv*D]) -> [n,R,Hq*D]."""
+        return self._attend(block_q, self.gather_tokens(k, index, k_tok),
+                            self.gather_tokens(v, index, v_tok), folded_bias)
 
     def sparse_blocks(self, scores, query, k, v, past_len, prompt_len, ctx):
         """The ``local >= block_size`` form (module docstring), dense tail included; same
@@ -292,7 +295,8 @@ class DHSACore(nn.Module):
         index = torch.cat([torch.cat([earlier, own], 2),
                            torch.cat([last_earlier, last_own], 2)], dim=1)  # [S,nb,budget]
         out = self._block_attention(tokens_q.view(nb, bs, hq * d), k, v, index,
-                                    ctx["block_bias"]).reshape(nb * bs, hq * d)[:q_len]
+                                    ctx["block_bias"], k_tok, v_tok).reshape(nb * bs,
+                                                                             hq * d)[:q_len]
         if p.dense_tail:  # the prompt's tail: the last rows of the last call, dense
             tail_from = rows_from(prompt_len - p.dense_tail, past_len, q_len)  # q: none
             if "tail_bias" not in ctx:
