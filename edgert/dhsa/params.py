@@ -46,7 +46,7 @@ class DHSAParams:
     boundary_layer: int = 0
     fixed_chunk: int = 0
     min_context: int = 1024
-    prefill_chunk: int = 1024
+    prefill_chunk: int = 512
     per_kv_head: int = 0
 
     def __post_init__(self) -> None:

@@ -88,18 +88,16 @@ class _BlockMHA(torch.autograd.Function):
     (tracing, tests). Export: one com.microsoft MultiHeadAttention node (ONNX Runtime's CPU
     kernel fuses scores, bias, softmax and the value product, parallel over blocks x heads).
 
-    query [n,S,H*D], key/value [n,L,H*D], bias [1 or n,1,S,L] -> [n,S,H*D]
+    query [n,S,H*D], key/value [n,H,L,D] (BNSH: the kernel reads them as they are, no
+    transposed copy), bias [1 or n,1,S,L] -> [n,S,H*D]
     """
 
     @staticmethod
     def forward(ctx, query, key, value, bias, num_heads, head_dim):
         n, s, _ = query.shape
-        length = key.shape[1]
         q = query.view(n, s, num_heads, head_dim).transpose(1, 2)
-        k = key.view(n, length, num_heads, head_dim).transpose(1, 2)
-        v = value.view(n, length, num_heads, head_dim).transpose(1, 2)
-        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim) + bias
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        scores = torch.matmul(q, key.transpose(2, 3)) / math.sqrt(head_dim) + bias
+        out = torch.matmul(torch.softmax(scores, dim=-1), value)
         return out.transpose(1, 2).reshape(n, s, num_heads * head_dim)
 
     @staticmethod
@@ -136,10 +134,7 @@ class DHSACore(nn.Module):
         rows = torch.cat([torch.arange(first, torch.maximum(tail_from, first), stride),
                           torch.arange(tail_from, q_len)])
         row_pos = pos.index_select(0, rows)
-        keys = _repeat(k, self.group)
-        scores = torch.matmul(q.index_select(1, rows), keys.transpose(1, 2)) / math.sqrt(self.d)
-        scores = scores.masked_fill(t[None, None, :] > row_pos[None, :, None], NEG_INF)
-        attn = torch.softmax(scores, dim=-1).mean(0)  # [R,E]
+        attn = self.probe_attention(q.index_select(1, rows), k, t[None, :] > row_pos[:, None])
         csum = torch.cat([torch.zeros_like(attn[:, :1]), torch.cumsum(attn, dim=1)], dim=1)
         c = pos - 1  # candidate: a boundary after c starts a chunk at c + 1 = pos
         lo = (c - w + 1).clamp(min=0)
@@ -163,20 +158,36 @@ class DHSACore(nn.Module):
         use_grid = fixed_chunk > 0  # (no Where on booleans: ORT lacks that kernel)
         return (use_grid & grid) | (~use_grid & starts)
 
-    # -- selection ----------------------------------------------------------------------
-    def selecting_heads(self, q, k):
-        """The heads that select keys: q [Hq,q,D], k [Hkv,E,D] -> ([S,q,D], [S,E,D]); per KV
-        head (its query heads averaged, S = Hkv) or all heads averaged (S = 1)."""
-        if self.p.per_kv_head:
-            return q.view(self.hkv, self.group, q.shape[1], self.d).mean(1), k
-        return q.mean(0, keepdim=True), k.mean(0, keepdim=True)
+    def probe_attention(self, probes, k, future):
+        """Causal attention of the probe queries [Hq,R,D] over k [Hkv,E,D], averaged over the
+        heads -> [R,E]; ``future`` [R,E] masks the keys after each probe. One KV head at a
+        time (its g query heads against its keys): no copy of K per query head, and the
+        scores are [g,R,E], not [Hq,R,E]."""
+        g = self.group
+        heads = probes.view(self.hkv, g, probes.shape[1], self.d)
+        total = None
+        for h in range(self.hkv):
+            scores = torch.matmul(heads[h], k[h].transpose(0, 1)) / math.sqrt(self.d)
+            attn = torch.softmax(scores.masked_fill(future[None], NEG_INF), dim=-1).sum(0)
+            total = attn if total is None else total + attn
+        return total / self.h
 
-    def token_scores(self, q, k, starts):
-        """q [Hq,q,D] this call's queries, k [Hkv,E,D], starts [E] -> [S,nb,E]."""
+    # -- selection ----------------------------------------------------------------------
+    def selecting_heads(self, q, present_k, total):
+        """The heads that select keys: q [Hq,q,D] this call's queries, present_k [1,Hkv,C,D]
+        the cache (keys [0, E) valid, E = ``total``) -> ([S,q,D], [S,E,D]); per KV head (its
+        query heads averaged, S = Hkv) or all heads averaged (S = 1: the mean over the heads
+        comes before the slice, so no copy of every head's keys is made)."""
+        if self.p.per_kv_head:
+            q_bar = q.view(self.hkv, self.group, q.shape[1], self.d).mean(1)
+            return q_bar, present_k[:, :, :total].squeeze(0)
+        return q.mean(0, keepdim=True), present_k.mean(1)[:, :total]
+
+    def token_scores(self, q_bar, k_bar, starts):
+        """q_bar [S,q,D] this call's selecting queries, k_bar [S,E,D], starts [E] -> [S,nb,E]."""
         p = self.p
-        q_len, total = q.shape[1], k.shape[1]
+        q_len, total = q_bar.shape[1], k_bar.shape[1]
         bs = p.block_size
-        q_bar, k_bar = self.selecting_heads(q, k)  # [S,q,D], [S,E,D]
         s = k_bar.shape[0]
         ids = torch.cumsum(starts.to(torch.int64), dim=0) - 1
         sums = torch.zeros_like(k_bar).scatter_add(1, ids[None, :, None].expand(s, total, self.d),
@@ -186,7 +197,7 @@ class DHSACore(nn.Module):
         chunk_vec = sums / lengths.clamp(min=1.0).sqrt()[None, :, None]
         nb = (q_len + bs - 1) // bs
         padded = nn.functional.pad(q_bar, (0, 0, 0, nb * bs - q_len))
-        block_len = (q_len - torch.arange(nb) * bs).clamp(max=bs).to(q.dtype)
+        block_len = (q_len - torch.arange(nb) * bs).clamp(max=bs).to(q_bar.dtype)
         block_vec = padded.view(s, nb, bs, self.d).sum(2) / block_len.sqrt()[None, :, None]
         return torch.matmul(block_vec, chunk_vec.transpose(1, 2)).index_select(2, ids)
 
@@ -239,44 +250,49 @@ class DHSACore(nn.Module):
             b, 1, s * self.group, length)
 
     def _attend(self, query, keys, values, folded_bias):
-        """query [n,S,Hq*D] over keys/values [n,L,Hkv*D] (GQA, no KV head copies)."""
+        """query [n,S,Hq*D] over keys/values [n,Hkv,L,D] (GQA, no KV head copies)."""
         out = _BlockMHA.apply(self._fold(query), keys, values, folded_bias, self.hkv, self.d)
         return self._unfold(out, query.shape[1])
 
-    def gather_tokens(self, x, index, x_tok=None):
-        """x [Hkv,E,D] at ``index`` [S,n,L] -> [n,L,Hkv*D] (token-major, as MHA takes keys):
-        S = 1 one gather of whole tokens (from ``x_tok`` [E,Hkv*D] when the caller has it);
-        S = Hkv each head its own keys."""
-        hkv, total, d = x.shape
-        if index.shape[0] == 1:
-            if x_tok is None:
-                x_tok = x.transpose(0, 1).reshape(total, hkv * d)
-            return x_tok[index[0]]
-        offsets = (torch.arange(hkv) * total)[:, None, None]
-        picked = x.reshape(hkv * total, d)[index + offsets]  # [Hkv,n,L,D]
-        n, length = index.shape[1], index.shape[2]
-        return picked.permute(1, 2, 0, 3).reshape(n, length, hkv * d)
+    @staticmethod
+    def gather_head(flat, capacity, index, head):
+        """KV head ``head``'s entries at ``index`` [S,n,L] (its own row of it with per-KV-head
+        selection, S = Hkv; else the shared one) from a cache flattened to [Hkv*C,D]:
+        [n,1,L,D], BNSH with one head, as MultiHeadAttention takes keys."""
+        own = index[head if index.shape[0] > 1 else 0]
+        return flat[own + head * capacity][:, None]
 
-    def _block_attention(self, block_q, k, v, index, folded_bias, k_tok, v_tok):
-        """Blocks of queries over the keys ``index`` [S,n,L]: block_q [n,R,Hq*D], k/v
-        [Hkv,E,D] (k_tok/v_tok: the same token-major, [E,Hkv*D]) -> [n,R,Hq*D]."""
-        return self._attend(block_q, self.gather_tokens(k, index, k_tok),
-                            self.gather_tokens(v, index, v_tok), folded_bias)
+    def _block_attention(self, block_q, present_k, present_v, index, folded_bias):
+        """Blocks of queries over the keys ``index`` [S,n,L] of the cache [1,Hkv,C,D]:
+        block_q [n,R,Hq*D] -> [n,R,Hq*D]. One MultiHeadAttention per KV head, its g query
+        heads folded into rows: each gathers only its own keys straight from the cache, and
+        its attention probabilities are [n,1,g*R,L], a third of all heads' at once."""
+        n, rows, _ = block_q.shape
+        g, d, capacity = self.group, self.d, present_k.shape[2]
+        flat_k = present_k.reshape(-1, d)
+        flat_v = present_v.reshape(-1, d)
+        heads_q = block_q.view(n, rows, self.hkv, g * d)
+        outs = []
+        for h in range(self.hkv):
+            query = heads_q[:, :, h].reshape(n, rows * g, d)
+            outs.append(_BlockMHA.apply(query, self.gather_head(flat_k, capacity, index, h),
+                                        self.gather_head(flat_v, capacity, index, h),
+                                        folded_bias, 1, d))
+        out = torch.stack(outs, dim=2).view(n, rows, g, self.hkv, d).transpose(2, 3)
+        return out.reshape(n, rows, self.h * d)
 
-    def sparse_blocks(self, scores, query, k, v, past_len, prompt_len, ctx):
+    def sparse_blocks(self, scores, query, present_k, present_v, past_len, prompt_len, ctx):
         """The ``local >= block_size`` form (module docstring), dense tail included; same
-        keys as ``select``. query [1,q,Hq*D] this call's queries, k/v [Hkv,E,D] all keys;
-        returns [q,Hq*D]."""
+        keys as ``select``. query [1,q,Hq*D] this call's queries, present_k/v [1,Hkv,C,D] the
+        cache (valid over [0, E)); returns [q,Hq*D]."""
         p = self.p
-        q_len, total = query.shape[1], k.shape[1]
+        q_len, total = query.shape[1], scores.shape[2]
         bs, hq, d = p.block_size, self.h, self.d
         nb = scores.shape[1]
         full = nb - 1  # the blocks before the last one
         last = full * bs
         own_len = q_len - last  # the last block's length (a partial block has more room)
         tokens_q = nn.functional.pad(query[0], (0, 0, 0, nb * bs - q_len))  # whole blocks
-        k_tok = k.transpose(0, 1).reshape(total, self.hkv * d)
-        v_tok = v.transpose(0, 1).reshape(total, self.hkv * d)
         block_start = past_len + torch.arange(nb)[:, None] * bs  # [nb,1]
         # every block has budget keys: [earlier | own]; own_len of them own in the last
         own_start = p.budget - (block_start + bs).clamp(max=total) + block_start
@@ -294,26 +310,32 @@ class DHSACore(nn.Module):
             last_earlier.shape[0], 1, own_len)
         index = torch.cat([torch.cat([earlier, own], 2),
                            torch.cat([last_earlier, last_own], 2)], dim=1)  # [S,nb,budget]
-        out = self._block_attention(tokens_q.view(nb, bs, hq * d), k, v, index,
-                                    ctx["block_bias"], k_tok, v_tok).reshape(nb * bs,
-                                                                             hq * d)[:q_len]
+        out = self._block_attention(tokens_q.view(nb, bs, hq * d), present_k, present_v,
+                                    index, ctx["block_bias"]).reshape(nb * bs, hq * d)[:q_len]
         if p.dense_tail:  # the prompt's tail: the last rows of the last call, dense
             tail_from = rows_from(prompt_len - p.dense_tail, past_len, q_len)  # q: none
+            # keys [0, E) for the tail rows; one key when the call has none (no copy of the
+            # prefix in every call)
+            keys = torch.arange(torch.where(tail_from < q_len, total, 1))[None, None]
             if "tail_bias" not in ctx:
-                ctx["tail_bias"] = self._fold_bias(causal_bias(q_len - tail_from, total))
-            dense = self._attend(tokens_q[None, tail_from:q_len], k_tok[None], v_tok[None],
-                                 ctx["tail_bias"])[0]
+                ctx["tail_bias"] = self._fold_bias(causal_bias(q_len - tail_from,
+                                                               keys.shape[2]))
+            dense = self._block_attention(tokens_q[None, tail_from:q_len], present_k,
+                                          present_v, keys, ctx["tail_bias"])[0]
             out = torch.cat([out[:tail_from], dense], dim=0)
         return out
 
     # -- attention, general form (one call over the whole prompt) -------------------------
     def sparse(self, q, k, v, index, valid):
         p = self.p
-        seq_len = q.shape[1]
+        seq_len, total = q.shape[1], k.shape[1]
         bs, g, d = p.block_size, self.group, self.d
         _, nb, budget = index.shape
-        k_sel = self.gather_tokens(k, index).view(nb, budget, self.hkv, d).permute(2, 0, 1, 3)
-        v_sel = self.gather_tokens(v, index).view(nb, budget, self.hkv, d).permute(2, 0, 1, 3)
+        flat_k, flat_v = k.reshape(-1, d), v.reshape(-1, d)
+        k_sel = torch.cat([self.gather_head(flat_k, total, index, h)
+                           for h in range(self.hkv)], 1).transpose(0, 1)  # [Hkv,nb,bud,D]
+        v_sel = torch.cat([self.gather_head(flat_v, total, index, h)
+                           for h in range(self.hkv)], 1).transpose(0, 1)
         qp = nn.functional.pad(q, (0, 0, 0, nb * bs - seq_len))  # [Hq,nb*bs,D]
         qp = qp.view(self.hkv, g, nb, bs, d).permute(0, 2, 1, 3, 4).reshape(self.hkv, nb,
                                                                             g * bs, d)
@@ -342,11 +364,10 @@ class DHSACore(nn.Module):
         return out  # [Hq,T,D]
 
     def dense(self, query, k, v):
-        """This call's queries over all keys, causal: [q,Hq*D]."""
+        """This call's queries over all keys [Hkv,E,D], causal: [q,Hq*D]."""
         q_len, total = query.shape[1], k.shape[1]
-        k_tok = k.transpose(0, 1).reshape(1, total, -1)
-        v_tok = v.transpose(0, 1).reshape(1, total, -1)
-        return self._attend(query, k_tok, v_tok, self._fold_bias(causal_bias(q_len, total)))[0]
+        return self._attend(query, k[None], v[None],
+                            self._fold_bias(causal_bias(q_len, total)))[0]
 
     @staticmethod
     def presents(past_k, past_v, k_new, v_new, past_len):
@@ -360,26 +381,32 @@ class DHSACore(nn.Module):
     def forward(self, query, key, value, past_k, past_v, ctx):
         q_len = query.shape[1]
         past_len = ctx["past_starts"].shape[0]
+        total = past_len + q_len
         k_new = key.view(q_len, self.hkv, self.d).transpose(0, 1)  # [Hkv,q,D]
         v_new = value.view(q_len, self.hkv, self.d).transpose(0, 1)
-        # the new K/V go into the cache first; the call's keys [0, E) are then one slice of
-        # it (no Concat of the prefix and the new entries: one copy of [Hkv,E,D], not two)
+        # the new K/V go into the cache first; the call then reads its keys [0, E) from it
         present_k, present_v = self.presents(past_k, past_v, k_new, v_new, past_len)
-        k = present_k[0, :, :past_len + q_len]  # [Hkv,E,D]
-        v = present_v[0, :, :past_len + q_len]
+
+        def prefix(x):  # [Hkv,E,D]: a copy; the sparse blocks gather from the cache instead
+            return x[:, :, :total].squeeze(0)
+
         if self.layer_index < self.p.boundary_layer:
             if ctx["starts"] is None:  # (no chunks when every layer is dense)
                 ctx["starts"] = torch.zeros(q_len, dtype=torch.bool)
-            return self.dense(query, k, v)[None], present_k, present_v
+            return self.dense(query, prefix(present_k), prefix(present_v))[None], present_k, \
+                present_v
         q = query.view(q_len, self.h, self.d).transpose(0, 1)  # [Hq,q,D]
         if self.layer_index == self.p.boundary_layer:
-            ctx["starts"] = self.chunk_starts(q, k, past_len, ctx["prompt_len"],
+            ctx["starts"] = self.chunk_starts(q, prefix(present_k), past_len, ctx["prompt_len"],
                                               ctx["fixed_chunk"])
-        scores = self.token_scores(q, k, torch.cat([ctx["past_starts"], ctx["starts"]]))
+        scores = self.token_scores(*self.selecting_heads(q, present_k, total),
+                                   torch.cat([ctx["past_starts"], ctx["starts"]]))
         if self.p.local >= self.p.block_size:
-            out = self.sparse_blocks(scores, query, k, v, past_len, ctx["prompt_len"], ctx)
+            out = self.sparse_blocks(scores, query, present_k, present_v, past_len,
+                                     ctx["prompt_len"], ctx)
             return out[None], present_k, present_v
         index, valid = self.select(scores, q_len)  # general form: P = 0
+        k, v = prefix(present_k), prefix(present_v)
         out = self.with_dense_tail(self.sparse(q, k, v, index, valid), q, k, v)
         out = out.transpose(0, 1).reshape(1, q_len, self.h * self.d)
         return out, present_k, present_v
