@@ -18,16 +18,18 @@ Attention, when ``local >= block_size`` (the defaults): the local window then co
 block itself, so a block attends to its own keys (causally) plus ``budget - block_size`` keys
 strictly before it::
 
-    every block: TopK(budget - bs) of its earlier keys (sink/local forced) -> one Gather of
-        [earlier | own] keys token-major ([n,L,Hkv*D]; per KV head: each head's slice from
-        its own index) -> com.microsoft
-        MultiHeadAttention, batch = block. The bias is causal over the own keys, and hides the
-        earlier slots past the block's start (a block near the start of the prompt has fewer
-        earlier keys than slots: it attends to all of them, i.e. densely). It depends on
-        positions only, so it is built once per call and shared by the layers.
-    the last block again, exactly: TopK(budget - its length) (a partial block has more room)
-    the prompt's last dense_tail queries (the instruction, in the last call): dense over
-        [0, E); other calls have no tail rows (zero-length inputs, no work)
+    every block: TopK(budget - bs) of its earlier keys (sink/local forced; the last, maybe
+        partial, block: budget - its length), [earlier | own] = budget keys
+    per KV head: Gather its keys/values at those indices straight from the cache (flattened
+        to [Hkv*C,D], a view) as [blocks,1,budget,D] -> com.microsoft MultiHeadAttention,
+        batch = block, its g query heads folded into rows (BNSH keys: read in place, no
+        transposed copy; the probabilities are one KV head's). The bias is causal over the
+        own keys, and hides the earlier slots past the block's start (a block near the start
+        of the prompt has fewer earlier keys than slots: it attends to all of them, i.e.
+        densely). It depends on positions only, so it is built once per call and shared by
+        the layers and heads.
+    the prompt's last dense_tail queries (the instruction, in the last call): the same, over
+        the keys [0, E); other calls have no tail rows (zero-length inputs, one key gathered)
 
 Otherwise (``local < block_size``, whole prompt in one call only) the general form:
 TopK(budget) over all allowed keys -> Gather K/V [Hkv,nb,budget,D] -> MatMul / causal mask

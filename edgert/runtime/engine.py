@@ -176,8 +176,10 @@ class Engine:
             return False
         if self.dhsa is None:
             if requested:
-                raise GenerationError("this artifact has no DHSA prefill graph; re-export it "
-                                      "with a KV capacity above 1024 (or pass dhsa=False)")
+                raise GenerationError(
+                    "this artifact has no DHSA prefill graph; re-export it with a KV capacity "
+                    f"above dhsa.min_context ({DHSAParams().min_context} by default; --dhsa "
+                    "min_context=N lowers it) or pass dhsa=False")
             return False
         if prompt_len <= self.dhsa.budget:
             return False
