@@ -1,10 +1,11 @@
 """Needle in a haystack: dense vs DHSA vs fixed-chunk block-sparse prefill, same budget.
 
     python bench/niah.py artifacts/smollm2-135m [--contexts 2048,4096,8192]
-                         [--depths 0,25,50,75,100] [--runs 3]
+                         [--depths 0,25,50,75,100] [--runs 3] [--needles 1]
 
 Haystack: real English text (Python's own documentation, ``pydoc_data.topics``). A needle (a
-random passcode for a random object) is inserted at each depth; the question asks for it and
+random passcode for a random object) is inserted at each depth (``--needles`` prompts per depth,
+other fillers and passcodes); the question asks for it and
 an answer counts when the greedy reply contains the passcode. Each (mode, context) runs in a
 fresh process so its peak RSS is its own. Prefill latency is the median of ``--runs`` prefills
 at 50% depth.
@@ -90,8 +91,13 @@ def request_memory(run) -> tuple[object, float, float]:
     return result, peak, peak - before
 
 
+def needle_seed(context: int, depth_index: int, needle: int) -> int:
+    """The seed of one (depth, needle) prompt; needle 0 keeps the seeds of single-needle runs."""
+    return context * 100 + depth_index + 1000 * needle
+
+
 def worker(artifact: str, mode: str, context: int, depths: list[float], runs: int,
-           fixed_chunk: int) -> dict:
+           fixed_chunk: int, needles: int = 1) -> dict:
     import edgert
 
     engine = edgert.load(artifact, verify=False)
@@ -99,15 +105,16 @@ def worker(artifact: str, mode: str, context: int, depths: list[float], runs: in
         engine.dhsa_fixed_chunk = fixed_chunk
     kwargs = MODES[mode]
     hits, latencies, prompt_tokens, peaks, extras = [], [], [], [], []
-    for j, depth in enumerate(depths):
-        prompt, code = build_prompt(engine, context, depth, seed=context * 100 + j)
+    cases = [(j, depth, n) for j, depth in enumerate(depths) for n in range(needles)]
+    for j, depth, needle in cases:  # depth-major: hits[j * needles + needle]
+        prompt, code = build_prompt(engine, context, depth, seed=needle_seed(context, j, needle))
         r, peak, extra = request_memory(functools.partial(
             engine.generate, prompt, max_new_tokens=ANSWER_TOKENS, **kwargs))
         peaks.append(peak)
         extras.append(extra)
         hits.append(code in r.text)
         prompt_tokens.append(len(r.prompt_ids))
-        if abs(depth - 0.5) < 1e-9:
+        if abs(depth - 0.5) < 1e-9 and needle == 0:
             latencies.append(r.stats["prefill_ms"])
             for _ in range(runs - 1):
                 latencies.append(engine.generate(prompt, max_new_tokens=1,
@@ -125,6 +132,9 @@ def main() -> None:
     parser.add_argument("--contexts", default="2048,4096,8192")
     parser.add_argument("--depths", default="0,25,50,75,100")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--needles", type=int, default=1,
+                        help="needles (prompts with other fillers and passcodes) per depth; "
+                             "one needle is 100/depths points of accuracy")
     parser.add_argument("--modes", default="dense,dhsa,fixed")
     parser.add_argument("--fixed-chunk", type=int, default=64,
                         help="chunk size of the fixed-chunk block-sparse baseline")
@@ -135,15 +145,18 @@ def main() -> None:
     if args.worker:
         mode, context = args.worker
         print(json.dumps(worker(args.artifact, mode, int(context), depths, args.runs,
-                                args.fixed_chunk)))
+                                args.fixed_chunk, args.needles)))
         return
+    if args.needles < 1:
+        sys.exit("error: --needles must be >= 1")
     results = []
     for context in [int(c) for c in args.contexts.split(",")]:
         for mode in args.modes.split(","):
             t0 = time.time()
             proc = subprocess.run([sys.executable, __file__, args.artifact, "--depths",
                                    args.depths, "--runs", str(args.runs), "--fixed-chunk",
-                                   str(args.fixed_chunk), "--worker", mode, str(context)],
+                                   str(args.fixed_chunk), "--needles", str(args.needles),
+                                   "--worker", mode, str(context)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"error: worker {mode}@{context} failed:\n{proc.stderr[-2000:]}")
@@ -165,7 +178,8 @@ def main() -> None:
                      "prefill adds MB": r["request_extra_mb"]})
     record = {"bench": "niah", "model": manifest.source.get("name"), "backend": "ort",
               "dhsa": manifest.dhsa, "fixed_chunk": args.fixed_chunk, "depths": depths,
-              "runs": args.runs, "machine": common.machine(), "results": results}
+              "needles": args.needles, "runs": args.runs, "machine": common.machine(),
+              "results": results}
     common.emit(record, rows, ["context", "mode", "accuracy", "prefill ms", "vs dense",
                                "peak RSS MB", "request peak MB", "prefill adds MB"],
                 args.json_path)
