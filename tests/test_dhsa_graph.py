@@ -226,6 +226,16 @@ def test_long_prompts_use_dhsa(tiny_dhsa_artifact):
     assert result.stats["prefill"] == "dhsa"
 
 
+def test_dhsa_requested_without_a_dhsa_graph_names_the_fix(tiny_artifact):
+    """An artifact whose capacity is within the default min_context has no DHSA graph:
+    dhsa=True is refused in one line naming the setting; the default prefills densely."""
+    engine = edgert.load(tiny_artifact)
+    assert not engine.backend.has_dhsa and engine.cache.capacity <= DHSAParams().min_context
+    with pytest.raises(edgert.GenerationError, match="min_context"):
+        engine.generate("hello", max_new_tokens=2, dhsa=True)
+    assert engine.generate("hello", max_new_tokens=2).stats["prefill"] == "dense"
+
+
 def test_dhsa_session_keeps_no_memory_pattern(tiny_dhsa_artifact):
     """Every DHSA call has its own input shapes; with ORT's memory pattern on, a repeated
     request length would allocate each recorded plan again (+100-200 MB at 8K). The decode
