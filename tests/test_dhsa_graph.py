@@ -181,6 +181,21 @@ def test_per_kv_head_selection_matches_reference(params):
     np.testing.assert_array_equal(got_starts, starts)
 
 
+def test_early_layers_select_their_own_budget():
+    """A layer among ``early_layers`` computes the reference with ``early_budget`` keys per
+    block (chunked calls), which differs from the base budget's result."""
+    params = dataclasses.replace(CHUNKED, early_layers=1, early_budget=96)
+    session = export_core(params)  # layer 0, the boundary layer: an early one
+    q, k, v = random_qkv(200, 5)
+    expected, starts, sel = reference.dhsa_attention(q, k, v, params.for_layer(0))
+    assert sel.index.shape[-1] == 96
+    out, got_starts = run_core(session, q, k, v, 0, params)
+    np.testing.assert_allclose(out, expected, atol=ATOL)
+    np.testing.assert_array_equal(got_starts, starts)
+    narrow, _, _ = reference.dhsa_attention(q, k, v, CHUNKED)
+    assert np.abs(narrow - out).max() > 1e-2
+
+
 @pytest.mark.parametrize("params", [SMALL, CHUNKED], ids=["one call", "chunked"])
 def test_graph_matches_reference_with_structured_boundaries(core_session, params):
     """Inputs with real attention-mass jumps, so the dynamic boundary rule fires."""

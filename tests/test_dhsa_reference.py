@@ -173,7 +173,20 @@ def test_chunked_calls_see_only_their_prefix():
     ({"local": 900, "sink": 200}, "must not exceed"),
     ({"min_context": 100}, "min_context"),
     ({"block_size": 0}, "block_size"),
+    ({"early_layers": 2}, "early_budget"),
+    ({"early_layers": 2, "early_budget": 1024}, "must exceed"),
+    ({"early_budget": -1}, "early_budget"),
 ])
 def test_invalid_params(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         DHSAParams(**kwargs)
+
+
+def test_early_layers_take_the_early_budget():
+    params = DHSAParams(boundary_layer=2, early_layers=3, early_budget=4096)
+    assert [params.is_early(i) for i in range(7)] == [False, False, True, True, True, False,
+                                                      False]
+    assert params.for_layer(1) is params and params.for_layer(5) is params
+    layer = params.for_layer(2)
+    assert layer.budget == 4096 and layer.boundary_layer == 2 and not layer.early_layers
+    assert layer.local == params.local and layer.block_size == params.block_size

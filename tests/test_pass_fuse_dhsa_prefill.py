@@ -169,18 +169,23 @@ def test_compile_refuses_per_kv_head_before_importing(tiny_dhsa_artifact, tmp_pa
 
 
 # -- the tiny model, compiled --------------------------------------------------------------
-@pytest.fixture(scope="module", params=[0, 1], ids=["boundary0", "boundary1"])
+@pytest.fixture(scope="module", params=[(0, 0), (1, 0), (0, 1)],
+                ids=["boundary0", "boundary1", "early"])
 def compiled(request, tiny_dir, tiny_dhsa_artifact, tmp_path_factory):
     """The tiny DHSA artifact compiled for llvm: boundaries at layer 0 (both layers sparse), or
-    at layer 1 (layer 0 dense through edgert_tree_attention, layer 1 sparse). One prefill
-    call per prompt (``prefill_chunk = 0``): the form the TVM kernel computes."""
+    at layer 1 (layer 0 dense through edgert_tree_attention, layer 1 sparse), or at layer 0
+    with layer 0 selecting twice the budget (edgert_dhsa_attention_early; 128 of the prompt's
+    200 keys). One prefill call per prompt (``prefill_chunk = 0``): the form the TVM kernel
+    computes."""
     from edgert.artifact import load_manifest
     from edgert.compile import compile_artifact
     from edgert.export.exporter import ExportOptions, export_model
 
     art = tmp_path_factory.mktemp("tvm_dhsa") / "artifact"
-    params = {**load_manifest(tiny_dhsa_artifact).dhsa, "boundary_layer": request.param,
-              "prefill_chunk": 0}
+    boundary, early = request.param
+    base = load_manifest(tiny_dhsa_artifact).dhsa
+    params = {**base, "boundary_layer": boundary, "prefill_chunk": 0,
+              "early_layers": early, "early_budget": 2 * base["budget"] if early else 0}
     export_model(str(tiny_dir), art, ExportOptions(max_context=512, dhsa=DHSAParams(**params)),
                  log=lambda m: None)
     compile_artifact(art, "llvm", log=lambda m: None)

@@ -33,6 +33,10 @@ class DHSAParams:
         with local >= block_size.
     per_kv_head: 1 = each KV head selects its own keys (scored with its query heads
         averaged); 0 = one selection for all heads (all heads averaged).
+    early_layers, early_budget: the first ``early_layers`` sparse layers (from
+        boundary_layer on) select ``early_budget`` keys per block instead of ``budget``
+        (0: none). The earliest layers' sparse attention costs the most accuracy
+        (docs/dhsa.md); a wider budget there costs less latency than dense layers.
     """
 
     block_size: int = 128
@@ -49,13 +53,16 @@ class DHSAParams:
     min_context: int = 2048
     prefill_chunk: int = 768
     per_kv_head: int = 0
+    early_layers: int = 0
+    early_budget: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "budget", "local", "boundary_window", "nms_radius",
                      "probe_stride", "min_context"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"dhsa.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sink", "dense_tail", "fixed_chunk", "boundary_layer", "prefill_chunk"):
+        for name in ("sink", "dense_tail", "fixed_chunk", "boundary_layer", "prefill_chunk",
+                     "early_layers", "early_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"dhsa.{name} must be >= 0, got {getattr(self, name)}")
         if self.per_kv_head not in (0, 1):
@@ -68,6 +75,23 @@ class DHSAParams:
                               f"({self.budget}): shorter prompts are cheaper dense")
         if self.prefill_chunk:
             self._check_prefill_chunk()
+        if self.early_layers and self.early_budget <= self.budget:
+            raise ConfigError(f"dhsa.early_budget ({self.early_budget}) must exceed dhsa.budget "
+                              f"({self.budget}) when dhsa.early_layers is set "
+                              f"({self.early_layers}); or set early_layers=0")
+
+    def is_early(self, layer: int) -> bool:
+        """Whether ``layer`` is one of the sparse layers that select ``early_budget`` keys."""
+        start = self.boundary_layer
+        return start <= layer < start + self.early_layers
+
+    def for_layer(self, layer: int) -> DHSAParams:
+        """The settings layer ``layer`` computes with: its own budget as ``budget``."""
+        if not self.is_early(layer):
+            return self
+        return dataclasses.replace(self, budget=self.early_budget, early_layers=0,
+                                   early_budget=0,
+                                   min_context=max(self.min_context, self.early_budget))
 
     def _check_prefill_chunk(self) -> None:
         chunk = self.prefill_chunk

@@ -1,5 +1,5 @@
 """DHSA prefill attention core in export-friendly torch (standard ONNX ops: CumSum,
-ScatterElements(add), MaxPool, TopK, Gather, MatMul, Softmax, plus com.microsoft
+NonZero, MaxPool, TopK, Gather, MatMul, Softmax, ScatterElements, plus com.microsoft
 MultiHeadAttention). Mirrors ``edgert.dhsa.reference`` step for step; exported as
 ``model.dhsa.onnx``. One call of the graph is one prefill call of the reference
 (``prefill_calls``): ``q`` new tokens at [P, E) against the P cached ones, E = P + q. The
@@ -9,10 +9,11 @@ the peak memory is sized by the chunk. Every layer's core is one subgraph under
 
     boundary layer: probe attention -> mass ratios -> NMS (MaxPool) -> chunk starts of the q
                     new tokens (shared by all layers; the earlier ones come in as an input)
-    every layer:    chunk ids = CumSum(starts)-1 over [0, E) -> chunk sums (ScatterElements
-                    add) / sqrt(len); block vectors [S,nb,D] . chunk vectors -> Gather(ids)
-                    -> token scores [S,nb,E]; then attention (below). S selecting heads:
-                    1 (all heads averaged) or, with ``per_kv_head``, one per KV head
+    every layer:    block vectors [S,nb,D] . every cached key (one MatMul over the cache)
+                    -> CumSum over [0, E) -> each token's chunk score, a difference of two
+                    prefix sums / sqrt(len) (Gather by chunk bounds) -> token scores
+                    [S,nb,E]; then attention (below). S selecting heads: 1 (all heads
+                    averaged) or, with ``per_kv_head``, one per KV head
 
 Attention, when ``local >= block_size`` (the defaults): the local window then contains the
 block itself, so a block attends to its own keys (causally) plus ``budget - block_size`` keys
@@ -119,7 +120,7 @@ class DHSACore(nn.Module):
                                     config.head_dim)
         self.group = self.h // self.hkv
         self.layer_index = layer_index
-        self.p = dhsa or DHSAParams()
+        self.p = (dhsa or DHSAParams()).for_layer(layer_index)  # its own budget
 
     # -- boundaries ---------------------------------------------------------------------
     def chunk_starts(self, q, k, past_len, prompt_len, fixed_chunk):
@@ -175,33 +176,54 @@ class DHSACore(nn.Module):
         return total / self.h
 
     # -- selection ----------------------------------------------------------------------
-    def selecting_heads(self, q, present_k, total):
-        """The heads that select keys: q [Hq,q,D] this call's queries, present_k [1,Hkv,C,D]
-        the cache (keys [0, E) valid, E = ``total``) -> ([S,q,D], [S,E,D]); per KV head (its
-        query heads averaged, S = Hkv) or all heads averaged (S = 1: the mean over the heads
-        comes before the slice, so no copy of every head's keys is made)."""
+    def selecting_queries(self, q):
+        """The queries that select keys, q [Hq,q,D] -> [S,q,D]: per KV head (its query heads
+        averaged, S = Hkv) or all heads averaged (S = 1)."""
         if self.p.per_kv_head:
-            q_bar = q.view(self.hkv, self.group, q.shape[1], self.d).mean(1)
-            return q_bar, present_k[:, :, :total].squeeze(0)
-        return q.mean(0, keepdim=True), present_k.mean(1)[:, :total]
+            return q.view(self.hkv, self.group, q.shape[1], self.d).mean(1)
+        return q.mean(0, keepdim=True)
 
-    def token_scores(self, q_bar, k_bar, starts):
-        """q_bar [S,q,D] this call's selecting queries, k_bar [S,E,D], starts [E] -> [S,nb,E]."""
+    def key_scores(self, block_vec, present_k, total):
+        """Every cached key's dot product with every query block vector, averaged over the
+        heads that share a selection: block_vec [S,nb,D], present_k [1,Hkv,C,D] ->
+        [S,E,nb]. A MatMul straight over the cache buffer (the keys are the A operand, read
+        in place), then a slice of the small result to the call's E keys."""
+        if self.p.per_kv_head:  # [Hkv,C,D] @ [Hkv,D,nb]
+            raw = torch.matmul(present_k[0], block_vec.transpose(1, 2))
+        else:  # [Hkv*C,D] @ [D,nb], heads averaged after the product (linear)
+            nb, capacity = block_vec.shape[1], present_k.shape[2]
+            raw = torch.matmul(present_k.reshape(-1, self.d), block_vec[0].transpose(0, 1))
+            raw = raw.view(self.hkv, capacity, nb).mean(0, keepdim=True)
+        return raw[:, :total]
+
+    def token_scores(self, q_bar, present_k, starts):
+        """q_bar [S,q,D] this call's selecting queries, present_k [1,Hkv,C,D] the cache,
+        starts [E] -> [S,nb,E]: each key token scored by its chunk, block_vec . chunk_vec.
+
+        chunk_vec = sum of the chunk's keys / sqrt(len) and the dot product is linear, so a
+        chunk's score is a difference of prefix sums of the per-key scores,
+        (cs[end] - cs[start]) / sqrt(end - start), with cs the cumulative sum (in float64:
+        8K terms) over the keys. No chunk sums are scattered and no mean of the cached keys
+        is taken: the work per call is one MatMul over the cache and a CumSum of [E,nb]."""
         p = self.p
-        q_len, total = q_bar.shape[1], k_bar.shape[1]
+        s, q_len, _ = q_bar.shape
+        total = starts.shape[0]
         bs = p.block_size
-        s = k_bar.shape[0]
-        ids = torch.cumsum(starts.to(torch.int64), dim=0) - 1
-        sums = torch.zeros_like(k_bar).scatter_add(1, ids[None, :, None].expand(s, total, self.d),
-                                                   k_bar)
-        ones = torch.ones_like(k_bar[0, :, 0])
-        lengths = torch.zeros_like(ones).scatter_add(0, ids, ones)
-        chunk_vec = sums / lengths.clamp(min=1.0).sqrt()[None, :, None]
         nb = (q_len + bs - 1) // bs
         padded = nn.functional.pad(q_bar, (0, 0, 0, nb * bs - q_len))
         block_len = (q_len - torch.arange(nb) * bs).clamp(max=bs).to(q_bar.dtype)
         block_vec = padded.view(s, nb, bs, self.d).sum(2) / block_len.sqrt()[None, :, None]
-        return torch.matmul(block_vec, chunk_vec.transpose(1, 2)).index_select(2, ids)
+        per_key = self.key_scores(block_vec, present_k, total).to(torch.float64)
+        prefix = torch.cat([torch.zeros_like(per_key[:, :1]), torch.cumsum(per_key, dim=1)],
+                           dim=1)  # [S,E+1,nb]
+        ids = torch.cumsum(starts.to(torch.int64), dim=0) - 1
+        chunk_first = torch.nonzero(starts)[:, 0]  # [n_chunks]
+        count = torch.ones_like(ids).sum(0, keepdim=True)  # [E], traced as a shape
+        bounds = torch.cat([chunk_first, count])
+        first, end = bounds.index_select(0, ids), bounds.index_select(0, ids + 1)  # [E]
+        chunk_sum = prefix.index_select(1, end) - prefix.index_select(1, first)  # [S,E,nb]
+        scores = chunk_sum / (end - first).to(torch.float64).sqrt()[None, :, None]
+        return scores.to(q_bar.dtype).transpose(1, 2)
 
     def select(self, scores, seq_len):
         p = self.p
@@ -298,9 +320,10 @@ class DHSACore(nn.Module):
         block_start = past_len + torch.arange(nb)[:, None] * bs  # [nb,1]
         # every block has budget keys: [earlier | own]; own_len of them own in the last
         own_start = p.budget - (block_start + bs).clamp(max=total) + block_start
-        if "block_bias" not in ctx:  # positions only: built once, shared by the layers
-            ctx["block_bias"] = self._fold_bias(earlier_slots_bias(block_start, own_start, bs,
-                                                                   p.budget))
+        bias_key = ("block_bias", p.budget)  # positions and budget only: built once per
+        if bias_key not in ctx:                # budget, shared by the layers
+            ctx[bias_key] = self._fold_bias(earlier_slots_bias(block_start, own_start, bs,
+                                                               p.budget))
         earlier = self.select_earlier(scores[:, :full], block_start[:full],
                                       block_start[:full] + bs, p.budget - bs)
         own = (block_start[:full] + torch.arange(bs)[None, :])[None].expand(
@@ -313,7 +336,7 @@ class DHSACore(nn.Module):
         index = torch.cat([torch.cat([earlier, own], 2),
                            torch.cat([last_earlier, last_own], 2)], dim=1)  # [S,nb,budget]
         out = self._block_attention(tokens_q.view(nb, bs, hq * d), present_k, present_v,
-                                    index, ctx["block_bias"]).reshape(nb * bs, hq * d)[:q_len]
+                                    index, ctx[bias_key]).reshape(nb * bs, hq * d)[:q_len]
         if p.dense_tail:  # the prompt's tail: the last rows of the last call, dense
             tail_from = rows_from(prompt_len - p.dense_tail, past_len, q_len)  # q: none
             # keys [0, E) for the tail rows; one key when the call has none (no copy of the
@@ -401,7 +424,7 @@ class DHSACore(nn.Module):
         if self.layer_index == self.p.boundary_layer:
             ctx["starts"] = self.chunk_starts(q, prefix(present_k), past_len, ctx["prompt_len"],
                                               ctx["fixed_chunk"])
-        scores = self.token_scores(*self.selecting_heads(q, present_k, total),
+        scores = self.token_scores(self.selecting_queries(q), present_k,
                                    torch.cat([ctx["past_starts"], ctx["starts"]]))
         if self.p.local >= self.p.block_size:
             out = self.sparse_blocks(scores, query, present_k, present_v, past_len,

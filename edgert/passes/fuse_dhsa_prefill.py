@@ -12,6 +12,8 @@ Layer i's core becomes::
                                                                tree_order, 0])   (dense)
     i == boundary_layer: starts = call_tir(edgert_dhsa_boundaries, [q_i, k_i, fixed_chunk])
     i >= boundary_layer: out = call_tir(edgert_dhsa_attention, [q_i, k_i, v_i, starts])
+                         (edgert_dhsa_attention_early, its budget early_budget, for the
+                         early_layers layers from boundary_layer on)
     -> reshape [1,T,Hq*D]
 
 ``starts`` is bound once, at the boundary layer, and read by every later layer (the chunk
@@ -100,6 +102,12 @@ class FuseDHSAPrefill:
                                                      self.dhsa_knobs, self.index_dtype),
                                   "edgert_dhsa_attention"),
         }
+        if self.params.early_layers:  # the wider-budget layers: the same kernel, own budget
+            early = self.params.for_layer(self.params.boundary_layer)
+            name = "edgert_dhsa_attention_early"
+            kernels["sparse_early"] = bb.add_func(
+                dhsa_attention_tir(h, hkv, d, early, gpu, self.dhsa_knobs,
+                                   self.index_dtype).with_attr("global_symbol", name), name)
         mod = bb.get()
         func = relax.utils.copy_with_new_vars(mod["main"])  # main keeps its own vars
         params = {p.name: p for p in func.params}
@@ -218,7 +226,8 @@ class _PrefillRewriter(PyExprMutator):
                 self.starts = emit(relax.call_tir(kernels["boundaries"],
                                                   [q, k, self.fixed_chunk],
                                                   relax.TensorType([t], "int32")))
-            out = emit(relax.call_tir(kernels["sparse"], [q, k, v, self.starts], out_ty))
+            kernel = kernels["sparse_early" if fuse.params.is_early(layer) else "sparse"]
+            out = emit(relax.call_tir(kernel, [q, k, v, self.starts], out_ty))
         return emit(relax.op.reshape(out, [1, t, fuse.h * fuse.d]))
 
     def rewrite_outputs(self, outputs: relax.Tuple):
