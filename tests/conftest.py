@@ -51,7 +51,7 @@ def tiny_dhsa_artifact(tiny_dir, tmp_path_factory) -> Path:
     from edgert.export.exporter import ExportOptions, export_model
 
     params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
-                        probe_stride=8, min_context=128, prefill_chunk=64)
+                        probe_stride=8, min_context=128, prefill_chunk=64, early_layers=0)
     out = tmp_path_factory.mktemp("tiny_dhsa") / "artifact"
     export_model(str(tiny_dir), out, ExportOptions(max_context=512, dhsa=params),
                  log=lambda m: None)

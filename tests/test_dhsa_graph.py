@@ -22,7 +22,7 @@ from edgert.export.dhsa_attention import DHSACore
 
 ATOL = 2e-6  # float32 reordering only: the same keys are selected
 SMALL = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8, probe_stride=8,
-                   min_context=64)
+                   min_context=64, early_layers=0)
 CFG = LlamaConfig(vocab_size=10, hidden_size=64, intermediate_size=16, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
@@ -280,7 +280,8 @@ def test_chunked_prefill_of_dense_layers_equals_dense_prefill(tiny_dir, tmp_path
     from edgert.export.exporter import ExportOptions, export_model
 
     params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
-                        probe_stride=8, min_context=128, prefill_chunk=64, boundary_layer=2)
+                        probe_stride=8, min_context=128, prefill_chunk=64, boundary_layer=2,
+                        early_layers=0)
     export_model(str(tiny_dir), tmp_path / "art", ExportOptions(max_context=512, dhsa=params),
                  log=lambda m: None)
     engine = edgert.load(tmp_path / "art")

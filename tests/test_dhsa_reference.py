@@ -20,7 +20,7 @@ from edgert.dhsa.reference import (
 from edgert.errors import ConfigError
 
 SMALL = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8, probe_stride=8,
-                   min_context=64)
+                   min_context=64, early_layers=0)
 
 
 def random_qkv(seq_len, hq=4, hkv=2, d=16, seed=0):
@@ -173,8 +173,6 @@ def test_chunked_calls_see_only_their_prefix():
     ({"local": 900, "sink": 200}, "must not exceed"),
     ({"min_context": 100}, "min_context"),
     ({"block_size": 0}, "block_size"),
-    ({"early_layers": 2}, "early_budget"),
-    ({"early_layers": 2, "early_budget": 1024}, "must exceed"),
     ({"early_budget": -1}, "early_budget"),
 ])
 def test_invalid_params(kwargs, match):
@@ -190,3 +188,5 @@ def test_early_layers_take_the_early_budget():
     layer = params.for_layer(2)
     assert layer.budget == 4096 and layer.boundary_layer == 2 and not layer.early_layers
     assert layer.local == params.local and layer.block_size == params.block_size
+    wide = DHSAParams(budget=3072, min_context=4096)  # a budget above the early one
+    assert not any(wide.is_early(i) for i in range(30)) and wide.for_layer(0) is wide

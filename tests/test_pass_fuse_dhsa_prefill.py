@@ -22,7 +22,7 @@ from edgert.passes.kernels.tree_attention import kv_append_tir, tree_attention_t
 H, HKV, D = 4, 2, 16
 GROUP = H // HKV
 PARAMS = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8, probe_stride=8,
-                    min_context=128)
+                    min_context=128, early_layers=0)
 
 
 def _tensor(shape, dtype="float32"):

@@ -15,7 +15,8 @@ from edgert.passes.kernels.dhsa_attention import DHSAKnobs
 tvm = pytest.importorskip("tvm")
 
 HQ, HKV, D = 4, 2, 8
-SMALL = DHSAParams(block_size=16, budget=48, local=16, sink=8, dense_tail=8, min_context=48)
+SMALL = DHSAParams(block_size=16, budget=48, local=16, sink=8, dense_tail=8, min_context=48,
+                   early_layers=0)
 LLVM = {"kind": "llvm", "num-cores": 2}
 ATOL = 1e-5
 

@@ -35,8 +35,9 @@ class DHSAParams:
         averaged); 0 = one selection for all heads (all heads averaged).
     early_layers, early_budget: the first ``early_layers`` sparse layers (from
         boundary_layer on) select ``early_budget`` keys per block instead of ``budget``
-        (0: none). The earliest layers' sparse attention costs the most accuracy
-        (docs/dhsa.md); a wider budget there costs less latency than dense layers.
+        (no effect with early_layers 0 or early_budget <= budget). The earliest layers'
+        sparse attention costs the most accuracy; a wider budget there costs less latency
+        than dense layers (docs/dhsa.md).
     """
 
     block_size: int = 128
@@ -53,8 +54,8 @@ class DHSAParams:
     min_context: int = 2048
     prefill_chunk: int = 768
     per_kv_head: int = 0
-    early_layers: int = 0
-    early_budget: int = 0
+    early_layers: int = 8
+    early_budget: int = 2048
 
     def __post_init__(self) -> None:
         for name in ("block_size", "budget", "local", "boundary_window", "nms_radius",
@@ -75,15 +76,12 @@ class DHSAParams:
                               f"({self.budget}): shorter prompts are cheaper dense")
         if self.prefill_chunk:
             self._check_prefill_chunk()
-        if self.early_layers and self.early_budget <= self.budget:
-            raise ConfigError(f"dhsa.early_budget ({self.early_budget}) must exceed dhsa.budget "
-                              f"({self.budget}) when dhsa.early_layers is set "
-                              f"({self.early_layers}); or set early_layers=0")
 
     def is_early(self, layer: int) -> bool:
-        """Whether ``layer`` is one of the sparse layers that select ``early_budget`` keys."""
+        """Whether ``layer`` is one of the sparse layers that select ``early_budget`` keys
+        (none when early_budget is not above budget)."""
         start = self.boundary_layer
-        return start <= layer < start + self.early_layers
+        return self.early_budget > self.budget and start <= layer < start + self.early_layers
 
     def for_layer(self, layer: int) -> DHSAParams:
         """The settings layer ``layer`` computes with: its own budget as ``budget``."""
