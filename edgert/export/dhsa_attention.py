@@ -24,11 +24,12 @@ strictly before it::
     per KV head: Gather its keys/values at those indices straight from the cache (flattened
         to [Hkv*C,D], a view) as [blocks,1,budget,D] -> com.microsoft MultiHeadAttention,
         batch = block, its g query heads folded into rows (BNSH keys: read in place, no
-        transposed copy; the probabilities are one KV head's). The bias is causal over the
-        own keys, and hides the earlier slots past the block's start (a block near the start
-        of the prompt has fewer earlier keys than slots: it attends to all of them, i.e.
-        densely). It depends on positions only, so it is built once per call and shared by
-        the layers and heads.
+        transposed copy; the probabilities are one KV head's; in the wider early layers
+        one MultiHeadAttention per query head, so they are one query head's). The bias is
+        causal over the own keys, and hides the earlier slots past the block's start (a
+        block near the start of the prompt has fewer earlier keys than slots: it attends to
+        all of them, i.e. densely). It depends on positions and the budget only, so it is
+        built once per call and budget and shared by the layers and heads.
     the prompt's last dense_tail queries (the instruction, in the last call): the same, over
         the keys [0, E); other calls have no tail rows (zero-length inputs, one key gathered)
 
@@ -120,7 +121,11 @@ class DHSACore(nn.Module):
                                     config.head_dim)
         self.group = self.h // self.hkv
         self.layer_index = layer_index
-        self.p = (dhsa or DHSAParams()).for_layer(layer_index)  # its own budget
+        base = dhsa or DHSAParams()
+        self.p = base.for_layer(layer_index)  # its own budget
+        # a wider layer attends one query head at a time: its probabilities and bias are no
+        # larger than a base layer's with its g heads folded in
+        self.split_heads = self.p.budget > base.budget
 
     # -- boundaries ---------------------------------------------------------------------
     def chunk_starts(self, q, k, past_len, prompt_len, fixed_chunk):
@@ -286,11 +291,13 @@ class DHSACore(nn.Module):
         own = index[head if index.shape[0] > 1 else 0]
         return flat[own + head * capacity][:, None]
 
-    def _block_attention(self, block_q, present_k, present_v, index, folded_bias):
+    def _block_attention(self, block_q, present_k, present_v, index, bias, split=False):
         """Blocks of queries over the keys ``index`` [S,n,L] of the cache [1,Hkv,C,D]:
         block_q [n,R,Hq*D] -> [n,R,Hq*D]. One MultiHeadAttention per KV head, its g query
-        heads folded into rows: each gathers only its own keys straight from the cache, and
-        its attention probabilities are [n,1,g*R,L], a third of all heads' at once."""
+        heads folded into rows (``bias`` folded: [.,1,g*R,L]): each gathers only its own keys
+        straight from the cache, and its attention probabilities are [n,1,g*R,L], a third of
+        all heads' at once. ``split``: one per query head instead (``bias`` [.,1,R,L]), over
+        its KV head's gathered keys: probabilities [n,1,R,L]."""
         n, rows, _ = block_q.shape
         g, d, capacity = self.group, self.d, present_k.shape[2]
         flat_k = present_k.reshape(-1, d)
@@ -298,12 +305,17 @@ class DHSACore(nn.Module):
         heads_q = block_q.view(n, rows, self.hkv, g * d)
         outs = []
         for h in range(self.hkv):
-            query = heads_q[:, :, h].reshape(n, rows * g, d)
-            outs.append(_BlockMHA.apply(query, self.gather_head(flat_k, capacity, index, h),
-                                        self.gather_head(flat_v, capacity, index, h),
-                                        folded_bias, 1, d))
-        out = torch.stack(outs, dim=2).view(n, rows, g, self.hkv, d).transpose(2, 3)
-        return out.reshape(n, rows, self.h * d)
+            keys = self.gather_head(flat_k, capacity, index, h)
+            values = self.gather_head(flat_v, capacity, index, h)
+            if split:
+                each = [_BlockMHA.apply(heads_q[:, :, h, j * d:(j + 1) * d], keys, values,
+                                        bias, 1, d) for j in range(g)]
+                outs.append(torch.stack(each, dim=2))  # [n,R,g,D]
+            else:
+                query = heads_q[:, :, h].reshape(n, rows * g, d)
+                out = _BlockMHA.apply(query, keys, values, bias, 1, d)
+                outs.append(out.view(n, rows, g, d))
+        return torch.stack(outs, dim=2).reshape(n, rows, self.h * d)  # heads h*g + j
 
     def sparse_blocks(self, scores, query, present_k, present_v, past_len, prompt_len, ctx):
         """The ``local >= block_size`` form (module docstring), dense tail included; same
@@ -322,8 +334,8 @@ class DHSACore(nn.Module):
         own_start = p.budget - (block_start + bs).clamp(max=total) + block_start
         bias_key = ("block_bias", p.budget)  # positions and budget only: built once per
         if bias_key not in ctx:                # budget, shared by the layers
-            ctx[bias_key] = self._fold_bias(earlier_slots_bias(block_start, own_start, bs,
-                                                               p.budget))
+            bias = earlier_slots_bias(block_start, own_start, bs, p.budget)
+            ctx[bias_key] = bias if self.split_heads else self._fold_bias(bias)
         earlier = self.select_earlier(scores[:, :full], block_start[:full],
                                       block_start[:full] + bs, p.budget - bs)
         own = (block_start[:full] + torch.arange(bs)[None, :])[None].expand(
@@ -336,7 +348,8 @@ class DHSACore(nn.Module):
         index = torch.cat([torch.cat([earlier, own], 2),
                            torch.cat([last_earlier, last_own], 2)], dim=1)  # [S,nb,budget]
         out = self._block_attention(tokens_q.view(nb, bs, hq * d), present_k, present_v,
-                                    index, ctx[bias_key]).reshape(nb * bs, hq * d)[:q_len]
+                                    index, ctx[bias_key], self.split_heads
+                                    ).reshape(nb * bs, hq * d)[:q_len]
         if p.dense_tail:  # the prompt's tail: the last rows of the last call, dense
             tail_from = rows_from(prompt_len - p.dense_tail, past_len, q_len)  # q: none
             # keys [0, E) for the tail rows; one key when the call has none (no copy of the
