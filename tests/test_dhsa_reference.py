@@ -190,3 +190,11 @@ def test_early_layers_take_the_early_budget():
     assert layer.local == params.local and layer.block_size == params.block_size
     wide = DHSAParams(budget=3072, min_context=4096)  # a budget above the early one
     assert not any(wide.is_early(i) for i in range(30)) and wide.for_layer(0) is wide
+
+
+def test_manifest_without_early_settings_reads_as_exported():
+    """An artifact exported before early_layers existed computed every layer at budget."""
+    old = {k: v for k, v in DHSAParams().to_dict().items() if not k.startswith("early_")}
+    params = DHSAParams.from_dict(old)
+    assert params.early_layers == 0 and not params.is_early(0)
+    assert DHSAParams.from_dict(DHSAParams().to_dict()) == DHSAParams()

@@ -125,5 +125,7 @@ class DHSAParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DHSAParams:
+        """A manifest's settings. One written before ``early_layers`` existed was exported
+        with every layer at ``budget``: it reads as early_layers 0, not today's default."""
         reject_unknown_fields(cls, data, "dhsa")
-        return cls(**data)
+        return cls(**{"early_layers": 0, "early_budget": 0, **data})

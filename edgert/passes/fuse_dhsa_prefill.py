@@ -102,7 +102,7 @@ class FuseDHSAPrefill:
                                                      self.dhsa_knobs, self.index_dtype),
                                   "edgert_dhsa_attention"),
         }
-        if self.params.early_layers:  # the wider-budget layers: the same kernel, own budget
+        if self.params.is_early(self.params.boundary_layer):  # wider layers: own budget
             early = self.params.for_layer(self.params.boundary_layer)
             name = "edgert_dhsa_attention_early"
             kernels["sparse_early"] = bb.add_func(
