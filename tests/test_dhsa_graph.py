@@ -196,6 +196,23 @@ def test_early_layers_select_their_own_budget():
     assert np.abs(narrow - out).max() > 1e-2
 
 
+def test_centred_and_uncentred_keys_match_reference():
+    """Keys with a common direction the queries share (where ``center_keys`` changes the
+    selection): the graph agrees with the reference both ways, and the two ways differ."""
+    q, k, v = random_qkv(200, 8)
+    k += 2.0 * np.eye(16, dtype=np.float32)[0]
+    q += 1.0 * np.eye(16, dtype=np.float32)[0]
+    outs = []
+    for center in (0, 1):
+        params = dataclasses.replace(CHUNKED, fixed_chunk=0, center_keys=center)
+        expected, starts, _ = reference.dhsa_attention(q, k, v, params)
+        out, got_starts = run_core(export_core(params), q, k, v, 0, params)
+        np.testing.assert_allclose(out, expected, atol=ATOL)
+        np.testing.assert_array_equal(got_starts, starts)
+        outs.append(out)
+    assert np.abs(outs[0] - outs[1]).max() > 1e-2
+
+
 @pytest.mark.parametrize("params", [SMALL, CHUNKED], ids=["one call", "chunked"])
 def test_graph_matches_reference_with_structured_boundaries(core_session, params):
     """Inputs with real attention-mass jumps, so the dynamic boundary rule fires."""

@@ -88,6 +88,32 @@ def test_relevant_keys_are_selected():
     assert set(needle.tolist()) <= set(sel.keys(-1).tolist())
 
 
+def test_centred_keys_pick_the_relevant_chunk_over_a_long_one():
+    """Keys sharing a common direction q also has (as in the later layers) make an uncentred
+    chunk score grow with sqrt(len): a long chunk of plain keys then outranks a short chunk of
+    relevant ones. Centred on the mean key (a shift that changes no attention weight), the
+    relevant chunk wins."""
+    seq_len, d = 256, 16
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((4, seq_len, d)).astype(np.float32) * 0.1
+    k = rng.standard_normal((2, seq_len, d)).astype(np.float32) * 0.1
+    common, topic = np.eye(d, dtype=np.float32)[0], np.eye(d, dtype=np.float32)[5]
+    k += 1.0 * common  # every key
+    q[:, 224:] += 1.0 * common + 1.0 * topic  # the last block's queries
+    needle = np.arange(30, 36)
+    k[:, needle] += 1.5 * topic
+    starts = np.zeros(seq_len, bool)
+    starts[[0, 30, 36, 100, 220]] = True  # [36, 100) and [100, 220): long plain chunks
+    budget = DHSAParams(**{**SMALL.to_dict(), "budget": 36})  # 16 local + 4 sink + 16 free
+    picked = {}
+    for center in (0, 1):
+        params = dataclasses.replace(budget, center_keys=center)
+        picked[center] = set(select_keys(token_scores(q, k, starts, params), seq_len,
+                                         params).keys(-1).tolist())
+    assert set(needle.tolist()) <= picked[1]
+    assert not set(needle.tolist()) & picked[0], "the uncentred score should favour length"
+
+
 def test_each_kv_head_selects_its_own_needle():
     """Per KV head: head 0's keys hold a needle at 60..72 for its query heads, head 1's at
     150..162 for its own; each head selects its needle, which the head-averaged selection
@@ -170,6 +196,7 @@ def test_chunked_calls_see_only_their_prefix():
     ({"prefill_chunk": 1000}, "multiple of"),
     ({"local": 64, "prefill_chunk": 1024}, "local >= dhsa.block_size"),
     ({"per_kv_head": 2}, "0 or 1"),
+    ({"center_keys": -1}, "center_keys"),
     ({"local": 900, "sink": 200}, "must not exceed"),
     ({"min_context": 100}, "min_context"),
     ({"block_size": 0}, "block_size"),
@@ -193,8 +220,10 @@ def test_early_layers_take_the_early_budget():
 
 
 def test_manifest_without_early_settings_reads_as_exported():
-    """An artifact exported before early_layers existed computed every layer at budget."""
-    old = {k: v for k, v in DHSAParams().to_dict().items() if not k.startswith("early_")}
+    """An artifact exported before early_layers and center_keys existed computed every layer
+    at budget, on uncentred keys."""
+    old = {k: v for k, v in DHSAParams().to_dict().items()
+           if not k.startswith("early_") and k != "center_keys"}
     params = DHSAParams.from_dict(old)
-    assert params.early_layers == 0 and not params.is_early(0)
+    assert params.early_layers == 0 and not params.is_early(0) and params.center_keys == 0
     assert DHSAParams.from_dict(DHSAParams().to_dict()) == DHSAParams()

@@ -18,7 +18,7 @@ tvm = pytest.importorskip("tvm")
 
 HQ, HKV, D = 4, 2, 16
 SMALL = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8, probe_stride=8,
-                   min_context=64, early_layers=0)
+                   min_context=64, early_layers=0, boundary_threshold=2.0)
 LLVM = {"kind": "llvm", "num-cores": 2}
 
 

@@ -100,6 +100,26 @@ def test_every_token_its_own_chunk(kernel):
                                reference_output(q, k, v, starts, SMALL), atol=ATOL)
 
 
+@pytest.mark.parametrize("center", [1, 0])
+def test_centred_and_uncentred_keys_match_reference(center):
+    """Keys with a common direction the queries share, in variable-length chunks: there the
+    key centring changes the selection, and the kernel follows the reference either way."""
+    import dataclasses
+
+    seq_len = 200
+    q, k, v = random_qkv(seq_len, seed=11)
+    k += 2.0 * np.eye(D, dtype=np.float32)[0]
+    q += 1.0 * np.eye(D, dtype=np.float32)[0]
+    starts = random_starts(seq_len, 11)
+    params = dataclasses.replace(SMALL, center_keys=center)
+    want = reference_output(q, k, v, starts, params)
+    np.testing.assert_allclose(run_kernel(build_llvm(params), q, k, v, starts), want,
+                               atol=ATOL)
+    other = reference_output(q, k, v, starts, dataclasses.replace(params,
+                                                                  center_keys=1 - center))
+    assert np.abs(other - want).max() > 1e-2
+
+
 def test_equal_scores_keep_the_lower_indices(kernel):
     # k = 0: every chunk scores 0, so each block's free places go to its earliest free keys
     # (the reference's stable sort); v tells which keys were attended

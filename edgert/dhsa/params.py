@@ -38,6 +38,11 @@ class DHSAParams:
         (no effect with early_layers 0 or early_budget <= budget). The earliest layers'
         sparse attention costs the most accuracy; a wider budget there costs less latency
         than dense layers (docs/dhsa.md).
+    center_keys: 1 = chunks are scored on keys centred on the mean key of the call
+        (``(sum(k) - len * mean_k) / sqrt(len)``). Softmax ignores a shift common to a
+        query's scores, so the centring changes no attention weight, but it removes a bias
+        towards long chunks: keys share a common direction (most in the later layers), which
+        the uncentred ``mean * sqrt(len)`` scales by sqrt(len). 0 = the paper's form as is.
     """
 
     block_size: int = 128
@@ -46,8 +51,8 @@ class DHSAParams:
     sink: int = 64
     dense_tail: int = 64
     boundary_window: int = 4
-    boundary_threshold: float = 2.0
-    nms_radius: int = 8
+    boundary_threshold: float = 1.5
+    nms_radius: int = 4
     probe_stride: int = 64
     boundary_layer: int = 0
     fixed_chunk: int = 0
@@ -56,6 +61,7 @@ class DHSAParams:
     per_kv_head: int = 0
     early_layers: int = 8
     early_budget: int = 2048
+    center_keys: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_size", "budget", "local", "boundary_window", "nms_radius",
@@ -66,8 +72,9 @@ class DHSAParams:
                      "early_layers", "early_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"dhsa.{name} must be >= 0, got {getattr(self, name)}")
-        if self.per_kv_head not in (0, 1):
-            raise ConfigError(f"dhsa.per_kv_head is 0 or 1, got {self.per_kv_head}")
+        for name in ("per_kv_head", "center_keys"):
+            if getattr(self, name) not in (0, 1):
+                raise ConfigError(f"dhsa.{name} is 0 or 1, got {getattr(self, name)}")
         if self.local + self.sink > self.budget:
             raise ConfigError(f"dhsa.local + dhsa.sink ({self.local + self.sink}) must not "
                               f"exceed dhsa.budget ({self.budget})")
@@ -107,8 +114,12 @@ class DHSAParams:
     @classmethod
     def from_settings(cls, settings: tuple[str, ...] | list[str]) -> DHSAParams:
         """The defaults with ``KEY=VALUE`` overrides (the CLI's ``--dhsa``)."""
+        return cls().with_settings(settings)
+
+    def with_settings(self, settings: tuple[str, ...] | list[str]) -> DHSAParams:
+        """These settings with ``KEY=VALUE`` overrides."""
         kinds = {f.name: float if f.type in (float, "float") else int
-                 for f in dataclasses.fields(cls)}
+                 for f in dataclasses.fields(self)}
         values: dict[str, Any] = {}
         for item in settings:
             key, sep, raw = item.partition("=")
@@ -121,11 +132,12 @@ class DHSAParams:
             except ValueError:
                 raise ConfigError(f"--dhsa {key} needs a{'' if kinds[key] is int else ' real'} "
                                   f"number, got {raw!r}") from None
-        return cls(**values)
+        return dataclasses.replace(self, **values)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DHSAParams:
-        """A manifest's settings. One written before ``early_layers`` existed was exported
-        with every layer at ``budget``: it reads as early_layers 0, not today's default."""
+        """A manifest's settings. One written before ``early_layers`` or ``center_keys``
+        existed was exported with every layer at ``budget`` and uncentred keys: it reads as
+        early_layers 0 and center_keys 0, not today's defaults."""
         reject_unknown_fields(cls, data, "dhsa")
-        return cls(**{"early_layers": 0, "early_budget": 0, **data})
+        return cls(**{"early_layers": 0, "early_budget": 0, "center_keys": 0, **data})

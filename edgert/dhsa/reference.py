@@ -139,6 +139,8 @@ def token_scores(q: np.ndarray, k: np.ndarray, starts: np.ndarray, params: DHSAP
     """[S, nb, E] score of every key token for every query block of the call [start, E) (its
     chunk's score), per selecting head; q/k/starts: the tokens [0, E)."""
     q_bar, k_bar = selecting_heads(q[:, start:], k, params)
+    if params.center_keys:  # a shift common to all keys: no attention weight changes
+        k_bar = k_bar - k_bar.mean(axis=1, keepdims=True)
     heads, q_len, d = q_bar.shape
     ids = np.cumsum(starts) - 1  # chunk id per token
     n_chunks = ids[-1] + 1

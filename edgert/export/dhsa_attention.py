@@ -192,14 +192,19 @@ class DHSACore(nn.Module):
         """Every cached key's dot product with every query block vector, averaged over the
         heads that share a selection: block_vec [S,nb,D], present_k [1,Hkv,C,D] ->
         [S,E,nb]. A MatMul straight over the cache buffer (the keys are the A operand, read
-        in place), then a slice of the small result to the call's E keys."""
+        in place), then a slice of the small result to the call's E keys. With
+        ``center_keys`` the keys are centred on their mean over the E keys, which for a
+        dot product is the per-key score minus its mean."""
         if self.p.per_kv_head:  # [Hkv,C,D] @ [Hkv,D,nb]
             raw = torch.matmul(present_k[0], block_vec.transpose(1, 2))
         else:  # [Hkv*C,D] @ [D,nb], heads averaged after the product (linear)
             nb, capacity = block_vec.shape[1], present_k.shape[2]
             raw = torch.matmul(present_k.reshape(-1, self.d), block_vec[0].transpose(0, 1))
             raw = raw.view(self.hkv, capacity, nb).mean(0, keepdim=True)
-        return raw[:, :total]
+        per_key = raw[:, :total]
+        if self.p.center_keys:  # block_vec . (k - mean k): the mean score over the E keys
+            per_key = per_key - per_key.mean(1, keepdim=True)
+        return per_key
 
     def token_scores(self, q_bar, present_k, starts):
         """q_bar [S,q,D] this call's selecting queries, present_k [1,Hkv,C,D] the cache,

@@ -8,11 +8,13 @@ Computes what ``edgert.dhsa.reference`` computes for given chunk starts (causal,
     out     [T, Hq, D]   float32
 
 T is dynamic; the head counts, D and every DHSA parameter are compile-time constants. The
-PrimFunc runs seven stages in order, each one sblock over a flat work space (a GPU kernel
+PrimFunc runs eight stages in order, each one sblock over a flat work space (a GPU kernel
 launch, or one CPU parallel loop), their intermediates in workspace buffers:
 
     chunk_list      (1 item)      pos[c] = start of chunk c, pos[C] = T, n_chunks = C
-    chunk_vectors   (c, x)        chunk_vec[c] = sum_{t in chunk c} mean_h k[t, h] / sqrt(len)
+    key_mean        (x)           key_mean = mean_{t, h} k[t, h] (0 without center_keys)
+    chunk_vectors   (c, x)        chunk_vec[c] = sum_{t in chunk c} (mean_h k[t, h] - key_mean)
+                                                 / sqrt(len)
     block_vectors   (b, x)        block_vec[b] = sum_{t in block b} mean_h q[t, h] / sqrt(len)
     chunk_scores    (b, c)        score[b, c] = block_vec[b] . chunk_vec[c]
     chunk_takes     (b, c)        take[b, c]: how many of chunk c's free tokens block b keeps
@@ -149,6 +151,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
     hq, hkv, d = num_heads, num_kv_heads, head_dim
     group = hq // hkv
     bs, budget, sink, tail = params.block_size, params.budget, params.sink, params.dense_tail
+    center = bool(params.center_keys)
     scale = 1.0 / math.sqrt(d)
     outer, inner = _grid(gpu)
     vector = (lambda e: T.serial(e)) if gpu else (lambda e: T.vectorized(e))
@@ -223,6 +226,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
         out = T.match_buffer(var_out, (n, hq, d), "float32")
         pos = T.alloc_buffer((n + 1,), "int32")
         n_chunks = T.alloc_buffer((1,), "int32")
+        key_mean = T.alloc_buffer((d,), "float32")
         chunk_vec = T.alloc_buffer((n, d), "float32")
         block_vec = T.alloc_buffer((n_blocks(n), d), "float32")
         score = T.alloc_buffer((n_blocks(n), n), "float32")
@@ -244,13 +248,30 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                     pos[count[0]] = T.Cast("int32", n)
                     n_chunks[0] = count[0]
 
+        for g in outer(T.ceildiv(d, lanes)):
+            for lane in inner(lanes):
+                with T.sblock("key_mean"):
+                    x = T.axis.spatial(d, g * lanes + lane)
+                    T.where(g * lanes + lane < d)
+                    T.reads(k[0:n, 0:hkv, x])
+                    T.writes(key_mean[x])
+                    mean_sum = T.alloc_buffer((1,), "float32", scope="local")
+                    mean_sum[0] = T.float32(0)
+                    if center:
+                        for t in range(n):
+                            for h in range(hkv):
+                                mean_sum[0] = mean_sum[0] + k[t, h, x]
+                        key_mean[x] = mean_sum[0] / (T.float32(hkv) * T.Cast("float32", n))
+                    else:
+                        key_mean[x] = mean_sum[0]
+
         for g in outer(T.ceildiv(n * d, lanes)):
             for lane in inner(lanes):
                 with T.sblock("chunk_vectors"):
                     c = T.axis.spatial(n, (g * lanes + lane) // d)
                     x = T.axis.spatial(d, (g * lanes + lane) % d)
                     T.where(g * lanes + lane < n * d)
-                    T.reads(k[0:n, 0:hkv, x], pos[0:n + 1], n_chunks[0])
+                    T.reads(k[0:n, 0:hkv, x], pos[0:n + 1], n_chunks[0], key_mean[x])
                     T.writes(chunk_vec[c, x])
                     head_sum = T.alloc_buffer((1,), "float32", scope="local")
                     chunk_sum = T.alloc_buffer((1,), "float32", scope="local")
@@ -261,8 +282,9 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                             for h in range(hkv):
                                 head_sum[0] = head_sum[0] + k[t, h, x]
                             chunk_sum[0] = chunk_sum[0] + head_sum[0] / T.float32(hkv)
-                        chunk_vec[c, x] = chunk_sum[0] / T.sqrt(
-                            T.Cast("float32", pos[c + 1] - pos[c]))
+                        chunk_len = T.Cast("float32", pos[c + 1] - pos[c])
+                        chunk_vec[c, x] = (chunk_sum[0] - chunk_len * key_mean[x]) / T.sqrt(
+                            chunk_len)
 
         for g in outer(T.ceildiv(n_blocks(n) * d, lanes)):
             for lane in inner(lanes):
