@@ -32,7 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import niah  # noqa: E402
 
-DEFAULT_SETTINGS = ["artifact:", "fixed64:fixed_chunk=64"]
+# docs/dhsa.md's table: the paper's form, the centring, finer boundaries, fixed chunks
+DEFAULT_SETTINGS = [
+    "paper form:center_keys=0,boundary_threshold=2,nms_radius=8",
+    "centred:center_keys=1,boundary_threshold=2,nms_radius=8",
+    "centred 1.5/4:center_keys=1,boundary_threshold=1.5,nms_radius=4",
+    "centred 1.25/4:center_keys=1,boundary_threshold=1.25,nms_radius=4",
+    "fixed 64:fixed_chunk=64",
+    "fixed 16:fixed_chunk=16",
+    "every key:fixed_chunk=1",
+]
 
 
 def recording_core(config, store: dict, layer: int):
@@ -122,7 +131,8 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="default: every fourth layer")
     parser.add_argument("--query-stride", type=int, default=4)
     parser.add_argument("--setting", action="append", default=None,
-                        help="NAME:KEY=VALUE,... over the artifact's DHSA parameters")
+                        help="NAME:KEY=VALUE,... over the artifact's DHSA parameters "
+                             "(default: docs/dhsa.md's table)")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
     import edgert
