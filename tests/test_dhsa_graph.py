@@ -309,6 +309,27 @@ def test_chunked_prefill_of_dense_layers_equals_dense_prefill(tiny_dir, tmp_path
     np.testing.assert_allclose(sparse_kv, dense_kv, atol=1e-4)
 
 
+def test_exported_fixed_chunks_are_used(tiny_dir, tmp_path):
+    """An artifact exported with ``--dhsa fixed_chunk=N`` prefills with N-token chunks (the
+    graph takes the chunking as an input; the engine passes the manifest's)."""
+    from edgert.export.exporter import ExportOptions, export_model
+
+    params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
+                        probe_stride=8, min_context=128, prefill_chunk=64, fixed_chunk=10,
+                        early_layers=0)
+    export_model(str(tiny_dir), tmp_path / "art", ExportOptions(max_context=512, dhsa=params),
+                 log=lambda m: None)
+    engine = edgert.load(tmp_path / "art")
+    assert engine.dhsa_fixed_chunk == 10
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    result = engine.generate(text, max_new_tokens=2, chat=False, dhsa=True)
+    n = len(result.prompt_ids)
+    assert result.stats["prefill"] == "dhsa" and n > params.budget
+    expected = np.zeros(n, bool)
+    expected[::10] = True
+    np.testing.assert_array_equal(engine.backend._chunk_starts[:n], expected)
+
+
 def test_chunked_sparse_prefill_fills_the_cache(tiny_dhsa_artifact):
     """Layer 0's K/V do not depend on attention: after the chunked sparse prefill they equal
     dense prefill's at every position; layer 1's differ (its inputs went through DHSA)."""

@@ -74,8 +74,9 @@ class Engine:
         self.eos_ids = set(self.manifest.tokenizer.eos_token_ids)
         self.dhsa = (DHSAParams.from_dict(self.manifest.dhsa)
                      if self.manifest.dhsa and self.backend.has_dhsa else None)
-        # DHSA chunking: 0 = dynamic boundaries; N > 0 = fixed N-token chunks (a baseline)
-        self.dhsa_fixed_chunk = 0
+        # DHSA chunking: 0 = dynamic boundaries; N > 0 = fixed N-token chunks (a baseline),
+        # as exported (``--dhsa fixed_chunk=N``) unless set here
+        self.dhsa_fixed_chunk = self.dhsa.fixed_chunk if self.dhsa else 0
         self.tree: TreeBuffers | None = None
         if self.backend.has_heads and self.manifest.tree:
             self.set_tree(self.manifest.tree["choices"])
