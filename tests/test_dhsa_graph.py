@@ -290,18 +290,25 @@ def _dense_and_sparse_prefill(engine, ids):
     return results
 
 
+CHUNKED_TINY = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
+                          probe_stride=8, min_context=128, prefill_chunk=64, early_layers=0)
+
+
+def _tiny_dhsa_engine(tiny_dir, tmp_path, params: DHSAParams):
+    """The tiny model exported with these DHSA parameters (512-token cache), loaded."""
+    from edgert.export.exporter import ExportOptions, export_model
+
+    export_model(str(tiny_dir), tmp_path / "art", ExportOptions(max_context=512, dhsa=params),
+                 log=lambda m: None)
+    return edgert.load(tmp_path / "art")
+
+
 def test_chunked_prefill_of_dense_layers_equals_dense_prefill(tiny_dir, tmp_path):
     """With the boundary layer past the last layer every layer attends densely, so the
     chunked DHSA prefill (calls of 64 tokens against the cache) must give dense prefill's
     logits and K/V: the calls read the right prefix and land where they belong."""
-    from edgert.export.exporter import ExportOptions, export_model
-
-    params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
-                        probe_stride=8, min_context=128, prefill_chunk=64, boundary_layer=2,
-                        early_layers=0)
-    export_model(str(tiny_dir), tmp_path / "art", ExportOptions(max_context=512, dhsa=params),
-                 log=lambda m: None)
-    engine = edgert.load(tmp_path / "art")
+    params = dataclasses.replace(CHUNKED_TINY, boundary_layer=2)
+    engine = _tiny_dhsa_engine(tiny_dir, tmp_path, params)
     ids = np.random.default_rng(3).integers(3, 300, 260).tolist()
     assert len(reference.prefill_calls(len(ids), params)) == 4  # the last one merged: 68
     (sparse_logits, sparse_kv), (dense_logits, dense_kv) = _dense_and_sparse_prefill(engine, ids)
@@ -312,14 +319,8 @@ def test_chunked_prefill_of_dense_layers_equals_dense_prefill(tiny_dir, tmp_path
 def test_exported_fixed_chunks_are_used(tiny_dir, tmp_path):
     """An artifact exported with ``--dhsa fixed_chunk=N`` prefills with N-token chunks (the
     graph takes the chunking as an input; the engine passes the manifest's)."""
-    from edgert.export.exporter import ExportOptions, export_model
-
-    params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
-                        probe_stride=8, min_context=128, prefill_chunk=64, fixed_chunk=10,
-                        early_layers=0)
-    export_model(str(tiny_dir), tmp_path / "art", ExportOptions(max_context=512, dhsa=params),
-                 log=lambda m: None)
-    engine = edgert.load(tmp_path / "art")
+    params = dataclasses.replace(CHUNKED_TINY, fixed_chunk=10)
+    engine = _tiny_dhsa_engine(tiny_dir, tmp_path, params)
     assert engine.dhsa_fixed_chunk == 10
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
     result = engine.generate(text, max_new_tokens=2, chat=False, dhsa=True)
