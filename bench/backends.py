@@ -1,6 +1,6 @@
 """TVM backend vs ONNX Runtime backend on the same artifact: same tokens, and decode speed.
 
-    python bench/backends.py artifacts/smollm2-135m [--new-tokens 64] [--speed-prompts 8]
+    python -m bench.backends artifacts/smollm2-135m [--new-tokens 64] [--speed-prompts 8]
                              [--runs 3] [--json bench/results/backends.json]
                              [--no-equality] [--context N]
 
@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-import edgert  # noqa: E402
+import edgert
+from bench import common
 
 
 def equality(engines: dict, prompts: list[dict], new_tokens: int, medusa: bool) -> dict:
@@ -71,11 +66,10 @@ def speed(artifact: Path, backends: list[str], speed_prompts: int, new_tokens: i
     samples = {name: [] for name in backends}
     for _ in range(runs):
         for name in backends:
-            out = subprocess.run([sys.executable, __file__, str(artifact), "--speed-only", name,
-                                  "--speed-prompts", str(speed_prompts),
-                                  "--new-tokens", str(new_tokens),
-                                  "--context", str(context)],
-                                 capture_output=True, text=True, check=True)
+            out = common.run_module("backends", str(Path(artifact).resolve()), "--speed-only", name,
+                                    "--speed-prompts", str(speed_prompts),
+                                    "--new-tokens", str(new_tokens), "--context", str(context))
+            out.check_returncode()
             samples[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {name: {key: common.median([s[key] for s in runs_])
                    for key in runs_[0]} for name, runs_ in samples.items()}

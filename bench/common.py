@@ -7,10 +7,13 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
 
 
 def load_prompts(limit: int | None = None) -> list[dict]:
@@ -68,3 +71,10 @@ def transformers_model_from_artifact(manifest):
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     return model.eval()
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m bench.<module> ARGS`` in a fresh process from the repository root (each
+    engine or mode measured in a process of its own); its output is captured as text."""
+    return subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True)

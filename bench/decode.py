@@ -1,6 +1,6 @@
 """Greedy decode speed: edgert (ONNX Runtime, in-place KV cache) next to transformers generate.
 
-    python bench/decode.py artifacts/smollm2-135m [--prompts 6] [--new-tokens 128] [--runs 3]
+    python -m bench.decode artifacts/smollm2-135m [--prompts 6] [--new-tokens 128] [--runs 3]
 
 Prints a table and one JSON record. All engines run in this process, one after another, on the
 same prompts; tokens/s are medians over runs. Also measures per-token decode time at 100 and
@@ -11,18 +11,14 @@ graph (Concat of past and new K/V in every layer, the naive layout).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-import edgert  # noqa: E402
-from edgert.runtime.steps import causal_mask, decode_one, prefill  # noqa: E402
+import edgert
+from bench import common
+from edgert.runtime.steps import causal_mask, decode_one, prefill
 
 
 def bench_edgert(engine, prompts, new_tokens, runs):

@@ -1,6 +1,6 @@
 """How much of dense attention a DHSA selection keeps: the attention-mass recall per layer.
 
-    python bench/dhsa_recall.py ARTIFACT [--prompts 6:0,2:0,9:1] [--context 8192]
+    python -m bench.dhsa_recall ARTIFACT [--prompts 6:0,2:0,9:1] [--context 8192]
                                 [--layers 0,4,...,28] [--query-stride 4]
                                 [--setting NAME:KEY=VALUE,KEY=VALUE ...] [--json out.json]
 
@@ -21,16 +21,10 @@ about 10 s per setting, layer subset and prompt.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-import niah  # noqa: E402
+from bench import common, niah
 
 # docs/dhsa.md's table: the paper's form, the centring, finer boundaries, fixed chunks
 DEFAULT_SETTINGS = [

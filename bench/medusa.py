@@ -1,6 +1,6 @@
 """Medusa decoding speed: edgert plain greedy, Medusa greedy, Medusa typical, and peers.
 
-    python bench/medusa.py artifacts/smollm2-135m [--new-tokens 128] [--runs 3]
+    python -m bench.medusa artifacts/smollm2-135m [--new-tokens 128] [--runs 3]
                            [--lossless-tokens 256]
 
 All engines run in this process, one after another, on the same prompts (bench/prompts.json:
@@ -22,11 +22,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-import edgert  # noqa: E402
+import edgert
+from bench import common
 
 MODES = {
     "plain greedy": {"medusa": False},
@@ -140,7 +137,7 @@ def main() -> None:
         "by_kind": {f"{m}/{k}": kinds[(m, k)][0] / kinds[(m, k)][1]
                     for (m, k) in kinds},
     }
-    import peers
+    from bench import peers
 
     if args.json_path:  # keep the edgert figures even if a peer fails later
         Path(args.json_path).write_text(json.dumps(record, indent=2) + "\n")

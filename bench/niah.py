@@ -1,6 +1,6 @@
 """Needle in a haystack: dense vs DHSA vs fixed-chunk block-sparse prefill, same budget.
 
-    python bench/niah.py artifacts/smollm2-135m [--contexts 2048,4096,8192]
+    python -m bench.niah artifacts/smollm2-135m [--contexts 2048,4096,8192]
                          [--depths 0,25,50,75,100] [--runs 3] [--needles 1]
 
 Haystack: real English text (Python's own documentation, ``pydoc_data.topics``). A needle (a
@@ -23,14 +23,11 @@ import functools
 import json
 import random
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+from bench import common
 
 OBJECTS = ["blue lighthouse", "old library", "silver train", "mountain cabin", "red balloon",
            "harbor crane", "glass museum", "desert well", "copper bell", "winter garden"]
@@ -153,11 +150,11 @@ def main() -> None:
     for context in [int(c) for c in args.contexts.split(",")]:
         for mode in args.modes.split(","):
             t0 = time.time()
-            proc = subprocess.run([sys.executable, __file__, args.artifact, "--depths",
-                                   args.depths, "--runs", str(args.runs), "--fixed-chunk",
-                                   str(args.fixed_chunk), "--needles", str(args.needles),
-                                   "--worker", mode, str(context)],
-                                  capture_output=True, text=True)
+            artifact = str(Path(args.artifact).resolve())
+            proc = common.run_module("niah", artifact, "--depths", args.depths,
+                                     "--runs", str(args.runs), "--fixed-chunk",
+                                     str(args.fixed_chunk), "--needles", str(args.needles),
+                                     "--worker", mode, str(context))
             if proc.returncode != 0:
                 sys.exit(f"error: worker {mode}@{context} failed:\n{proc.stderr[-2000:]}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -1,6 +1,6 @@
 """Needle in a haystack, scored by the passcode's log-probability instead of exact retrieval.
 
-    python bench/niah_logprob.py ARTIFACT [--modes dense,dhsa] [--context 8192]
+    python -m bench.niah_logprob ARTIFACT [--modes dense,dhsa] [--context 8192]
                                  [--depths 0,10,...,100] [--needles 3] [--json out.json]
 
 The prompts are bench/niah.py's (same seeds). Each prompt is followed by the start of the
@@ -16,15 +16,10 @@ with ``--dhsa KEY=VALUE`` and run this once per artifact.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-import niah  # noqa: E402
+from bench import common, niah
 
 
 def log_softmax_at(logits: np.ndarray, token: int) -> tuple[float, bool]:

@@ -56,7 +56,7 @@ class TransformersPeer:
     name = "transformers generate (fp32)"
 
     def __init__(self, manifest) -> None:
-        import common
+        from bench import common
 
         self.model = common.transformers_model_from_artifact(manifest)
         self.eos = manifest.tokenizer.eos_token_ids

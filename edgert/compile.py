@@ -171,8 +171,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
 
     from edgert.dhsa.params import DHSAParams
     from edgert.passes.fuse_dhsa_prefill import check_supported
-    from edgert.passes.kernels.kv_commit import build_kv_commit
     from edgert.passes.pipeline import CompileContext, run_pipeline
+    from edgert.passes.tir.kv_commit import build_kv_commit
     from edgert.tuning.database import TuningDatabase
 
     path = Path(path)

@@ -55,7 +55,7 @@ def gpu_target():
     import tvm
 
     from edgert.errors import BackendError
-    from edgert.runtime.backends.tvm import check_cuda_device
+    from edgert.runtime.backends.tvm_vm import check_cuda_device
 
     try:
         check_cuda_device()
@@ -100,7 +100,7 @@ class Kernels:
 
 
 def check_tree_attention(k: Kernels, hq: int, hkv: int, d: int) -> dict:
-    from edgert.passes.kernels.tree_attention import (
+    from edgert.passes.tir.tree_attention import (
         TreeAttentionKnobs,
         tree_attention_reference,
         tree_attention_tir,
@@ -130,7 +130,7 @@ def check_tree_attention(k: Kernels, hq: int, hkv: int, d: int) -> dict:
 
 
 def check_kv_append(k: Kernels, hkv: int, d: int) -> dict:
-    from edgert.passes.kernels.tree_attention import kv_append_tir
+    from edgert.passes.tir.tree_attention import kv_append_tir
 
     kernel = k.build("edgert_kv_append", kv_append_tir(hkv, d, k.gpu))
     worst, cases = 0.0, 0
@@ -151,7 +151,7 @@ def check_kv_commit(k: Kernels, spec) -> dict:
     """The device cache (all layers' buffers, one launch) against the NumPy cache."""
     import dataclasses
 
-    from edgert.passes.kernels.kv_commit import build_kv_commit
+    from edgert.passes.tir.kv_commit import build_kv_commit
     from edgert.runtime.device_kv_cache import DeviceKVCache
     from edgert.runtime.kv_cache import KVCache
 
@@ -178,8 +178,8 @@ def check_dhsa(k: Kernels, hq: int, hkv: int, d: int, params) -> dict:
     import dataclasses
 
     from edgert.dhsa import reference
-    from edgert.passes.kernels.dhsa_attention import DHSAKnobs, dhsa_attention_tir
-    from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir
+    from edgert.passes.tir.dhsa_attention import DHSAKnobs, dhsa_attention_tir
+    from edgert.passes.tir.dhsa_boundaries import dhsa_boundaries_tir
 
     lengths = [params.budget + 300, 2 * params.budget + 77]
     boundary_mismatches, boundary_cases = 0, 0
@@ -355,7 +355,6 @@ def main() -> None:
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="kernel checks only, built for llvm on this CPU (checks the script)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
 
     from edgert.artifact import load_manifest
 

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny_model import build_tiny_llama_dir  # noqa: E402
+from tests.tiny_model import build_tiny_llama_dir
 
 TINY_CAPACITY = 768
 
@@ -31,9 +28,8 @@ def tiny_medusa_artifact(tiny_dir, tmp_path_factory) -> Path:
     """The tiny model with (random) Medusa heads: 3 heads, top-4 candidates."""
 
 
-    from tiny_model import save_random_heads
-
     from edgert.export.exporter import ExportOptions, export_model
+    from tests.tiny_model import save_random_heads
 
     root = tmp_path_factory.mktemp("tiny_medusa")
     save_random_heads(tiny_dir, root / "heads", seed=0, std=0.3)
@@ -60,7 +56,7 @@ def tiny_dhsa_artifact(tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_dir):
-    from tiny_model import load_reference
+    from tests.tiny_model import load_reference
 
     return load_reference(tiny_dir)
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from bench import dhsa_recall
 from edgert.config import LlamaConfig
 from edgert.dhsa.params import DHSAParams
 from edgert.export.llama import LlamaDecoder
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import dhsa_recall  # noqa: E402
 
 PARAMS = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8, probe_stride=8,
                     min_context=64, early_layers=0, prefill_chunk=64)

@@ -14,7 +14,7 @@ from edgert.runtime.kv_cache import KVCache
 
 tvm = pytest.importorskip("tvm")
 
-from edgert.passes.kernels.kv_commit import (  # noqa: E402
+from edgert.passes.tir.kv_commit import (  # noqa: E402
     FUNCTION,
     _gpu_split,
     kv_commit_module,

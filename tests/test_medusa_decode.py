@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_model import save_random_heads
 
 import edgert
 from edgert.medusa.heads import save_heads
 from edgert.medusa.tree import build_tree_buffers, chain_tree
 from edgert.runtime.medusa import accept_greedy, accept_typical, propose_tree
 from edgert.runtime.sampling import SamplingParams
+from tests.tiny_model import save_random_heads
 
 V = 12
 TREE = build_tree_buffers([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], topk=2)

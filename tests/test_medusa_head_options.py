@@ -9,7 +9,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_model import save_random_heads
 
 import edgert
 from edgert.errors import ConfigError
@@ -22,6 +21,7 @@ from edgert.medusa.train import (
     to_projected,
     train_heads,
 )
+from tests.tiny_model import save_random_heads
 
 VOCAB_IDS = torch.tensor([1, 3, 7, 10])
 

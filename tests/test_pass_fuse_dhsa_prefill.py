@@ -15,9 +15,9 @@ import edgert  # noqa: E402
 from edgert.dhsa.params import DHSAParams  # noqa: E402
 from edgert.errors import BackendError  # noqa: E402
 from edgert.passes.fuse_dhsa_prefill import FuseDHSAPrefill  # noqa: E402
-from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir  # noqa: E402
-from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir  # noqa: E402
-from edgert.passes.kernels.tree_attention import kv_append_tir, tree_attention_tir  # noqa: E402
+from edgert.passes.tir.dhsa_attention import dhsa_attention_tir  # noqa: E402
+from edgert.passes.tir.dhsa_boundaries import dhsa_boundaries_tir  # noqa: E402
+from edgert.passes.tir.tree_attention import kv_append_tir, tree_attention_tir  # noqa: E402
 
 H, HKV, D = 4, 2, 16
 GROUP = H // HKV

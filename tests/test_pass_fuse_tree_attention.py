@@ -9,7 +9,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
 from edgert.passes.fuse_tree_attention import FuseTreeAttention  # noqa: E402
-from edgert.passes.kernels.tree_attention import (  # noqa: E402
+from edgert.passes.tir.tree_attention import (  # noqa: E402
     kv_append_tir,
     tree_attention_tir,
     tree_order_from_parents,

@@ -8,14 +8,14 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
-from edgert.passes.kernels.matmul import (  # noqa: E402
+from edgert.passes.pack_matmul_weights import PackMatmulWeights  # noqa: E402
+from edgert.passes.tir.matmul import (  # noqa: E402
     SEARCH_SPACE,
     MatmulKnobs,
     pack_weight,
     packed_matmul_tir,
     packed_take_tir,
 )
-from edgert.passes.pack_matmul_weights import PackMatmulWeights  # noqa: E402
 
 K, N, VOCAB_ROWS = 24, 48, 5
 LLVM = tvm.target.Target({"kind": "llvm", "num-cores": 2})

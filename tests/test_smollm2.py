@@ -27,13 +27,8 @@ def smollm2_artifact(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_model(smollm2_artifact):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import common
-
     import edgert
+    from bench import common
 
     return common.transformers_model_from_artifact(edgert.load(smollm2_artifact).manifest)
 

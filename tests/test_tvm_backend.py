@@ -113,7 +113,7 @@ def test_cuda_build_is_a_loadable_library(compiled, cuda_build):
         assert {"decoder.fatbin", "medusa.fatbin", "kv_commit.fatbin"} <= files
         assert cuda_build["notes"] == [] and cuda_build["cuda_kernels"].startswith("fatbin")
     # the libraries carry their CUDA source verbatim: what the loader hands to the compile
-    # callback, matched to the fatbin by its hash (see backends.tvm.precompiled_cuda)
+    # callback, matched to the fatbin by its hash (see backends.tvm_vm.precompiled_cuda)
     directory = art / "tvm" / "cuda"
     for stem in ("decoder", "medusa", "kv_commit"):
         assert (directory / f"{stem}.cu").read_bytes() in (directory / f"{stem}.so").read_bytes()
@@ -122,7 +122,7 @@ def test_cuda_build_is_a_loadable_library(compiled, cuda_build):
 def test_precompiled_cuda_serves_the_fatbins_while_loading(tmp_path):
     import tvm_ffi
 
-    from edgert.runtime.backends.tvm import precompiled_cuda
+    from edgert.runtime.backends.tvm_vm import precompiled_cuda
 
     (tmp_path / "a.cu").write_text("extern \"C\" __global__ void k() {}\n")
     (tmp_path / "a.fatbin").write_bytes(b"P\xedU\xba fatbin")

@@ -23,7 +23,7 @@ LLVM = {"kind": "llvm", "num-cores": 2}
 
 
 def build_llvm(params: DHSAParams, index_dtype: str = "int64"):
-    from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir
+    from edgert.passes.tir.dhsa_boundaries import dhsa_boundaries_tir
 
     mod = tvm.IRModule({"edgert_dhsa_boundaries": dhsa_boundaries_tir(
         HQ, HKV, D, params, index_dtype=index_dtype)})
@@ -117,7 +117,7 @@ GPU_TARGETS = {
 
 @pytest.mark.parametrize("name", list(GPU_TARGETS))
 def test_gpu_mapping_builds(name):
-    from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir
+    from edgert.passes.tir.dhsa_boundaries import dhsa_boundaries_tir
 
     int32 = name == "webgpu"  # WGSL has no 64-bit integers
     mod = tvm.IRModule({"edgert_dhsa_boundaries": dhsa_boundaries_tir(

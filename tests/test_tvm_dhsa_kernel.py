@@ -10,7 +10,7 @@ import pytest
 
 from edgert.dhsa import reference
 from edgert.dhsa.params import DHSAParams
-from edgert.passes.kernels.dhsa_attention import DHSAKnobs
+from edgert.passes.tir.dhsa_attention import DHSAKnobs
 
 tvm = pytest.importorskip("tvm")
 
@@ -22,7 +22,7 @@ ATOL = 1e-5
 
 
 def build_llvm(params: DHSAParams, knobs: DHSAKnobs = DHSAKnobs(), index_dtype: str = "int64"):
-    from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir
+    from edgert.passes.tir.dhsa_attention import dhsa_attention_tir
 
     mod = tvm.IRModule({"edgert_dhsa_attention": dhsa_attention_tir(
         HQ, HKV, D, params, knobs=knobs, index_dtype=index_dtype)})
@@ -40,7 +40,7 @@ def kernel(request):
 
 
 def test_knobs_that_do_not_fit_are_refused():
-    from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir
+    from edgert.passes.tir.dhsa_attention import dhsa_attention_tir
 
     with pytest.raises(ValueError, match="do not fit"):
         dhsa_attention_tir(HQ, HKV, D, SMALL, knobs=DHSAKnobs(heads_per_task=3))
@@ -176,7 +176,7 @@ GPU_TARGETS = {
 
 @pytest.mark.parametrize("name", list(GPU_TARGETS))
 def test_gpu_mapping_builds(name):
-    from edgert.passes.kernels.dhsa_attention import dhsa_attention_tir
+    from edgert.passes.tir.dhsa_attention import dhsa_attention_tir
 
     mod = tvm.IRModule({"edgert_dhsa_attention": dhsa_attention_tir(
         HQ, HKV, D, SMALL, gpu=True, knobs=DHSAKnobs(2, 8),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgert.passes.kernels.tree_attention import (
+from edgert.passes.tir.tree_attention import (
     TreeAttentionKnobs,
     causal_order,
     tree_attention_reference,
@@ -49,7 +49,7 @@ KNOBS = [TreeAttentionKnobs(), TreeAttentionKnobs(2, 8, 8), TreeAttentionKnobs(1
 def tree_kernel(request):
     """The untuned kernel and two tuned schedules (shared K/V loads, key tiles that do not
     divide the key count, vector lanes): all must compute the same attention."""
-    from edgert.passes.kernels.tree_attention import tree_attention_tir
+    from edgert.passes.tir.tree_attention import tree_attention_tir
 
     mod = tvm.IRModule({"edgert_tree_attention": tree_attention_tir(HQ, HKV, D,
                                                                     knobs=request.param)})
@@ -78,7 +78,7 @@ def test_tree_attention_kernel_matches_numpy(tree_kernel, past, parents):
 
 
 def test_knobs_that_do_not_fit_are_refused():
-    from edgert.passes.kernels.tree_attention import tree_attention_tir
+    from edgert.passes.tir.tree_attention import tree_attention_tir
 
     with pytest.raises(ValueError, match="do not fit"):
         tree_attention_tir(HQ, HKV, D, knobs=TreeAttentionKnobs(lanes=3))
@@ -87,7 +87,7 @@ def test_knobs_that_do_not_fit_are_refused():
 def test_kv_append_writes_only_the_new_entries_in_place():
     from tvm import relax, tirx
 
-    from edgert.passes.kernels.tree_attention import kv_append_tir
+    from edgert.passes.tir.tree_attention import kv_append_tir
 
     bb = relax.BlockBuilder()
     gv = bb.add_func(kv_append_tir(HKV, D), "edgert_kv_append")

@@ -10,8 +10,8 @@ from tvm import relax  # noqa: E402
 from tvm.script import ir as I  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
-from edgert.passes.kernels.topk import topk_reference, topk_tir  # noqa: E402
 from edgert.passes.lower_topk import LowerTopK  # noqa: E402
+from edgert.passes.tir.topk import topk_reference, topk_tir  # noqa: E402
 
 LLVM = tvm.target.Target("llvm")
 RNG = np.random.default_rng(0)

@@ -10,8 +10,9 @@ the peak memory is sized by the chunk. Every layer's core is one subgraph under
     boundary layer: probe attention -> mass ratios -> NMS (MaxPool) -> chunk starts of the q
                     new tokens (shared by all layers; the earlier ones come in as an input)
     every layer:    block vectors [S,nb,D] . every cached key (one MatMul over the cache;
-                    with ``center_keys`` less its mean over [0, E)) -> CumSum over [0, E) -> each token's chunk score, a difference of two
-                    prefix sums / sqrt(len) (Gather by chunk bounds) -> token scores
+                    with ``center_keys`` less its mean over [0, E)) -> CumSum over
+                    [0, E) -> each token's chunk score, a difference of two prefix
+                    sums / sqrt(len) (Gather by chunk bounds) -> token scores
                     [S,nb,E]; then attention (below). S selecting heads: 1 (all heads
                     averaged) or, with ``per_kv_head``, one per KV head
 

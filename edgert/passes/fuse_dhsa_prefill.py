@@ -41,9 +41,9 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import BackendError, EdgertError
 from edgert.passes.fuse_tree_attention import _Bindings, core_pattern
-from edgert.passes.kernels.dhsa_attention import DHSAKnobs, dhsa_attention_tir
-from edgert.passes.kernels.dhsa_boundaries import dhsa_boundaries_tir
-from edgert.passes.kernels.tree_attention import (
+from edgert.passes.tir.dhsa_attention import DHSAKnobs, dhsa_attention_tir
+from edgert.passes.tir.dhsa_boundaries import dhsa_boundaries_tir
+from edgert.passes.tir.tree_attention import (
     DEFAULT_KNOBS,
     TreeAttentionKnobs,
     kv_append_tir,

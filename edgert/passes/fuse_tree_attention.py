@@ -28,7 +28,7 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from edgert.errors import EdgertError
-from edgert.passes.kernels.tree_attention import (
+from edgert.passes.tir.tree_attention import (
     DEFAULT_KNOBS,
     TreeAttentionKnobs,
     kv_append_tir,

@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from edgert.passes.kernels.topk import topk_tir
+from edgert.passes.tir.topk import topk_tir
 
 
 def _is_last_axis(call: relax.Call) -> bool:

@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from edgert.passes.kernels.matmul import (
+from edgert.passes.tir.matmul import (
     DEFAULT,
     MatmulKnobs,
     pack_weight,

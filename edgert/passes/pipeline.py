@@ -31,12 +31,12 @@ from edgert.errors import EdgertError
 from edgert.passes.fuse_dhsa_prefill import FuseDHSAPrefill
 from edgert.passes.fuse_parallel_matmuls import FuseParallelMatmuls
 from edgert.passes.fuse_tree_attention import FuseTreeAttention
-from edgert.passes.kernels.dhsa_attention import DHSAKnobs, dhsa_workload
-from edgert.passes.kernels.matmul import MatmulKnobs, matmul_workload
-from edgert.passes.kernels.tree_attention import TreeAttentionKnobs, tree_attention_workload
 from edgert.passes.lower_topk import LowerTopK
 from edgert.passes.narrow_to_int32 import NarrowGenericIndices, NarrowToInt32
 from edgert.passes.pack_matmul_weights import PackMatmulWeights
+from edgert.passes.tir.dhsa_attention import DHSAKnobs, dhsa_workload
+from edgert.passes.tir.matmul import MatmulKnobs, matmul_workload
+from edgert.passes.tir.tree_attention import TreeAttentionKnobs, tree_attention_workload
 from edgert.tuning.database import TuningDatabase
 
 

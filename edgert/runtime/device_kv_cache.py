@@ -3,7 +3,7 @@
 Per layer a key and a value buffer ``[Hkv, capacity, D]``, each one ``tvm.runtime`` tensor
 allocated (and zeroed) at load on the device, never grown nor reallocated: the compiled decoder
 writes its new entries into them in place (``edgert_kv_append``) and reads the prefix in place.
-Medusa's commit runs on the device too: ``edgert_kv_commit`` (``passes.kernels.kv_commit``)
+Medusa's commit runs on the device too: ``edgert_kv_commit`` (``passes.tir.kv_commit``)
 moves the accepted entries of every buffer in one call. Nothing of the cache crosses to the
 host while decoding; ``to_numpy`` copies it out for tests and debugging.
 """
@@ -24,7 +24,7 @@ class DeviceKVCache(KVCacheBase):
     def __init__(self, spec: KVCacheSpec, device, commit_lib) -> None:
         import tvm
 
-        from edgert.passes.kernels.kv_commit import FUNCTION
+        from edgert.passes.tir.kv_commit import FUNCTION
 
         super().__init__(spec)
         self.device = device
@@ -67,7 +67,7 @@ def build_kv_commit_library(spec: KVCacheSpec, target: str = "llvm"):
     import tvm
 
     from edgert.compile import TARGETS
-    from edgert.passes.kernels.kv_commit import build_kv_commit
+    from edgert.passes.tir.kv_commit import build_kv_commit
 
     if target == "llvm":
         tvm_target = tvm.target.Target({"kind": "llvm"})

@@ -1,6 +1,6 @@
 """``edgert tune``: search each kernel's schedule knobs on the target, record every trial.
 
-For every workload of the model (see ``kernels``), each knob setting not yet in the database
+For every workload of the model (see ``workloads``), each knob setting not yet in the database
 is built for the target, run on the device (this machine, or one reached through a TVM RPC
 tracker) with ``time_evaluator``, and appended to the database, which is saved after every
 trial: an interrupted run resumes where it stopped. ``trials`` bounds the settings measured
@@ -22,7 +22,7 @@ import numpy as np
 
 from edgert.errors import BackendError
 from edgert.tuning.database import TuningDatabase, TuningRecord
-from edgert.tuning.kernels import Workload
+from edgert.tuning.workloads import Workload
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
     ``path/tvm/<target>/tuning.json``, and (by default) rebuild with it."""
     from edgert.artifact import load_manifest
     from edgert.compile import TVM_DIR, compile_artifact, resolve_target
-    from edgert.tuning.kernels import workloads_for
+    from edgert.tuning.workloads import workloads_for
 
     options = options or TuneOptions()
     path = Path(path)

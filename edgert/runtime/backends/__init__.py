@@ -82,7 +82,7 @@ def _ort_factory(path, manifest, device, threads, kv_on_device):
 
 
 def _tvm_factory(path, manifest, device, threads, kv_on_device):
-    from edgert.runtime.backends.tvm import TvmBackend
+    from edgert.runtime.backends.tvm_vm import TvmBackend
 
     return TvmBackend(path, manifest, device, threads, kv_on_device)
 

@@ -33,7 +33,7 @@ import math
 
 from edgert.dhsa.params import DHSAParams
 from edgert.dhsa.reference import EPS
-from edgert.passes.kernels.dhsa_attention import DOT_LANES, GPU_LANES, MASKED, _grid, index_type
+from edgert.passes.tir.dhsa_attention import DOT_LANES, GPU_LANES, MASKED, _grid, index_type
 
 
 def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,

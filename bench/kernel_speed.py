@@ -1,8 +1,8 @@
 """edgert's kernels on llvm: untuned vs tuned schedule, next to ONNX Runtime at the same shapes.
 
-    python bench/kernels.py artifacts/smollm2-135m [--json bench/results/kernels.json]
+    python -m bench.kernel_speed artifacts/smollm2-135m [--json bench/results/kernels.json]
 
-For every tunable workload of the artifact's model (``edgert.tuning.kernels``): the kernel
+For every tunable workload of the artifact's model (``edgert.tuning.workloads``): the kernel
 built with its untuned default knobs, with the best knobs of the artifact's tuning database
 (``edgert tune``), and the same computation as an ONNX Runtime graph (MatMul; dense masked
 attention for tree attention; dense causal attention for DHSA), all timed warm in this process
@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-from edgert.artifact import load_manifest  # noqa: E402
-from edgert.dhsa.params import DHSAParams  # noqa: E402
-from edgert.tuning.database import TuningDatabase  # noqa: E402
-from edgert.tuning.kernels import workloads_for  # noqa: E402
-from edgert.tuning.tuner import LocalDevice  # noqa: E402
+from bench import common
+from edgert.artifact import load_manifest
+from edgert.dhsa.params import DHSAParams
+from edgert.tuning.database import TuningDatabase
+from edgert.tuning.tuner import LocalDevice
+from edgert.tuning.workloads import workloads_for
 
 REPEAT = 15
 

@@ -18,29 +18,29 @@ import numpy as np
 
 from edgert.config import LlamaConfig
 from edgert.dhsa.params import DHSAParams
-from edgert.passes.kernels.dhsa_attention import DEFAULT_KNOBS as DHSA_DEFAULT
-from edgert.passes.kernels.dhsa_attention import (
+from edgert.passes.tir.dhsa_attention import DEFAULT_KNOBS as DHSA_DEFAULT
+from edgert.passes.tir.dhsa_attention import (
     DHSAKnobs,
     dhsa_attention_tir,
     dhsa_search_space,
     dhsa_workload,
 )
-from edgert.passes.kernels.matmul import (
+from edgert.passes.tir.matmul import (
     DEFAULT as MATMUL_DEFAULT,
 )
-from edgert.passes.kernels.matmul import (
+from edgert.passes.tir.matmul import (
     SEARCH_SPACE as MATMUL_SPACE,
 )
-from edgert.passes.kernels.matmul import (
+from edgert.passes.tir.matmul import (
     MatmulKnobs,
     matmul_workload,
     pack_weight,
     packed_matmul_tir,
 )
-from edgert.passes.kernels.tree_attention import (
+from edgert.passes.tir.tree_attention import (
     DEFAULT_KNOBS as TREE_DEFAULT,
 )
-from edgert.passes.kernels.tree_attention import (
+from edgert.passes.tir.tree_attention import (
     TreeAttentionKnobs,
     causal_order,
     tree_attention_search_space,

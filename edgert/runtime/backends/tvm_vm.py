@@ -33,7 +33,7 @@ import numpy as np
 
 from edgert.errors import ArtifactError, BackendError
 from edgert.manifest import Manifest, sha256_file
-from edgert.passes.kernels.tree_attention import causal_order, tree_order_from_parents
+from edgert.passes.tir.tree_attention import causal_order, tree_order_from_parents
 from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
 from edgert.runtime.kv_cache import ALIGNMENT, KVCache
 
