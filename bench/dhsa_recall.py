@@ -132,7 +132,7 @@ def main() -> None:
     import edgert
     from edgert.dhsa import reference
     from edgert.export.llama import LlamaDecoder
-    from edgert.export.sources import load_model
+    from edgert.model.sources import load_model
 
     engine = edgert.load(args.artifact, verify=False)
     if engine.dhsa is None:

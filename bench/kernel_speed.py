@@ -2,7 +2,7 @@
 
     python -m bench.kernel_speed artifacts/smollm2-135m [--json bench/results/kernels.json]
 
-For every tunable workload of the artifact's model (``edgert.tuning.workloads``): the kernel
+For every tunable workload of the artifact's model (``edgert.passes.tuning.workloads``): the kernel
 built with its untuned default knobs, with the best knobs of the artifact's tuning database
 (``edgert tune``), and the same computation as an ONNX Runtime graph (MatMul; dense masked
 attention for tree attention; dense causal attention for DHSA), all timed warm in this process
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
-from edgert.artifact import load_manifest
+from edgert.artifact.io import load_manifest
 from edgert.dhsa.params import DHSAParams
-from edgert.tuning.database import TuningDatabase
-from edgert.tuning.tuner import LocalDevice
-from edgert.tuning.workloads import workloads_for
+from edgert.passes.tuning.database import TuningDatabase
+from edgert.passes.tuning.tuner import LocalDevice
+from edgert.passes.tuning.workloads import workloads_for
 
 REPEAT = 15
 
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from edgert.compile import TVM_DIR, resolve_target
+    from edgert.passes.build import TVM_DIR, resolve_target
 
     manifest = load_manifest(args.artifact)
     _, target = resolve_target("llvm")

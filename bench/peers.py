@@ -18,7 +18,7 @@ def write_hf_dir(source: str, out: Path) -> Path:
     """The artifact's source model as a plain transformers directory (fp32 safetensors)."""
     from safetensors.torch import save_file
 
-    from edgert.export.sources import load_model
+    from edgert.model.sources import load_model
 
     if (out / "config.json").is_file():
         return out

@@ -81,7 +81,7 @@ def export(model: str, output: Path, max_context: int | None, force: bool, heads
 @friendly_errors
 def compile_cmd(artifact: Path, target: str, device: str | None, dump_ir: Path | None) -> None:
     """Compile ARTIFACT with TVM and edgert's passes into ARTIFACT/tvm/TARGET/."""
-    from edgert.compile import compile_artifact
+    from edgert.passes.build import compile_artifact
 
     record = compile_artifact(artifact, target, device, dump_ir)
     click.echo(f"{target}: {', '.join(record['files'])} ({record['seconds']} s)")
@@ -105,7 +105,7 @@ def tune_cmd(artifact: Path, target: str, device: str | None, trials: int,
              time_budget: float | None, kernels: tuple[str, ...], rpc_tracker: str | None,
              rpc_key: str | None, no_compile: bool) -> None:
     """Tune ARTIFACT's kernels for TARGET; the database goes to ARTIFACT/tvm/TARGET/."""
-    from edgert.tuning.tuner import RPCSpec, TuneOptions, tune_artifact
+    from edgert.passes.tuning.tuner import RPCSpec, TuneOptions, tune_artifact
 
     if (rpc_tracker is None) != (rpc_key is None):
         raise EdgertError("--rpc-tracker and --rpc-key go together")
@@ -150,9 +150,9 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
                 max_new_tokens: int, prompts_per_topic: int, condition: str, output_vocab: int,
                 seed: int) -> None:
     """Train Medusa-1 heads for MODEL on its own responses (frozen backbone)."""
-    from edgert.medusa.distill import DistillOptions
-    from edgert.medusa.pipeline import TrainHeadsOptions, train_heads_for_model
-    from edgert.medusa.train import TrainOptions
+    from edgert.train.distill import DistillOptions
+    from edgert.train.heads_loop import TrainOptions
+    from edgert.train.train_heads import TrainHeadsOptions, train_heads_for_model
 
     options = TrainHeadsOptions(
         train=TrainOptions(num_heads=num_heads, num_layers=num_layers, steps=steps,
@@ -224,9 +224,9 @@ def eval_heads(artifact: Path, prompts_file: Path | None, max_new_tokens: int,
     """Per-head top-1/top-5 accuracy of ARTIFACT's Medusa heads against its own greedy output."""
     from tqdm import tqdm
 
-    from edgert.medusa.evaluate import evaluate_heads
-    from edgert.medusa.prompts import heldout_prompts
     from edgert.runtime.engine import load
+    from edgert.train.eval_heads import evaluate_heads
+    from edgert.train.prompts import heldout_prompts
 
     engine = load(artifact)
     prompts = ([line for line in prompts_file.read_text().splitlines() if line.strip()]
@@ -260,9 +260,9 @@ def tune_tree_cmd(artifact: Path, max_nodes: int, max_prompts: int, save: Path |
     ARTIFACT's manifest."""
     from tqdm import tqdm
 
-    from edgert.medusa.prompts import heldout_prompts
-    from edgert.medusa.tune_tree import tune_tree
     from edgert.runtime.engine import load
+    from edgert.train.prompts import heldout_prompts
+    from edgert.train.tune_tree import tune_tree
 
     engine = load(artifact)
     prompts = heldout_prompts()[:max_prompts]

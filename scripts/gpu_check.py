@@ -100,11 +100,11 @@ class Kernels:
 
 
 def check_tree_attention(k: Kernels, hq: int, hkv: int, d: int) -> dict:
+    from edgert.medusa.tree_order import tree_order_from_parents
     from edgert.passes.tir.tree_attention import (
         TreeAttentionKnobs,
         tree_attention_reference,
         tree_attention_tir,
-        tree_order_from_parents,
     )
 
     group = hq // hkv
@@ -356,7 +356,7 @@ def main() -> None:
                         help="kernel checks only, built for llvm on this CPU (checks the script)")
     args = parser.parse_args()
 
-    from edgert.artifact import load_manifest
+    from edgert.artifact.io import load_manifest
 
     if not (args.artifact / "edgert.json").is_file():
         fail(f"no artifact at {args.artifact}; export it first (scripts/gpu_check.sh does)", 1)

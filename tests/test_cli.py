@@ -53,7 +53,7 @@ def test_errors_are_one_line(tiny_artifact, tmp_path):
 
 
 def test_export_takes_dhsa_parameters(tiny_dir, tmp_path):
-    from edgert.artifact import load_manifest
+    from edgert.artifact.io import load_manifest
 
     args = ["export", str(tiny_dir), "-o", str(tmp_path / "art"), "--max-context", "512",
             "--no-heads", "--dhsa", "block_size=16", "--dhsa", "budget=64", "--dhsa",

@@ -91,7 +91,7 @@ def save_random_heads(model_dir: Path, out: Path, seed: int, std: float,
     """Medusa heads for the tiny model in ``model_dir`` (3 heads, 1 block each; ``options``:
     more MedusaConfig fields) with every weight drawn from N(0, std): bad proposals. Saved to
     ``out``."""
-    from edgert.medusa.heads import MedusaConfig, MedusaHeads, save_heads
+    from edgert.model.medusa_heads import MedusaConfig, MedusaHeads, save_heads
 
     cfg = json.loads((model_dir / "config.json").read_text())
     heads = MedusaHeads(MedusaConfig(3, 1, cfg["hidden_size"], cfg["vocab_size"], **options),

@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from edgert.config import reject_unknown_fields
 from edgert.errors import ConfigError
+from edgert.model.config import reject_unknown_fields
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgert.config import LlamaConfig
+from edgert.model.config import LlamaConfig
 
 
 def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:

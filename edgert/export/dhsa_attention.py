@@ -50,8 +50,8 @@ import math
 import torch
 from torch import nn
 
-from edgert.config import LlamaConfig
 from edgert.dhsa.params import DHSAParams
+from edgert.model.config import LlamaConfig
 
 NEG_INF = float("-inf")
 

@@ -11,20 +11,20 @@ from pathlib import Path
 import torch
 
 from edgert.__about__ import __version__
-from edgert.artifact import atomic_directory, hash_files, write_manifest
-from edgert.config import LlamaConfig
+from edgert.artifact.io import atomic_directory, hash_files, write_manifest
+from edgert.artifact.manifest import FORMAT, FORMAT_VERSION, KVCacheSpec, Manifest, TokenizerSpec
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import ConfigError
 from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.llama import LlamaDecoder
-from edgert.export.loaded import LoadedModel
 from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
 from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
-from edgert.export.sources import REGISTERED_MODELS, load_model
-from edgert.manifest import FORMAT, FORMAT_VERSION, KVCacheSpec, Manifest, TokenizerSpec
-from edgert.medusa.heads import MedusaHeads, load_heads
-from edgert.medusa.tree import build_tree_buffers
-from edgert.medusa.trees import resolve_tree
+from edgert.medusa.tree_buffers import build_tree_buffers
+from edgert.medusa.tree_presets import resolve_tree
+from edgert.model.config import LlamaConfig
+from edgert.model.loaded import LoadedModel
+from edgert.model.medusa_heads import MedusaHeads, load_heads
+from edgert.model.sources import REGISTERED_MODELS, load_model
 
 GRAPH_FILES = {"portable": "model.onnx", "ort_gqa": "model.ort.onnx"}
 DHSA_FILE = "model.dhsa.onnx"

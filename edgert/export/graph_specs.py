@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from edgert.config import LlamaConfig
+from edgert.artifact.manifest import GraphSpec, TensorSpec
 from edgert.export.attention import ATTENTION_VARIANTS
-from edgert.manifest import GraphSpec, TensorSpec
+from edgert.model.config import LlamaConfig
 
 
 def _head_outputs(config: LlamaConfig) -> list[TensorSpec]:

@@ -23,9 +23,9 @@ import functools
 import torch
 from torch import nn
 
-from edgert.config import LlamaConfig
 from edgert.export.attention import ATTENTION_VARIANTS, AttentionVariant
-from edgert.export.rope import inverse_frequencies
+from edgert.model.config import LlamaConfig
+from edgert.model.rope import inverse_frequencies
 
 MASK_VALUE = -1e9
 

@@ -22,9 +22,9 @@ import onnx
 import torch
 from torch import nn
 
+from edgert.artifact.manifest import GraphSpec, TensorSpec
 from edgert.export.onnx_graph import OPSET, _readable_initializer_names
-from edgert.manifest import GraphSpec, TensorSpec
-from edgert.medusa.heads import MedusaHeads
+from edgert.model.medusa_heads import MedusaHeads
 
 MEDUSA_FILE = "medusa.onnx"
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from edgert.config import LlamaConfig
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import EdgertError
+from edgert.model.config import LlamaConfig
 from edgert.passes.fuse_dhsa_prefill import FuseDHSAPrefill
 from edgert.passes.fuse_parallel_matmuls import FuseParallelMatmuls
 from edgert.passes.fuse_tree_attention import FuseTreeAttention
@@ -37,7 +37,7 @@ from edgert.passes.pack_matmul_weights import PackMatmulWeights
 from edgert.passes.tir.dhsa_attention import DHSAKnobs, dhsa_workload
 from edgert.passes.tir.matmul import MatmulKnobs, matmul_workload
 from edgert.passes.tir.tree_attention import TreeAttentionKnobs, tree_attention_workload
-from edgert.tuning.database import TuningDatabase
+from edgert.passes.tuning.database import TuningDatabase
 
 
 @dataclass(frozen=True)

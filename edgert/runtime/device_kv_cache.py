@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgert.manifest import KVCacheSpec
+from edgert.artifact.manifest import KVCacheSpec
 from edgert.runtime.kv_cache import KVCacheBase
 
 
@@ -66,7 +66,7 @@ def build_kv_commit_library(spec: KVCacheSpec, target: str = "llvm"):
     backend loads the one ``edgert compile`` wrote instead (``kv_commit.so``)."""
     import tvm
 
-    from edgert.compile import TARGETS
+    from edgert.passes.build import TARGETS
     from edgert.passes.tir.kv_commit import build_kv_commit
 
     if target == "llvm":

@@ -10,19 +10,19 @@ from typing import Any
 
 import numpy as np
 
-from edgert.artifact import load_manifest
+from edgert.artifact.io import load_manifest
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import CapacityError, GenerationError
-from edgert.medusa.tree import TreeBuffers, build_tree_buffers
+from edgert.medusa.tree_buffers import TreeBuffers, build_tree_buffers
 from edgert.runtime.backends import create_backend
-from edgert.runtime.medusa import (
+from edgert.runtime.sampling import SamplingParams, select_token
+from edgert.runtime.speculative import (
     DEFAULT_TYPICAL_ALPHA,
     DEFAULT_TYPICAL_THRESHOLD,
     accept,
     propose_tree,
     verify_tree,
 )
-from edgert.runtime.sampling import SamplingParams, select_token
 from edgert.runtime.steps import decode_one, prefill, prefill_sparse
 from edgert.runtime.tokenizer import Messages, StreamDecoder, Tokenizer
 

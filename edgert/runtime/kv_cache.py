@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgert.artifact.manifest import KVCacheSpec
 from edgert.errors import CapacityError
-from edgert.manifest import KVCacheSpec
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 ALIGNMENT = 64  # bytes; compiled kernels (TVM) assume 64-byte aligned buffers

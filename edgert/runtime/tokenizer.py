@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+from edgert.artifact.manifest import TokenizerSpec
 from edgert.errors import ArtifactError, GenerationError
-from edgert.manifest import TokenizerSpec
 
 Messages = list[dict[str, str]]
 

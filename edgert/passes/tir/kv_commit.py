@@ -94,7 +94,7 @@ def kv_commit_module(num_buffers: int, num_kv_heads: int, head_dim: int, dtype: 
 
 
 def build_kv_commit(spec, target, index_dtype: str = "int64"):
-    """Build the commit kernel for a :class:`~edgert.manifest.KVCacheSpec` on ``target`` (a
+    """Build the commit kernel for a :class:`~edgert.artifact.manifest.KVCacheSpec` on ``target`` (a
     ``tvm.target.Target``; GPU targets need their host set). Returns the runtime module."""
     import tvm
 

@@ -15,6 +15,8 @@ A causal chunk is the chain 0 -> 1 -> ... -> n-1: order[i] = (i, n).
     order    [n, 2] int32
     out      [n, Hq, D]
 
+The intervals come from ``edgert.medusa.tree_order`` (the runtime builds them per step).
+
 ``kv_append`` writes the new K or V entries into the cache in place (only those n entries).
 Both kernels come as one TIR template with two loop mappings: GPU (blocks x threads) and CPU
 (serial x parallel).
@@ -28,32 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 
 MASKED = -1e30  # finite: a row always has its own token, so no row is fully masked
-
-
-def tree_order_from_parents(parents: np.ndarray) -> np.ndarray:
-    """[n, 2] int32 DFS intervals from parent indices (-1 for nodes whose parent is cached)."""
-    n = len(parents)
-    children: list[list[int]] = [[] for _ in range(n)]
-    roots = []
-    for i, p in enumerate(parents):
-        (roots if p < 0 else children[int(p)]).append(i)
-    order = np.zeros((n, 2), dtype=np.int32)
-    counter = 0
-    stack = [(r, False) for r in reversed(roots)]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            order[node, 1] = counter
-            continue
-        order[node, 0] = counter
-        counter += 1
-        stack.append((node, True))
-        stack.extend((c, False) for c in reversed(children[node]))
-    return order
-
-
-def causal_order(n: int) -> np.ndarray:
-    return np.stack([np.arange(n), np.full(n, n)], axis=1).astype(np.int32)
 
 
 def tree_attention_reference(q, k_cache, v_cache, order, past: int) -> np.ndarray:

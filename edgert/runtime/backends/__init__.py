@@ -9,8 +9,8 @@ from typing import Protocol
 
 import numpy as np
 
+from edgert.artifact.manifest import GraphSpec, Manifest
 from edgert.errors import BackendError
-from edgert.manifest import GraphSpec, Manifest
 from edgert.runtime.kv_cache import KVCacheBase
 
 

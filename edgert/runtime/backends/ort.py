@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgert.artifact.manifest import Manifest
 from edgert.dhsa.params import DHSAParams
 from edgert.dhsa.reference import prefill_calls
 from edgert.errors import ArtifactError, BackendError
-from edgert.manifest import Manifest
 from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
 from edgert.runtime.kv_cache import KVCache
 

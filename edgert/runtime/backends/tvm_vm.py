@@ -31,26 +31,19 @@ from pathlib import Path
 
 import numpy as np
 
+from edgert.artifact.manifest import Manifest, sha256_file
 from edgert.errors import ArtifactError, BackendError
-from edgert.manifest import Manifest, sha256_file
-from edgert.passes.tir.tree_attention import causal_order, tree_order_from_parents
+from edgert.medusa.tree_order import (
+    causal_order,
+    parents_from_mask,
+    tree_order_from_parents,
+)
 from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
 from edgert.runtime.kv_cache import ALIGNMENT, KVCache
 
 DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda"}
 DHSA_FUNCTION = "prefill_dhsa"  # edgert.passes.fuse_dhsa_prefill.FUNCTION
-KV_COMMIT_LIBRARY = "kv_commit.so"  # edgert.compile writes it next to decoder.so
-
-
-def _parents_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Nearest visible earlier new token (the parent) per row of an ancestor mask."""
-    visible = mask[0, 0] == 0
-    q = visible.shape[0]
-    parents = np.full(q, -1, dtype=np.int64)
-    for i in range(q):
-        earlier = np.flatnonzero(visible[i, :i])
-        parents[i] = earlier[-1] if len(earlier) else -1
-    return parents
+KV_COMMIT_LIBRARY = "kv_commit.so"  # edgert.passes.build writes it next to decoder.so
 
 
 def _last_line(exc: BaseException) -> str:
@@ -224,7 +217,7 @@ class TvmBackend:
     def forward(self, step: StepInputs) -> StepOutputs:
         tensor = self._tensor
         q = step.input_ids.shape[1]
-        parents = step.parents if step.parents is not None else _parents_from_mask(step.tree_mask)
+        parents = step.parents if step.parents is not None else parents_from_mask(step.tree_mask)
         chain = np.array_equal(parents, np.arange(-1, q - 1))
         order = causal_order(q) if chain else tree_order_from_parents(parents)
         out = self.vm["main"](tensor(step.input_ids), tensor(step.position_ids), tensor(order),

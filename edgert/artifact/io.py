@@ -1,0 +1,118 @@
+"""Reading and writing artifact directories: atomic writes, hash verification."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgert.artifact.manifest import MANIFEST_NAME, Manifest, sha256_file
+from edgert.errors import ArtifactError, ConfigError, EdgertError
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``target``; rename it to ``target`` on success.
+
+    On any error (or a kill) the temporary directory is removed or left as ``.<name>.tmp-*``,
+    which never loads: ``target`` either does not exist or is a complete artifact.
+    """
+    target = target.resolve()
+    if target.exists() and not overwrite:
+        raise EdgertError(f"{target} already exists; pass --force to replace it or choose "
+                          "another output directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(directory: Path, manifest_dict: dict) -> None:
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest_dict, indent=2) + "\n")
+
+
+def hash_files(directory: Path, names: list[str]) -> dict[str, str]:
+    return {name: sha256_file(directory / name) for name in sorted(names)}
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and validate ``edgert.json`` of an artifact directory (no hash check)."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"artifact {path} does not exist; create it with "
+                            "`edgert export MODEL -o DIR`")
+    if not path.is_dir():
+        raise ArtifactError(f"artifact {path} is not a directory; pass the directory that "
+                            "`edgert export` wrote")
+    manifest_file = path / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise ArtifactError(f"{path} has no {MANIFEST_NAME}: not an edgert artifact, or an "
+                            "interrupted export; re-run `edgert export`")
+    try:
+        data = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_file} is corrupt ({exc.__class__.__name__}); "
+                            "re-export the model") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{manifest_file} is corrupt (not a JSON object); re-export the model")
+    try:
+        return Manifest.from_dict(data)
+    except ConfigError as exc:
+        raise ArtifactError(f"{manifest_file}: {exc}") from None
+
+
+def verify_files(path: Path, manifest: Manifest,
+                 progress: Callable[[str], None] | None = None) -> None:
+    """Check every file listed in the manifest exists with the recorded SHA-256."""
+    for name, expected in manifest.files.items():
+        file = path / name
+        if not file.is_file():
+            raise ArtifactError(f"artifact file {file} is missing; the artifact is incomplete, "
+                                "re-export it")
+        if progress:
+            progress(name)
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ArtifactError(
+                f"artifact file {file} does not match its SHA-256 in {MANIFEST_NAME} "
+                "(corrupt, truncated or modified); re-export the model")
+
+
+def load_manifest(path: Path, verify: bool = True) -> Manifest:
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(Path(path), manifest)
+    return manifest
+
+
+def update_manifest(path: Path, changes: dict) -> Manifest:
+    """Rewrite fields of ``edgert.json`` in place, atomically (temp file + rename).
+
+    Only the manifest changes; the hashed files are untouched, so hashes stay valid.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    data = manifest.to_dict()
+    data.update(changes)
+    updated = Manifest.from_dict(data)
+    tmp = path / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(updated.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path / MANIFEST_NAME)
+    return updated

@@ -1,0 +1,173 @@
+"""GGUF file -> fp32 weights, Llama config and tokenizer (no transformers needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgert.errors import ModelSourceError
+from edgert.model.architectures import get_architecture
+from edgert.model.config import LlamaConfig
+from edgert.model.loaded import LoadedModel, TokenizerBundle
+
+# llama.cpp tensor names -> transformers Llama names ("{i}" = layer index)
+_LAYER_NAMES = {
+    "attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_CONTROL_TOKEN = 3  # gguf TokenType.CONTROL
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert-time row permutation of q/k projections.
+
+    llama.cpp reorders each head's rows from the rotate-half layout to interleaved pairs:
+    ``w.reshape(n, 2, d/2, in).swapaxes(1, 2)``; this is the inverse.
+    """
+    rows = weight.shape[0]
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _config_from_gguf(reader) -> tuple[str, LlamaConfig]:
+    arch = str(_field(reader, "general.architecture", "unknown"))
+    get_architecture(arch)
+    p = f"{arch}."
+    n_heads = int(_field(reader, p + "attention.head_count"))
+    hidden = int(_field(reader, p + "embedding_length"))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    vocab = int(_field(reader, p + "vocab_size", len(tokens.data)))
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    rope_scaling = None
+    scaling_type = _field(reader, p + "rope.scaling.type")
+    if scaling_type == "linear":
+        factor = float(_field(reader, p + "rope.scaling.factor"))
+        rope_scaling = {"rope_type": "linear", "factor": factor}
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, p + "feed_forward_length")),
+        num_hidden_layers=int(_field(reader, p + "block_count")),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(_field(reader, p + "attention.head_count_kv", n_heads)),
+        max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
+        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        head_dim=int(_field(reader, p + "rope.dimension_count", hidden // n_heads)),
+        tie_word_embeddings=not has_output,
+        rope_scaling=rope_scaling,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=(int(eos),) if eos is not None else (),
+    )
+    return arch, config
+
+
+def _state_dict_from_gguf(reader, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    state: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        name = tensor.name
+        if name in _GLOBAL_NAMES:
+            hf_name = _GLOBAL_NAMES[name]
+        elif name.startswith("blk."):
+            _, idx, rest = name.split(".", 2)
+            if rest not in _LAYER_NAMES:
+                continue
+            hf_name = _LAYER_NAMES[rest].format(i=idx)
+        else:
+            continue
+        weight = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        weight = weight.reshape([int(d) for d in reversed(tensor.shape)])
+        if hf_name.endswith("q_proj.weight"):
+            weight = unpermute_qk(weight, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            weight = unpermute_qk(weight, config.num_key_value_heads)
+        state[hf_name] = torch.from_numpy(np.ascontiguousarray(weight))
+    return state
+
+
+def tokenizer_from_gguf(reader) -> TokenizerBundle:
+    """Build a `tokenizers` byte-level BPE from the GGUF vocabulary and merges."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    model_kind = _field(reader, "tokenizer.ggml.model")
+    if model_kind != "gpt2":
+        raise ModelSourceError(
+            f"GGUF tokenizer type '{model_kind}' is not supported (only byte-level BPE, 'gpt2'); "
+            "export from a Hugging Face directory that has tokenizer.json instead")
+    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
+    types = list(_field(reader, "tokenizer.ggml.token_type"))
+    merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if _field(reader, "tokenizer.ggml.pre") in ("smollm", "starcoder"):
+        # SmolLM's tokenizer splits every digit on its own before the GPT-2 regex
+        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [AddedToken(tok, special=True, normalized=False)
+                for tok, kind in zip(tokens, types) if kind == _CONTROL_TOKEN]
+    tokenizer.add_special_tokens(specials)
+
+    def token(key: str) -> str | None:
+        idx = _field(reader, key)
+        return tokens[int(idx)] if idx is not None else None
+
+    return TokenizerBundle(
+        tokenizer_json=tokenizer.to_str(),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        bos_token=token("tokenizer.ggml.bos_token_id"),
+        eos_token=token("tokenizer.ggml.eos_token_id"),
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    )
+
+
+def load_gguf(path: Path) -> LoadedModel:
+    """Read a GGUF file and dequantize every weight to fp32."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # gguf raises bare ValueError/struct errors on bad files
+        raise ModelSourceError(
+            f"{path} is not a readable GGUF file ({exc}); check the path") from None
+    arch, config = _config_from_gguf(reader)
+    state = _state_dict_from_gguf(reader, config)
+    return LoadedModel(
+        architecture=arch,
+        config=config,
+        state_dict=state,
+        tokenizer=tokenizer_from_gguf(reader),
+        source={"kind": "gguf", "path": str(path), "name": str(_field(reader, "general.name", ""))},
+    )
+
+
+def describe(path: Path) -> str:
+    """A one-line JSON summary of a GGUF's config (for diagnostics)."""
+    import gguf
+
+    _, config = _config_from_gguf(gguf.GGUFReader(str(path)))
+    return json.dumps(config.to_dict())

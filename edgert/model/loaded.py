@@ -1,0 +1,42 @@
+"""What every model source loader returns: config, fp32 weights and the tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from edgert.model.config import LlamaConfig
+
+
+@dataclass
+class TokenizerBundle:
+    """A tokenizer in `tokenizers` JSON form plus the chat template and special tokens."""
+
+    tokenizer_json: str
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    add_bos_token: bool = False
+
+
+@dataclass
+class LoadedModel:
+    """A model read from any source: Llama config, HF-named fp32 state dict, tokenizer."""
+
+    architecture: str
+    config: LlamaConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: TokenizerBundle
+    source: dict[str, str] = field(default_factory=dict)
+
+    def lm_head_t(self) -> torch.Tensor:
+        """The output projection transposed, [H, V] (the embedding when weights are tied)."""
+        weight = self.state_dict.get("lm_head.weight")
+        if weight is None or self.config.tie_word_embeddings:
+            weight = self.state_dict["model.embed_tokens.weight"]
+        return weight.t().contiguous()
+
+    def embedding(self) -> torch.Tensor:
+        """The token embedding, [V, H]."""
+        return self.state_dict["model.embed_tokens.weight"]

@@ -1,0 +1,170 @@
+"""The kernels ``edgert tune`` searches: per model, the workloads, their knobs, their inputs.
+
+Each tunable kernel is registered with a function that lists its workloads for a model
+config. A workload knows how to build the kernel for a knob setting, the search space (the
+untuned default first), and the inputs of its measurement (representative shapes: a decode
+step and a Medusa tree at a mid-size context). The objective is the summed latency over those
+shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgert.dhsa.params import DHSAParams
+from edgert.medusa.tree_order import causal_order, tree_order_from_parents
+from edgert.model.config import LlamaConfig
+from edgert.passes.tir.dhsa_attention import DEFAULT_KNOBS as DHSA_DEFAULT
+from edgert.passes.tir.dhsa_attention import (
+    DHSAKnobs,
+    dhsa_attention_tir,
+    dhsa_search_space,
+    dhsa_workload,
+)
+from edgert.passes.tir.matmul import (
+    DEFAULT as MATMUL_DEFAULT,
+)
+from edgert.passes.tir.matmul import (
+    SEARCH_SPACE as MATMUL_SPACE,
+)
+from edgert.passes.tir.matmul import (
+    MatmulKnobs,
+    matmul_workload,
+    pack_weight,
+    packed_matmul_tir,
+)
+from edgert.passes.tir.tree_attention import DEFAULT_KNOBS as TREE_DEFAULT
+from edgert.passes.tir.tree_attention import (
+    TreeAttentionKnobs,
+    tree_attention_search_space,
+    tree_attention_tir,
+    tree_attention_workload,
+)
+
+MEDUSA_TREE = np.array([-1, 0, 0, 1, 1, 2, 3, 4])  # an 8-node tree for the shapes measured
+
+
+@dataclass
+class Workload:
+    """One kernel instance to tune."""
+
+    name: str
+    kernel: str
+    build: Callable[[Any], Any]  # knobs -> PrimFunc (global_symbol set)
+    space: list  # knob settings, the untuned default first
+    inputs: Callable[[np.random.Generator], list[list]]  # rng -> argument lists, one per shape
+    shapes: str  # the measured shapes, in words
+    # per-knob transform of the inputs (e.g. the weight packed for the panel width)
+    prepare: Callable[[Any, list], list] = lambda knobs, args: args
+    max_runs: int | None = None  # cap on timed runs per shape (slow kernels)
+
+    def knobs_dict(self, knobs) -> dict:
+        return dataclasses.asdict(knobs)
+
+    def knobs_from(self, data: dict):
+        return type(self.space[0])(**data)
+
+
+def _named(func, name: str):
+    return func.with_attr("global_symbol", name)
+
+
+def matmul_workloads(config: LlamaConfig, context: int, dhsa=None) -> list[Workload]:
+    """The decoder's matmuls after FuseParallelMatmuls (q/k/v fused, gate/up fused), and the
+    Medusa heads' hidden -> hidden blocks."""
+    h, d = config.hidden_size, config.head_dim
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
+    shapes = {(h, qkv), (config.num_attention_heads * d, h), (h, 2 * config.intermediate_size),
+              (config.intermediate_size, h), (h, config.vocab_size), (h, h)}
+    return [_matmul(k, n) for k, n in sorted(shapes)]
+
+
+def _matmul(k: int, n: int) -> Workload:
+    rows = (1, 2)  # a decode step, the CPU's tuned Medusa tree (2 nodes)
+
+    def inputs(rng):
+        weight = rng.standard_normal((k, n)).astype(np.float32)
+        return [[rng.standard_normal((1, m, k)).astype(np.float32), weight,
+                 np.zeros((1, m, n), np.float32)] for m in rows]
+
+    def build(knobs: MatmulKnobs):
+        return _named(packed_matmul_tir(k, n, knobs), "kernel")
+
+    def prepare(knobs: MatmulKnobs, args: list) -> list:
+        return [args[0], pack_weight(args[1], knobs.bn), args[2]]
+
+    space = [MATMUL_DEFAULT] + [kn for kn in MATMUL_SPACE if kn != MATMUL_DEFAULT and kn.fits(n)]
+    return Workload(matmul_workload(k, n), "matmul", build, space, inputs,
+                    f"x [1,m,{k}] @ W [{k},{n}], m = {', '.join(map(str, rows))}", prepare)
+
+
+def tree_attention_workloads(config: LlamaConfig, context: int, dhsa=None) -> list[Workload]:
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    past = min(context, 2048) - len(MEDUSA_TREE)
+    orders = [causal_order(1), tree_order_from_parents(MEDUSA_TREE)]
+
+    def inputs(rng):
+        cache = [rng.standard_normal((hkv, past + len(MEDUSA_TREE), d)).astype(np.float32)
+                 for _ in range(2)]
+        return [[rng.standard_normal((len(o), hq, d)).astype(np.float32), *cache, o, past,
+                 np.zeros((len(o), hq, d), np.float32)] for o in orders]
+
+    def build(knobs: TreeAttentionKnobs):
+        return _named(tree_attention_tir(hq, hkv, d, knobs=knobs), "kernel")
+
+    space = [TREE_DEFAULT] + [k for k in tree_attention_search_space(hq, hkv, d)
+                              if k != TREE_DEFAULT]
+    return [Workload(tree_attention_workload(hq, hkv, d), "tree_attention", build, space,
+                     inputs, f"decode step and an {len(MEDUSA_TREE)}-node tree over "
+                             f"{past} cached tokens")]
+
+
+def dhsa_workloads(config: LlamaConfig, context: int,
+                   params: DHSAParams | None) -> list[Workload]:
+    """The fused DHSA kernel (the artifact's parameters) on a prompt just above its
+    threshold; none when the artifact has no DHSA."""
+    if params is None:
+        return []
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    seq = min(context, params.min_context + params.block_size * 4)
+
+    def inputs(rng):
+        starts = (rng.random(seq) < 1 / 48).astype(np.int32)  # chunks of ~48 tokens
+        starts[0] = 1
+        return [[rng.standard_normal((seq, hq, d)).astype(np.float32),
+                 rng.standard_normal((seq, hkv, d)).astype(np.float32),
+                 rng.standard_normal((seq, hkv, d)).astype(np.float32), starts,
+                 np.zeros((seq, hq, d), np.float32)]]
+
+    def build(knobs: DHSAKnobs):
+        return _named(dhsa_attention_tir(hq, hkv, d, params, knobs=knobs), "kernel")
+
+    space = [DHSA_DEFAULT] + [k for k in dhsa_search_space(hq, hkv) if k != DHSA_DEFAULT]
+    return [Workload(dhsa_workload(hq, hkv, d), "dhsa_attention", build, space, inputs,
+                     f"a {seq}-token prompt, the artifact's DHSA parameters, ~48-token chunks",
+                     max_runs=5)]
+
+
+# kernel -> (model config, KV capacity, DHSA parameters or None) -> its workloads
+TUNABLE: dict[str, Callable[[LlamaConfig, int, DHSAParams | None], list[Workload]]] = {
+    "tree_attention": tree_attention_workloads,
+    "dhsa_attention": dhsa_workloads,
+    "matmul": matmul_workloads,
+}
+
+
+def workloads_for(config: LlamaConfig, context: int, kernels: list[str] | None = None,
+                  dhsa: DHSAParams | None = None) -> list[Workload]:
+    chosen = kernels or list(TUNABLE)
+    unknown = [k for k in chosen if k not in TUNABLE]
+    if unknown:
+        from edgert.errors import EdgertError
+
+        raise EdgertError(f"unknown kernel(s) {', '.join(unknown)}; tunable: "
+                          f"{', '.join(TUNABLE)}")
+    return [w for k in chosen for w in TUNABLE[k](config, context, dhsa)]

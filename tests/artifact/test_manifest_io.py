@@ -1,0 +1,145 @@
+"""Manifest round trip, hash verification, corrupt/missing/truncated artifacts, atomic export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import edgert
+from edgert.artifact.io import load_manifest, read_manifest
+from edgert.artifact.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from edgert.errors import ArtifactError
+
+
+@pytest.fixture()
+def artifact_copy(tiny_artifact, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, dst)
+    return dst
+
+
+def test_manifest_round_trip(tiny_artifact):
+    manifest = read_manifest(tiny_artifact)
+    data = json.loads((tiny_artifact / MANIFEST_NAME).read_text())
+    assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
+    assert manifest.to_dict() == data
+    assert manifest.config.rope_theta == 10000.0 and "rope_theta" in data["config"]
+    assert set(manifest.files) == {"model.onnx", "model.ort.onnx", "model.onnx.data",
+                                   "tokenizer.json"}
+
+
+def test_hashes_verified(tiny_artifact):
+    load_manifest(tiny_artifact, verify=True)
+
+
+def test_modified_file_is_detected(artifact_copy):
+    with open(artifact_copy / "tokenizer.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        edgert.load(artifact_copy)
+
+
+def test_truncated_weights_are_detected(artifact_copy):
+    data = artifact_copy / "model.onnx.data"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    with pytest.raises(ArtifactError, match="corrupt, truncated or modified"):
+        edgert.load(artifact_copy)
+
+
+def test_missing_file_is_detected(artifact_copy):
+    (artifact_copy / "model.ort.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        edgert.load(artifact_copy)
+
+
+def test_missing_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        edgert.load(tmp_path / "nowhere")
+    with pytest.raises(ArtifactError, match="no edgert.json"):
+        edgert.load(tmp_path)
+
+
+def test_corrupt_manifest(artifact_copy):
+    (artifact_copy / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        edgert.load(artifact_copy)
+
+
+def test_wrong_format_version(artifact_copy):
+    path = artifact_copy / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["format_version"] = FORMAT_VERSION + 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="format version"):
+        edgert.load(artifact_copy)
+
+
+def test_unknown_manifest_field(artifact_copy):
+    path = artifact_copy / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["surprise"] = 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="surprise"):
+        edgert.load(artifact_copy)
+
+
+def test_corrupt_graph_without_verification(artifact_copy):
+    (artifact_copy / "model.ort.onnx").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="re-export"):
+        edgert.load(artifact_copy, verify=False)
+
+
+def test_export_refuses_existing_directory(tiny_dir, tiny_artifact):
+    from edgert.errors import EdgertError
+    from edgert.export.exporter import export_model
+
+    with pytest.raises(EdgertError, match="already exists"):
+        export_model(str(tiny_dir), tiny_artifact, log=lambda m: None)
+
+
+KILLABLE_EXPORT = """
+import sys, time
+from pathlib import Path
+import edgert.export.exporter as ex
+original = ex.save_graphs_sharing_weights
+def slow_save(graphs, directory, data_name):
+    written = original(graphs, directory, data_name)
+    Path(sys.argv[3]).write_text("weights written")
+    time.sleep(60)
+    return written
+ex.save_graphs_sharing_weights = slow_save
+ex.export_model(sys.argv[1], Path(sys.argv[2]), ex.ExportOptions(max_context=64),
+                log=lambda m: None)
+"""
+
+
+def test_interrupted_export_leaves_nothing_that_loads(tiny_dir, tmp_path):
+    out = tmp_path / "killed"
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_EXPORT, str(tiny_dir), str(out),
+                             str(ready)])
+    try:
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert proc.poll() is None, "export exited before the kill point"
+            assert time.time() < deadline, "export never reached the kill point"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".killed.tmp-")]
+    assert leftovers, "the partial export should be in a temporary directory"
+    with pytest.raises(ArtifactError):
+        edgert.load(tmp_path / leftovers[0])

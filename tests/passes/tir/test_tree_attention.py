@@ -1,0 +1,106 @@
+"""edgert's TVM kernels against NumPy: tree-verification attention and in-place KV append."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgert.medusa.tree_order import causal_order, tree_order_from_parents
+from edgert.passes.tir.tree_attention import TreeAttentionKnobs, tree_attention_reference
+
+tvm = pytest.importorskip("tvm")
+HQ, HKV, D = 4, 2, 8
+LLVM = {"kind": "llvm", "num-cores": 2}
+
+
+def test_tree_order_intervals_by_hand():
+    # 0 -> {1, 2}, 1 -> 3, 2 -> 4: pre-order 0, 1, 3, 2, 4
+    order = tree_order_from_parents(np.array([-1, 0, 0, 1, 2]))
+    assert order.tolist() == [[0, 5], [1, 3], [3, 5], [2, 3], [4, 5]]
+    np.testing.assert_array_equal(tree_order_from_parents(np.array([-1, 0, 1, 2])),
+                                  causal_order(4))
+
+
+def test_reference_with_causal_order_is_causal_attention():
+    rng = np.random.default_rng(0)
+    n, past, cap = 5, 3, 12
+    q = rng.standard_normal((n, HQ, D)).astype(np.float32)
+    kc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+    vc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+    out = tree_attention_reference(q, kc, vc, causal_order(n), past)
+    keys = np.repeat(kc[:, :past + n], 2, axis=0)
+    vals = np.repeat(vc[:, :past + n], 2, axis=0)
+    for i in range(n):
+        s = np.einsum("hd,htd->ht", q[i], keys[:, :past + i + 1]) / np.sqrt(D)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        np.testing.assert_allclose(out[i], np.einsum("ht,htd->hd", p, vals[:, :past + i + 1]),
+                                   atol=1e-6)
+
+
+KNOBS = [TreeAttentionKnobs(), TreeAttentionKnobs(2, 8, 8), TreeAttentionKnobs(1, 3, 4)]
+
+
+@pytest.fixture(scope="module", params=KNOBS, ids=str)
+def tree_kernel(request):
+    """The untuned kernel and two tuned schedules (shared K/V loads, key tiles that do not
+    divide the key count, vector lanes): all must compute the same attention."""
+    from edgert.passes.tir.tree_attention import tree_attention_tir
+
+    mod = tvm.IRModule({"edgert_tree_attention": tree_attention_tir(HQ, HKV, D,
+                                                                    knobs=request.param)})
+    return tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_tree_attention"]
+
+
+@pytest.mark.parametrize("past", [0, 1, 9])
+@pytest.mark.parametrize("parents", [
+    [-1],                      # one decode token
+    [-1, 0, 1, 2],             # causal chunk
+    [-1, 0, 0, 1, 2, 3],       # a Medusa-style tree
+    [-1, 0, 0, 0, 1, 1, 2, 4],  # wider
+])
+def test_tree_attention_kernel_matches_numpy(tree_kernel, past, parents):
+    rng = np.random.default_rng(past * 10 + len(parents))
+    n, cap = len(parents), 24
+    q = rng.standard_normal((n, HQ, D)).astype(np.float32)
+    kc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+    vc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+    order = tree_order_from_parents(np.array(parents))
+    out = tvm.runtime.tensor(np.zeros((n, HQ, D), np.float32))
+    tree_kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(kc), tvm.runtime.tensor(vc),
+                tvm.runtime.tensor(order), past, out)
+    np.testing.assert_allclose(out.numpy(), tree_attention_reference(q, kc, vc, order, past),
+                               atol=1e-5)
+
+
+def test_knobs_that_do_not_fit_are_refused():
+    from edgert.passes.tir.tree_attention import tree_attention_tir
+
+    with pytest.raises(ValueError, match="do not fit"):
+        tree_attention_tir(HQ, HKV, D, knobs=TreeAttentionKnobs(lanes=3))
+
+
+def test_kv_append_writes_only_the_new_entries_in_place():
+    from tvm import relax, tirx
+
+    from edgert.passes.tir.tree_attention import kv_append_tir
+
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(kv_append_tir(HKV, D), "edgert_kv_append")
+    cap, n, past = (tirx.Var(name, "int64") for name in ("cap", "n", "past"))
+    cache = relax.Var("cache", relax.TensorType([HKV, cap, D], "float32"))
+    new = relax.Var("new", relax.TensorType([n, HKV, D], "float32"))
+    past_shape = relax.Var("past", relax.ShapeType([past]))
+    with bb.function("main", [cache, new, past_shape]):
+        out = bb.emit(relax.call_tir_inplace(gv, [cache, new, relax.prim_value(past)],
+                                             inplace_indices=[0], out_ty=cache.ty))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.finalize(), tvm.target.Target(LLVM)), tvm.cpu())
+    before = np.arange(HKV * 10 * D, dtype=np.float32).reshape(HKV, 10, D)
+    buffer = tvm.runtime.tensor(before)
+    vm["main"](buffer, tvm.runtime.tensor(np.full((3, HKV, D), -1, np.float32)),
+               tvm.runtime.ShapeTuple([4]))
+    after = buffer.numpy()
+    np.testing.assert_array_equal(after[:, 4:7], -1)
+    np.testing.assert_array_equal(after[:, :4], before[:, :4])
+    np.testing.assert_array_equal(after[:, 7:], before[:, 7:])

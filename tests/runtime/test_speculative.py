@@ -1,0 +1,247 @@
+"""Medusa decoding: acceptance rules, commit, EOS, capacity, and losslessness end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import edgert
+from edgert.medusa.tree_buffers import build_tree_buffers, chain_tree
+from edgert.model.medusa_heads import save_heads
+from edgert.runtime.sampling import SamplingParams
+from edgert.runtime.speculative import accept_greedy, accept_typical, propose_tree
+from tests.tiny_model import save_random_heads
+
+V = 12
+TREE = build_tree_buffers([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], topk=2)
+# nodes: 0 root, 1 (0), 2 (1), 3 (0,0), 4 (0,1), 5 (1,0), 6 (0,0,0)
+
+
+def logits_predicting(pred: list[int]) -> np.ndarray:
+    """Logits whose argmax at node i is pred[i]."""
+    logits = np.zeros((len(pred), V), dtype=np.float32)
+    logits[np.arange(len(pred)), pred] = 5.0
+    return logits
+
+
+def test_propose_places_head_candidates():
+    head_ids = np.array([[7, 8, 99], [3, 4, 99], [5, 6, 99]])  # k=3 from the graph, tree uses 2
+    tokens = propose_tree(TREE, root=1, head_ids=head_ids)
+    assert tokens.tolist() == [1, 7, 8, 3, 4, 3, 5]
+
+
+def test_greedy_all_rejected():
+    tokens = np.array([1, 7, 8, 3, 4, 3, 5])
+    acc = accept_greedy(TREE, tokens, logits_predicting([9, 9, 9, 9, 9, 9, 9]))
+    assert acc.nodes.tolist() == [0] and acc.next_token == 9
+
+
+def test_greedy_all_accepted_along_the_deepest_path():
+    tokens = np.array([1, 7, 8, 3, 4, 3, 5])
+    # root predicts 7 (node 1), node 1 predicts 3 (node 3), node 3 predicts 5 (node 6)
+    acc = accept_greedy(TREE, tokens, logits_predicting([7, 3, 0, 5, 0, 0, 11]))
+    assert acc.nodes.tolist() == [0, 1, 3, 6] and acc.next_token == 11
+
+
+def test_greedy_partial_path_on_a_side_branch():
+    tokens = np.array([1, 7, 8, 3, 4, 3, 5])
+    # root predicts 8 (node 2, rank 1), node 2 predicts 3 (node 5), node 5 predicts 10
+    acc = accept_greedy(TREE, tokens, logits_predicting([8, 0, 3, 0, 0, 10, 0]))
+    assert acc.nodes.tolist() == [0, 2, 5] and acc.next_token == 10
+
+
+def test_typical_acceptance_matches_the_formula():
+    rng = np.random.default_rng(0)
+    tokens = np.array([1, 7, 8, 3, 4, 3, 5])
+    logits = rng.normal(size=(TREE.size, V)).astype(np.float32) * 2
+    params = SamplingParams(temperature=0.8, seed=0)
+    threshold, alpha = 0.09, 0.3
+    acc = accept_typical(TREE, tokens, logits, params, np.random.default_rng(0), threshold, alpha)
+    # reference: walk each root-to-leaf path by hand
+    probs = torch.softmax(torch.tensor(logits, dtype=torch.float64) / 0.8, dim=-1).numpy()
+    entropy = -(probs * np.log(probs)).sum(-1)
+    ok_node = {}
+    for node in range(1, TREE.size):
+        parent = TREE.parents[node]
+        limit = min(threshold, alpha * np.exp(-entropy[parent]))
+        ok_node[node] = probs[parent, tokens[node]] > limit
+    best = []
+    for row in TREE.retrieve:
+        path = [0]
+        for node in row[1:]:
+            if node < 0 or not ok_node[node]:
+                break
+            path.append(int(node))
+        if len(path) > len(best):
+            best = path
+    assert acc.nodes.tolist() == best
+
+
+def test_typical_accepts_a_confident_candidate_and_rejects_an_unlikely_one():
+    tree = build_tree_buffers(chain_tree(2), topk=1)
+    tokens = np.array([1, 4, 6])
+    logits = np.full((3, V), -10.0, dtype=np.float32)
+    logits[0, 4] = 10.0  # root is sure of 4
+    logits[1, 5] = 10.0  # node 1 is sure of 5, candidate is 6
+    acc = accept_typical(tree, tokens, logits, SamplingParams(temperature=1.0),
+                         np.random.default_rng(0))
+    assert acc.nodes.tolist() == [0, 1] and acc.next_token == 5
+
+
+@pytest.fixture(scope="module")
+def random_heads_dir(tiny_dir, tmp_path_factory) -> Path:
+    """Heads with random (bad) weights: their proposals are mostly wrong."""
+    return save_random_heads(tiny_dir, tmp_path_factory.mktemp("random_heads"), seed=1,
+                             std=0.5)
+
+
+def export_with(tiny_dir, heads_dir, tmp_path, tree="cpu", capacity=768) -> Path:
+    from edgert.export.exporter import ExportOptions, export_model
+
+    out = tmp_path / f"art-{tree}-{capacity}"
+    export_model(str(tiny_dir), out, ExportOptions(max_context=capacity, heads=heads_dir,
+                                                   tree=tree, medusa_topk=4),
+                 log=lambda m: None)
+    return out
+
+
+PROMPTS = ["Explain what a loop is.", "Write a story about a robot.", "List some fruits",
+           "What is 2 + 2?"]
+
+
+@pytest.mark.parametrize("tree", ["chain", "cpu"])
+def test_medusa_greedy_is_lossless_with_random_heads(tiny_dir, random_heads_dir, tmp_path,
+                                                     tree):
+    engine = edgert.load(export_with(tiny_dir, random_heads_dir, tmp_path, tree))
+    for prompt in PROMPTS:
+        plain = engine.generate(prompt, max_new_tokens=256, medusa=False)
+        fast = engine.generate(prompt, max_new_tokens=256, medusa=True)
+        assert fast.output_ids == plain.output_ids, prompt
+        assert fast.stats["steps"] <= plain.stats["steps"]
+
+
+def test_medusa_greedy_is_lossless_with_good_heads(tiny_dir, tiny_reference, tmp_path):
+    """Heads that predict well (distilled from this model): long accepted paths, same output."""
+    from edgert.model.sources import load_model
+    from edgert.train.distill import (
+        DistillOptions,
+        PromptEncoder,
+        build_hf_model,
+        generate_responses,
+        hidden_and_targets,
+    )
+    from edgert.train.heads_loop import TrainOptions, train_heads
+
+    loaded = load_model(str(tiny_dir))
+    model = build_hf_model(loaded)
+    pairs = generate_responses(model, PromptEncoder(loaded), PROMPTS * 2,
+                               DistillOptions(max_new_tokens=64, batch_size=8, sampled_share=0))
+    data = hidden_and_targets(model, pairs, 3)
+    heads = train_heads(data, loaded.lm_head_t(), TrainOptions(num_heads=3, steps=60,
+                                                               batch_size=128, lr=1e-2))
+    save_heads(heads, tmp_path / "good")
+    engine = edgert.load(export_with(tiny_dir, tmp_path / "good", tmp_path, "cpu"))
+    accepted = []
+    for prompt in PROMPTS:
+        plain = engine.generate(prompt, max_new_tokens=128, medusa=False)
+        fast = engine.generate(prompt, max_new_tokens=128)
+        assert fast.output_ids == plain.output_ids, prompt
+        accepted.append(fast.stats["mean_accepted"])
+    assert np.mean(accepted) > 1.5  # the test exercises multi-token acceptance
+
+
+def test_eos_inside_an_accepted_path_ends_the_output(tiny_dir, random_heads_dir, tmp_path):
+    engine = edgert.load(export_with(tiny_dir, random_heads_dir, tmp_path, "chain"))
+    eos = engine.manifest.tokenizer.eos_token_ids[0]
+    plain = engine.generate("Tell me a story", max_new_tokens=40, medusa=False)
+    # heads that always propose plain greedy's continuation with EOS spliced in: the tree
+    # accepts a path containing EOS, and nothing after it may be emitted
+    backend = engine.backend
+    original_forward, original_heads = backend.forward, backend.medusa_topk
+    script = plain.output_ids[:5] + [eos] + plain.output_ids[5:]
+
+    def forward(step):
+        out = original_forward(step)
+        if step.input_ids.shape[1] > 1 and step.past_len > 0:  # tree steps: follow the script
+            done = step.past_len - len(plain.prompt_ids) + 1
+            for node in range(step.input_ids.shape[1]):
+                depth = int(step.position_ids[0, node] - step.past_len)
+                nxt = script[min(done + depth, len(script) - 1)]
+                out.logits[node] = -1e9
+                out.logits[node, nxt] = 0.0
+        return out
+
+    def heads(hidden, roots):
+        ids, logits = original_heads(hidden, roots)
+        done = engine.cache.length - len(plain.prompt_ids) + 1
+        for i in range(ids.shape[0]):
+            ids[i, :, 0] = script[min(done + i, len(script) - 1)]
+        return ids, logits
+
+    backend.forward, backend.medusa_topk = forward, heads
+    try:
+        result = engine.generate("Tell me a story", max_new_tokens=40)
+    finally:
+        backend.forward, backend.medusa_topk = original_forward, original_heads
+    assert result.output_ids == plain.output_ids[:5] + [eos]
+    assert result.stats["mean_accepted"] > 1
+
+
+def test_capacity_running_out_mid_tree_falls_back_to_plain_steps(tiny_dir, random_heads_dir,
+                                                                  tmp_path):
+    engine = edgert.load(export_with(tiny_dir, random_heads_dir, tmp_path, "cpu", capacity=96))
+    prompt_ids = engine.encode("Hello there")
+    budget = engine.cache.capacity - len(prompt_ids)  # fills the cache exactly
+    plain = engine.generate("Hello there", max_new_tokens=budget, medusa=False, temperature=1.0,
+                            seed=4)
+    fast = engine.generate("Hello there", max_new_tokens=budget, medusa=True)
+    greedy = engine.generate("Hello there", max_new_tokens=budget, medusa=False)
+    assert fast.output_ids == greedy.output_ids
+    assert engine.cache.length <= engine.cache.capacity
+    assert len(plain.output_ids) <= budget
+
+
+def test_kv_bytes_and_buffer_fixed_across_medusa_runs(tiny_dir, random_heads_dir, tmp_path):
+    engine = edgert.load(export_with(tiny_dir, random_heads_dir, tmp_path, "cpu"))
+    storage = engine.cache.storage
+    short = engine.generate("a", max_new_tokens=10)
+    long = engine.generate("a", max_new_tokens=500, temperature=1.0, seed=0, chat=False)
+    assert short.stats["kv_bytes"] == long.stats["kv_bytes"] == engine.cache.nbytes
+    assert engine.cache.storage is storage
+
+
+def test_medusa_refused_without_heads(tiny_engine):
+    with pytest.raises(edgert.GenerationError, match="no Medusa heads"):
+        tiny_engine.generate("hi", medusa=True)
+
+
+def test_unknown_tree_name(tiny_dir, random_heads_dir, tmp_path):
+    with pytest.raises(edgert.ConfigError, match="unknown tree"):
+        export_with(tiny_dir, random_heads_dir, tmp_path, "bushy")
+    tree_file = tmp_path / "t.json"
+    tree_file.write_text(json.dumps({"choices": [[0], [0, 0], [1]]}))
+    art = export_with(tiny_dir, random_heads_dir, tmp_path, str(tree_file))
+    assert edgert.load(art).tree.size == 4
+    shutil.rmtree(art)
+
+
+def test_medusa_default_follows_the_tuned_prediction(tiny_dir, random_heads_dir, tmp_path):
+    from edgert.artifact.io import update_manifest
+
+    art = export_with(tiny_dir, random_heads_dir, tmp_path, "cpu")
+    engine = edgert.load(art)
+    assert engine.medusa_by_default  # untuned tree: Medusa on
+    tree = dict(engine.manifest.tree)
+    tree["tuned_for"] = {"predicted_tokens_per_s": 30.0, "plain_tokens_per_s": 35.0}
+    update_manifest(art, {"tree": tree})
+    slower = edgert.load(art)
+    assert not slower.medusa_by_default
+    result = slower.generate("Hello", max_new_tokens=12)
+    assert result.stats["mean_accepted"] == 1.0  # plain steps
+    assert slower.generate("Hello", max_new_tokens=12, medusa=True).output_ids == \
+        result.output_ids
