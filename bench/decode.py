@@ -18,7 +18,7 @@ import numpy as np
 
 import edgert
 from bench import common
-from edgert.runtime.steps import causal_mask, decode_one, prefill
+from edgert.runtime.steps import causal_mask
 
 
 def bench_edgert(engine, prompts, new_tokens, runs):
@@ -60,12 +60,12 @@ def bench_transformers(model, prompts, outputs, new_tokens, runs, eos):
 def decode_ms_at_context(engine, context: int, steps: int = 24) -> float:
     rng = np.random.default_rng(0)
     ids = rng.integers(100, 40000, context).tolist()
-    engine.cache.reset()
-    prefill(engine.backend, engine.cache, ids, 512)
+    engine.reset()
+    engine.prefill_ids(ids)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        decode_one(engine.backend, engine.cache, 42)
+        engine.decode_token(42)
         times.append(time.perf_counter() - t0)
     return common.median(times) * 1e3
 

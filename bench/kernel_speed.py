@@ -2,7 +2,7 @@
 
     python -m bench.kernel_speed artifacts/smollm2-135m [--json bench/results/kernels.json]
 
-For every tunable workload of the artifact's model (``edgert.passes.tuning.workloads``): the kernel
+For every tunable workload of the artifact's model (``edgert.passes.tuning.tunable``): the kernel
 built with its untuned default knobs, with the best knobs of the artifact's tuning database
 (``edgert tune``), and the same computation as an ONNX Runtime graph (MatMul; dense masked
 attention for tree attention; dense causal attention for DHSA), all timed warm in this process
@@ -24,8 +24,8 @@ from bench import common
 from edgert.artifact.io import load_manifest
 from edgert.dhsa.params import DHSAParams
 from edgert.passes.tuning.database import TuningDatabase
+from edgert.passes.tuning.tunable import workloads_for
 from edgert.passes.tuning.tuner import LocalDevice
-from edgert.passes.tuning.workloads import workloads_for
 
 REPEAT = 15
 
@@ -131,14 +131,15 @@ def main() -> None:
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from edgert.passes.build import TVM_DIR, resolve_target
+    from edgert.artifact.tvm_build import build_directory
+    from edgert.passes.targets import resolve_target
 
     manifest = load_manifest(args.artifact)
     _, target = resolve_target("llvm")
-    database = TuningDatabase.load(args.artifact / TVM_DIR / "llvm")
+    database = TuningDatabase.load(build_directory(args.artifact, "llvm"))
     rng = np.random.default_rng(0)
     rows = []
-    dhsa = DHSAParams.from_dict(manifest.dhsa) if manifest.dhsa else None
+    dhsa = DHSAParams.from_manifest(manifest)
     for workload in workloads_for(manifest.config, manifest.kv_cache.capacity, dhsa=dhsa):
         inputs = workload.inputs(rng)
         best = database.best(workload.name)

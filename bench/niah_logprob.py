@@ -30,7 +30,6 @@ def log_softmax_at(logits: np.ndarray, token: int) -> tuple[float, bool]:
 
 
 def forced_score(engine, prompt: str, code: str, mode: str, fixed_chunk: int) -> dict:
-    from edgert.runtime.steps import decode_one, prefill, prefill_sparse
 
     obj = prompt.rsplit("passcode for the ", 1)[1].split("?")[0]
     lead = f"The secret passcode for the {obj} is"
@@ -39,18 +38,16 @@ def forced_score(engine, prompt: str, code: str, mode: str, fixed_chunk: int) ->
     if answer_ids[:len(lead_ids)] != lead_ids:
         raise RuntimeError(f"the tokenizer merges the passcode into the answer's start: {lead!r}")
     ids = engine.encode(prompt) + lead_ids
-    engine.cache.reset()
-    if mode == "dense":
-        out = prefill(engine.backend, engine.cache, ids, engine.prefill_chunk)
-    else:
-        out = prefill_sparse(engine.backend, engine.cache, ids, fixed_chunk)
+    engine.reset()
+    engine.dhsa_fixed_chunk = fixed_chunk
+    out = engine.prefill_ids(ids, sparse=mode != "dense")
     total, found = 0.0, True
     forced = answer_ids[len(lead_ids):]
     for i, token in enumerate(forced):
         logprob, top = log_softmax_at(out.logits[-1], token)
         total, found = total + logprob, found and top
         if i + 1 < len(forced):
-            out = decode_one(engine.backend, engine.cache, token)
+            out = engine.decode_token(token)
     return {"logprob": total, "found": found, "prompt_tokens": len(ids)}
 
 

@@ -56,19 +56,32 @@ def main() -> None:
               help="A DHSA prefill parameter (repeatable), e.g. --dhsa budget=2048 --dhsa "
                    "prefill_chunk=2048; docs/dhsa.md lists them and their defaults.")
 @click.option("--no-dhsa", is_flag=True, help="Export without the DHSA prefill graph.")
+@click.option("--weights", type=click.Choice(["auto", "q4", "q8", "fp32"]), default="auto",
+              show_default=True,
+              help="Weight storage. auto: the source's own precision (a GGUF's Q4_0/Q4_1/Q8_0 "
+                   "blocks as stored, other GGUF types requantized to 4/8 bits, HF float "
+                   "weights fp32); q4/q8: 4/8-bit blocks of 32 (round to nearest; the "
+                   "embedding 8-bit at q4); fp32: everything dequantized.")
+@click.option("--compute", type=click.Choice(["int8", "fp32"]), default="int8",
+              show_default=True,
+              help="Quantized matmuls: int8 quantizes activations per block (fastest); fp32 "
+                   "dequantizes in the kernel (output = the dequantized model up to summation "
+                   "order; 8-bit weights are expanded to fp32 at load).")
 @friendly_errors
 def export(model: str, output: Path, max_context: int | None, force: bool, heads: Path | None,
            no_heads: bool, medusa_topk: int, tree: str | None, dhsa_settings: tuple[str, ...],
-           no_dhsa: bool) -> None:
+           no_dhsa: bool, weights: str, compute: str) -> None:
     """Export MODEL (a registered name, a Hugging Face directory or a .gguf file) to an
     ONNX artifact. Default MODEL: smollm2-135m."""
     from edgert.dhsa.params import DHSAParams
     from edgert.export.exporter import ExportOptions, export_model
+    from edgert.export.quantize import WeightOptions
 
     dhsa = None if no_dhsa else DHSAParams.from_settings(dhsa_settings)
     export_model(model, output, ExportOptions(max_context=max_context, overwrite=force,
                                               heads=heads, use_heads=not no_heads,
-                                              medusa_topk=medusa_topk, tree=tree, dhsa=dhsa))
+                                              medusa_topk=medusa_topk, tree=tree, dhsa=dhsa,
+                                              weights=WeightOptions(weights, compute)))
 
 
 @main.command("compile")

@@ -33,3 +33,10 @@ class GenerationError(EdgertError, ValueError):
 
 class BackendError(EdgertError):
     """A backend or device is not available on this machine."""
+
+
+def last_line(exc: BaseException, limit: int = 240) -> str:
+    """The last non-blank line of an exception's message (TVM's and ONNX Runtime's carry
+    long stack traces before it), for a one-line error; the type name when it has none."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:limit]

@@ -29,9 +29,9 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)
-        for file in tmp.iterdir():
-            file.chmod(0o644)
+        tmp.chmod(0o755)  # mkdtemp made it 0700
+        for entry in tmp.iterdir():
+            entry.chmod(0o755 if entry.is_dir() else 0o644)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
@@ -78,21 +78,26 @@ def read_manifest(path: Path) -> Manifest:
         raise ArtifactError(f"{manifest_file}: {exc}") from None
 
 
+def verify_hashes(directory: Path, hashes: dict[str, str], fix: str,
+                  progress: Callable[[str], None] | None = None) -> None:
+    """Check that every file of ``hashes`` (name -> SHA-256) exists in ``directory`` with its
+    recorded digest; ArtifactError ending in ``fix`` otherwise."""
+    for name, expected in hashes.items():
+        file = Path(directory) / name
+        if not file.is_file():
+            raise ArtifactError(f"artifact file {file} is missing; {fix}")
+        if progress:
+            progress(name)
+        if sha256_file(file) != expected:
+            raise ArtifactError(f"artifact file {file} does not match its recorded SHA-256 "
+                                f"(corrupt, truncated or modified); {fix}")
+
+
 def verify_files(path: Path, manifest: Manifest,
                  progress: Callable[[str], None] | None = None) -> None:
     """Check every file listed in the manifest exists with the recorded SHA-256."""
-    for name, expected in manifest.files.items():
-        file = path / name
-        if not file.is_file():
-            raise ArtifactError(f"artifact file {file} is missing; the artifact is incomplete, "
-                                "re-export it")
-        if progress:
-            progress(name)
-        actual = sha256_file(file)
-        if actual != expected:
-            raise ArtifactError(
-                f"artifact file {file} does not match its SHA-256 in {MANIFEST_NAME} "
-                "(corrupt, truncated or modified); re-export the model")
+    verify_hashes(path, manifest.files, "the artifact is incomplete or damaged: re-export it",
+                  progress)
 
 
 def load_manifest(path: Path, verify: bool = True) -> Manifest:

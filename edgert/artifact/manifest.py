@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,16 @@ from edgert.model.config import LlamaConfig, reject_unknown_fields
 FORMAT = "edgert-artifact"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "edgert.json"
+
+
+class GraphKey(StrEnum):
+    """Keys of ``Manifest.graphs``; a decoder graph's key is also its attention variant
+    (``GraphSpec.attention``, ``edgert.export.attention.ATTENTION_VARIANTS``)."""
+
+    PORTABLE = "portable"  # model.onnx: standard ONNX ops (what TVM imports)
+    ORT_GQA = "ort_gqa"  # model.ort.onnx: ONNX Runtime GroupQueryAttention over the cache
+    DHSA = "dhsa"  # model.dhsa.onnx: the DHSA sparse prefill (long prompts)
+    MEDUSA = "medusa"  # medusa.onnx: the Medusa heads' top-k
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,7 @@ class Manifest:
     architecture: str
     config: LlamaConfig
     dtype: str
-    quantization: str | None
+    quantization: dict[str, Any] | None  # export.quantize.summarize; None: fp32 weights
     kv_cache: KVCacheSpec
     graphs: dict[str, GraphSpec]
     weights_file: str

@@ -9,6 +9,9 @@ from typing import Any
 from edgert.errors import ConfigError
 from edgert.model.config import reject_unknown_fields
 
+# the boundary rule's mass ratio is (max + eps) / (min + eps): reference, graph and kernel
+BOUNDARY_EPS = 1e-6
+
 
 @dataclass(frozen=True)
 class DHSAParams:
@@ -135,9 +138,27 @@ class DHSAParams:
         return dataclasses.replace(self, **values)
 
     @classmethod
+    def from_manifest(cls, manifest) -> DHSAParams | None:
+        """An artifact's DHSA settings (``manifest.dhsa``), None when it has no DHSA graph."""
+        return cls.from_dict(manifest.dhsa) if manifest.dhsa else None
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DHSAParams:
         """A manifest's settings. One written before ``early_layers`` or ``center_keys``
         existed was exported with every layer at ``budget`` and uncentred keys: it reads as
         early_layers 0 and center_keys 0, not today's defaults."""
         reject_unknown_fields(cls, data, "dhsa")
         return cls(**{"early_layers": 0, "early_budget": 0, "center_keys": 0, **data})
+
+
+def prefill_calls(seq_len: int, params: DHSAParams) -> list[tuple[int, int]]:
+    """[(start, end)] of the prefill calls: ``prefill_chunk`` query tokens each (0: one call);
+    a last call shorter than the dense tail is merged into the one before it, so the
+    instruction is never split."""
+    chunk = params.prefill_chunk
+    if not chunk or seq_len <= chunk:
+        return [(0, seq_len)]
+    ends = [*range(chunk, seq_len, chunk), seq_len]
+    if ends[-1] - ends[-2] < max(params.dense_tail, 1):
+        del ends[-2]
+    return list(zip([0, *ends[:-1]], ends))

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgert.dhsa.params import DHSAParams
+from edgert.dhsa.params import BOUNDARY_EPS as EPS
+from edgert.dhsa.params import DHSAParams, prefill_calls
 
-EPS = 1e-6
 NEG = np.float32(-np.inf)
 
 
@@ -45,19 +45,6 @@ def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def _repeat_kv(x: np.ndarray, group: int) -> np.ndarray:
     return np.repeat(x, group, axis=0)
-
-
-def prefill_calls(seq_len: int, params: DHSAParams) -> list[tuple[int, int]]:
-    """[(start, end)] of the prefill calls: ``prefill_chunk`` query tokens each (0: one call);
-    a last call shorter than the dense tail is merged into the one before it, so the
-    instruction is never split."""
-    chunk = params.prefill_chunk
-    if not chunk or seq_len <= chunk:
-        return [(0, seq_len)]
-    ends = [*range(chunk, seq_len, chunk), seq_len]
-    if ends[-1] - ends[-2] < max(params.dense_tail, 1):
-        del ends[-2]
-    return list(zip([0, *ends[:-1]], ends))
 
 
 def probe_rows(seq_len: int, params: DHSAParams) -> np.ndarray:

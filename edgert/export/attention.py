@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgert.model.config import LlamaConfig
+from edgert.artifact.manifest import GraphKey
+from edgert.export.attention_core import AttentionCore
 
 
 def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -46,12 +47,7 @@ def dense_attention(query, keys, values, bias, num_heads, num_kv_heads, head_dim
     return out.transpose(1, 2).reshape(1, query.shape[1], num_heads * head_dim)
 
 
-class PortableCore(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_index: int = 0) -> None:
-        super().__init__()
-        self.h, self.hkv, self.d = (config.num_attention_heads, config.num_key_value_heads,
-                                    config.head_dim)
-
+class PortableCore(AttentionCore):
     def forward(self, query, key, value, past_k, past_v, bias):
         k = _split_heads(key, self.hkv, self.d)
         v = _split_heads(value, self.hkv, self.d)
@@ -116,12 +112,7 @@ def fix_contrib_optional_inputs(graph) -> None:
             node.input[3:] = [""] * (MHA_BIAS_SLOT - 3) + [bias]
 
 
-class GQACore(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_index: int = 0) -> None:
-        super().__init__()
-        self.h, self.hkv, self.d = (config.num_attention_heads, config.num_key_value_heads,
-                                    config.head_dim)
-
+class GQACore(AttentionCore):
     def forward(self, query, key, value, past_k, past_v, ctx):
         seqlens_k, total_len, bias = ctx
         return _GroupQueryAttention.apply(query, key, value, past_k, past_v, seqlens_k,
@@ -197,15 +188,15 @@ def _dhsa_example_extra(q: int, past: int) -> list[torch.Tensor]:
 
 
 ATTENTION_VARIANTS: dict[str, AttentionVariant] = {
-    "portable": AttentionVariant("portable", PortableCore, (), False, _portable_context,
-                                 lambda q, past: []),
-    "ort_gqa": AttentionVariant(
-        "ort_gqa", GQACore, ("seqlens_k", "total_sequence_length"), True, _gqa_context,
+    GraphKey.PORTABLE: AttentionVariant(GraphKey.PORTABLE, PortableCore, (), False,
+                                        _portable_context, lambda q, past: []),
+    GraphKey.ORT_GQA: AttentionVariant(
+        GraphKey.ORT_GQA, GQACore, ("seqlens_k", "total_sequence_length"), True, _gqa_context,
         lambda q, past: [torch.tensor([past + q - 1], dtype=torch.int32),
                          torch.tensor(past + q, dtype=torch.int32)]),
     # prefill calls (a prompt chunk against the cache), DHSA sparse attention in every layer
-    "dhsa": AttentionVariant(
-        "dhsa", _dhsa_core, ("dhsa_fixed_chunk", "prompt_length", "past_chunk_starts"), False,
-        _dhsa_context, _dhsa_example_extra, prefill_only=True,
+    GraphKey.DHSA: AttentionVariant(
+        GraphKey.DHSA, _dhsa_core, ("dhsa_fixed_chunk", "prompt_length", "past_chunk_starts"),
+        False, _dhsa_context, _dhsa_example_extra, prefill_only=True,
         extra_outputs=("chunk_starts",), context_outputs=lambda ctx: (ctx["starts"],)),
 }

@@ -50,7 +50,8 @@ import math
 import torch
 from torch import nn
 
-from edgert.dhsa.params import DHSAParams
+from edgert.dhsa.params import BOUNDARY_EPS, DHSAParams
+from edgert.export.attention_core import AttentionCore
 from edgert.model.config import LlamaConfig
 
 NEG_INF = float("-inf")
@@ -114,14 +115,10 @@ class _BlockMHA(torch.autograd.Function):
         return out
 
 
-class DHSACore(nn.Module):
+class DHSACore(AttentionCore):
     def __init__(self, config: LlamaConfig, layer_index: int = 0,
                  dhsa: DHSAParams | None = None) -> None:
-        super().__init__()
-        self.h, self.hkv, self.d = (config.num_attention_heads, config.num_key_value_heads,
-                                    config.head_dim)
-        self.group = self.h // self.hkv
-        self.layer_index = layer_index
+        super().__init__(config, layer_index)
         base = dhsa or DHSAParams()
         self.p = base.for_layer(layer_index)  # its own budget
         # a wider layer attends one query head at a time: its probabilities and bias are no
@@ -153,7 +150,8 @@ class DHSACore(nn.Module):
         probe_ok = (row_pos[:, None] >= (c + w)[None, :]).to(attn.dtype)
         past = (past_rows * probe_ok).sum(0)
         future = (future_rows * probe_ok).sum(0)
-        ratio = (torch.maximum(past, future) + 1e-6) / (torch.minimum(past, future) + 1e-6)
+        ratio = ((torch.maximum(past, future) + BOUNDARY_EPS)
+                 / (torch.minimum(past, future) + BOUNDARY_EPS))
         valid = (c >= 2 * w - 1) & (c < total - 2 * w)
         ratio = torch.where(valid, ratio, torch.zeros_like(ratio))
         r = p.nms_radius

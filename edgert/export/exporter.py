@@ -12,13 +12,21 @@ import torch
 
 from edgert.__about__ import __version__
 from edgert.artifact.io import atomic_directory, hash_files, write_manifest
-from edgert.artifact.manifest import FORMAT, FORMAT_VERSION, KVCacheSpec, Manifest, TokenizerSpec
+from edgert.artifact.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    GraphKey,
+    KVCacheSpec,
+    Manifest,
+    TokenizerSpec,
+)
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import ConfigError
 from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.llama import LlamaDecoder
 from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
 from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
+from edgert.export.quantize import WeightOptions, plan_quantization, quantize_graph, summarize
 from edgert.medusa.tree_buffers import build_tree_buffers
 from edgert.medusa.tree_presets import resolve_tree
 from edgert.model.config import LlamaConfig
@@ -26,7 +34,7 @@ from edgert.model.loaded import LoadedModel
 from edgert.model.medusa_heads import MedusaHeads, load_heads
 from edgert.model.sources import REGISTERED_MODELS, load_model
 
-GRAPH_FILES = {"portable": "model.onnx", "ort_gqa": "model.ort.onnx"}
+GRAPH_FILES = {GraphKey.PORTABLE: "model.onnx", GraphKey.ORT_GQA: "model.ort.onnx"}
 DHSA_FILE = "model.dhsa.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
@@ -49,6 +57,7 @@ class ExportOptions:
     medusa_topk: int = 10
     tree: str | Path | None = None  # a shipped tree name or a JSON file; None: the default
     dhsa: DHSAParams | None = field(default_factory=DHSAParams)  # None: no DHSA prefill graph
+    weights: WeightOptions = field(default_factory=WeightOptions)  # --weights, --compute
 
 
 def _available_memory() -> int:
@@ -118,8 +127,8 @@ def resolve_export_tree(loaded: LoadedModel, heads: MedusaHeads, options: Export
 
 def _medusa_manifest(heads: MedusaHeads, topk: int, path: str) -> dict:
     cfg = heads.config
-    return {"graph": "medusa", "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
-            "projection": cfg.projection, "condition": cfg.condition,
+    return {"graph": GraphKey.MEDUSA.value, "num_heads": cfg.num_heads,
+            "num_layers": cfg.num_layers, "projection": cfg.projection, "condition": cfg.condition,
             "output_vocab": cfg.output_vocab, "topk": topk, "heads_source": path,
             "training": cfg.training}
 
@@ -162,8 +171,8 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         dhsa = None
     if dhsa is not None:
         log(f"exporting {DHSA_FILE} (DHSA prefill, budget {dhsa.budget})...")
-        graphs[DHSA_FILE] = trace_decoder(_build_decoder(loaded, "dhsa", dhsa=dhsa))
-        graph_specs["dhsa"] = decode_graph_spec(DHSA_FILE, "dhsa", config)
+        graphs[DHSA_FILE] = trace_decoder(_build_decoder(loaded, GraphKey.DHSA, dhsa=dhsa))
+        graph_specs[GraphKey.DHSA] = decode_graph_spec(DHSA_FILE, GraphKey.DHSA, config)
     medusa = tree = None
     if heads is not None:
         if not 1 <= options.medusa_topk <= config.vocab_size:
@@ -173,10 +182,11 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         untied = None if config.tie_word_embeddings else loaded.embedding()
         graphs[MEDUSA_FILE] = trace_medusa(heads, loaded.lm_head_t(), options.medusa_topk,
                                            untied)
-        graph_specs["medusa"] = medusa_graph_spec(heads, options.medusa_topk)
+        graph_specs[GraphKey.MEDUSA] = medusa_graph_spec(heads, options.medusa_topk)
         medusa = _medusa_manifest(heads, options.medusa_topk,
                                   str(options.heads or "registered model's heads"))
         tree = resolve_export_tree(loaded, heads, options)
+    quantization = _quantize_graphs(graphs, loaded, options.weights, log)
     eos_ids = _eos_ids(loaded)
     with atomic_directory(output, overwrite=options.overwrite) as tmp:
         written = save_graphs_sharing_weights(graphs, tmp, WEIGHTS_FILE)
@@ -190,7 +200,7 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             architecture=loaded.architecture,
             config=config,
             dtype="float32",
-            quantization=None,
+            quantization=quantization,
             kv_cache=KVCacheSpec(capacity, config.num_hidden_layers,
                                  config.num_key_value_heads, config.head_dim),
             graphs=graph_specs,
@@ -212,6 +222,22 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         write_manifest(tmp, manifest.to_dict())
     log(f"wrote {output}")
     return output
+
+
+def _quantize_graphs(graphs: dict, loaded: LoadedModel, options: WeightOptions,
+                     log: Callable[[str], None]) -> dict | None:
+    """Rewrite every graph's weight matmuls onto the block-quantized weights ``options``
+    asks for (in place); the manifest's ``quantization`` section, None when all stay fp32."""
+    blocks, report = plan_quantization(loaded, options)
+    if not blocks:
+        return None
+    used: set[str] = set()
+    for graph in graphs.values():
+        used |= quantize_graph(graph, blocks, loaded.config, options)
+    requantized = [row for name, row in report.items() if name in used and row["requantized"]]
+    log(f"weights: {len(used)} matrices in {options.weights} blocks "
+        f"({len(requantized)} requantized), compute {options.compute}")
+    return summarize({name: report[name] for name in used}, options)
 
 
 def export_model(source: str, output: Path, options: ExportOptions = ExportOptions(),

@@ -23,6 +23,7 @@ import functools
 import torch
 from torch import nn
 
+from edgert.artifact.manifest import GraphKey
 from edgert.export.attention import ATTENTION_VARIANTS, AttentionVariant
 from edgert.model.config import LlamaConfig
 from edgert.model.rope import inverse_frequencies
@@ -108,7 +109,8 @@ class LlamaDecoder(nn.Module):
     Gather along axis 1 of that same tensor, so the 576 x 49152 matrix is stored once.
     """
 
-    def __init__(self, config: LlamaConfig, attention: str = "portable", **core_options) -> None:
+    def __init__(self, config: LlamaConfig, attention: str = GraphKey.PORTABLE,
+                 **core_options) -> None:
         super().__init__()
         self.config = config
         self.attention: AttentionVariant = ATTENTION_VARIANTS[attention]

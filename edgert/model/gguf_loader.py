@@ -1,4 +1,5 @@
-"""GGUF file -> fp32 weights, Llama config and tokenizer (no transformers needed)."""
+"""GGUF file -> fp32 weights (and the exact blocks of its Q4_0/Q4_1/Q8_0 tensors), Llama
+config and tokenizer (no transformers needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import torch
 
 from edgert.errors import ModelSourceError
-from edgert.model.architectures import get_architecture
+from edgert.model.architectures import Architecture, get_architecture
+from edgert.model.block_quant import GGUF_EXACT, BlockQuantized, from_gguf
 from edgert.model.config import LlamaConfig
 from edgert.model.loaded import LoadedModel, TokenizerBundle
 
@@ -49,10 +51,10 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _config_from_gguf(reader) -> tuple[str, LlamaConfig]:
-    arch = str(_field(reader, "general.architecture", "unknown"))
-    get_architecture(arch)
-    p = f"{arch}."
+def _config_from_gguf(reader) -> tuple[Architecture, LlamaConfig]:
+    name = str(_field(reader, "general.architecture", "unknown"))
+    arch = get_architecture(name)
+    p = f"{name}."
     n_heads = int(_field(reader, p + "attention.head_count"))
     hidden = int(_field(reader, p + "embedding_length"))
     tokens = reader.fields["tokenizer.ggml.tokens"]
@@ -64,7 +66,7 @@ def _config_from_gguf(reader) -> tuple[str, LlamaConfig]:
     if scaling_type == "linear":
         factor = float(_field(reader, p + "rope.scaling.factor"))
         rope_scaling = {"rope_type": "linear", "factor": factor}
-    config = LlamaConfig(
+    config = arch.config_class(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(_field(reader, p + "feed_forward_length")),
@@ -83,29 +85,56 @@ def _config_from_gguf(reader) -> tuple[str, LlamaConfig]:
     return arch, config
 
 
-def _state_dict_from_gguf(reader, config: LlamaConfig) -> dict[str, torch.Tensor]:
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name.startswith("blk."):
+        _, idx, rest = gguf_name.split(".", 2)
+        if rest in _LAYER_NAMES:
+            return _LAYER_NAMES[rest].format(i=idx)
+    return None
+
+
+def _qk_heads(hf_name: str, config: LlamaConfig, arch: Architecture) -> int | None:
+    """Heads of a q/k projection that llama.cpp stored with permuted rows, else None."""
+    if not arch.gguf_permuted_qk:
+        return None
+    if hf_name.endswith("q_proj.weight"):
+        return config.num_attention_heads
+    if hf_name.endswith("k_proj.weight"):
+        return config.num_key_value_heads
+    return None
+
+
+def _weights_from_gguf(reader, config: LlamaConfig, arch: Architecture) -> tuple[
+        dict[str, torch.Tensor], dict[str, BlockQuantized], dict[str, str]]:
+    """(fp32 state dict, exact blocks of the Q4_0/Q4_1/Q8_0 tensors, storage type by name),
+    all in transformers' names and row order."""
     from gguf.quants import dequantize
 
     state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, BlockQuantized] = {}
+    types: dict[str, str] = {}
     for tensor in reader.tensors:
-        name = tensor.name
-        if name in _GLOBAL_NAMES:
-            hf_name = _GLOBAL_NAMES[name]
-        elif name.startswith("blk."):
-            _, idx, rest = name.split(".", 2)
-            if rest not in _LAYER_NAMES:
-                continue
-            hf_name = _LAYER_NAMES[rest].format(i=idx)
-        else:
+        hf_name = _hf_name(tensor.name)
+        if hf_name is None:
             continue
+        shape = [int(d) for d in reversed(tensor.shape)]
+        type_name = tensor.tensor_type.name
         weight = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        weight = weight.reshape([int(d) for d in reversed(tensor.shape)])
-        if hf_name.endswith("q_proj.weight"):
-            weight = unpermute_qk(weight, config.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            weight = unpermute_qk(weight, config.num_key_value_heads)
+        weight = weight.reshape(shape)
+        heads = _qk_heads(hf_name, config, arch)
+        if heads is not None:
+            weight = unpermute_qk(weight, heads)
+        if type_name in GGUF_EXACT and len(shape) == 2:
+            quantized = from_gguf(tensor.data, type_name, *shape)
+            if heads is not None:
+                rows = unpermute_qk(np.arange(shape[0]), heads)
+                quantized = quantized.take_rows(rows)
+            blocks[hf_name] = quantized
+        types[hf_name] = type_name
         state[hf_name] = torch.from_numpy(np.ascontiguousarray(weight))
-    return state
+    return state, blocks, types
 
 
 def tokenizer_from_gguf(reader) -> TokenizerBundle:
@@ -146,7 +175,8 @@ def tokenizer_from_gguf(reader) -> TokenizerBundle:
 
 
 def load_gguf(path: Path) -> LoadedModel:
-    """Read a GGUF file and dequantize every weight to fp32."""
+    """Read a GGUF file: every weight dequantized to fp32, and the blocks of the exactly
+    mappable quantized ones kept as stored."""
     import gguf
 
     try:
@@ -155,13 +185,15 @@ def load_gguf(path: Path) -> LoadedModel:
         raise ModelSourceError(
             f"{path} is not a readable GGUF file ({exc}); check the path") from None
     arch, config = _config_from_gguf(reader)
-    state = _state_dict_from_gguf(reader, config)
+    state, blocks, types = _weights_from_gguf(reader, config, arch)
     return LoadedModel(
-        architecture=arch,
+        architecture=arch.name,
         config=config,
         state_dict=state,
         tokenizer=tokenizer_from_gguf(reader),
         source={"kind": "gguf", "path": str(path), "name": str(_field(reader, "general.name", ""))},
+        quantized=blocks,
+        source_types=types,
     )
 
 

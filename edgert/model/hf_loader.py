@@ -9,7 +9,6 @@ import torch
 
 from edgert.errors import ModelSourceError
 from edgert.model.architectures import get_architecture
-from edgert.model.config import LlamaConfig
 from edgert.model.loaded import LoadedModel, TokenizerBundle
 
 
@@ -83,7 +82,7 @@ def load_hf_dir(directory: Path) -> LoadedModel:
     data = _read_json(directory / "config.json")
     arch_name = _architecture_name(data)
     arch = get_architecture(arch_name)
-    config = LlamaConfig.from_hf(data)
+    config = arch.config_class.from_hf(data)
     return LoadedModel(
         architecture=arch.name,
         config=config,

@@ -1,4 +1,5 @@
-"""What every model source loader returns: config, fp32 weights and the tokenizer."""
+"""What every model source loader returns: config, fp32 weights and the tokenizer (and, from a
+quantized GGUF, the weights' blocks as stored)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgert.model.block_quant import BlockQuantized
 from edgert.model.config import LlamaConfig
 
 
@@ -22,13 +24,20 @@ class TokenizerBundle:
 
 @dataclass
 class LoadedModel:
-    """A model read from any source: Llama config, HF-named fp32 state dict, tokenizer."""
+    """A model read from any source: Llama config, HF-named fp32 state dict, tokenizer.
+
+    ``quantized``: HF name -> the weight's blocks as the source stores them, for the GGUF
+    types that map exactly (Q4_0, Q4_1, Q8_0; ``state_dict`` holds their exact fp32 values).
+    ``source_types``: HF name -> the source's storage type of every weight ("F32", "Q4_K", ...).
+    """
 
     architecture: str
     config: LlamaConfig
     state_dict: dict[str, torch.Tensor]
     tokenizer: TokenizerBundle
     source: dict[str, str] = field(default_factory=dict)
+    quantized: dict[str, BlockQuantized] = field(default_factory=dict)
+    source_types: dict[str, str] = field(default_factory=dict)
 
     def lm_head_t(self) -> torch.Tensor:
         """The output projection transposed, [H, V] (the embedding when weights are tied)."""

@@ -38,6 +38,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from edgert.artifact.tvm_build import DHSA_FUNCTION
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import BackendError, EdgertError
 from edgert.passes.fuse_tree_attention import _Bindings, core_pattern
@@ -50,7 +51,7 @@ from edgert.passes.tir.tree_attention import (
     tree_attention_tir,
 )
 
-FUNCTION = "prefill_dhsa"
+FUNCTION = DHSA_FUNCTION
 _PAST = re.compile(r"past_(key|value)_(\d+)")
 
 

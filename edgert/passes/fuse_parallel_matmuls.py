@@ -21,6 +21,16 @@ import tvm
 from tvm import relax
 
 
+def decoder_matmul_shapes(config) -> list[tuple[int, int]]:
+    """(K, N) of every weight matmul of a Llama decoder layer and its head after this pass:
+    q/k/v as one [H, (Hq + 2 Hkv) D], gate/up as one [H, 2 I], o_proj, down_proj and the
+    vocab projection. The tuner measures these shapes (``passes.tuning.tunable``)."""
+    h, d = config.hidden_size, config.head_dim
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
+    return [(h, qkv), (config.num_attention_heads * d, h), (h, 2 * config.intermediate_size),
+            (config.intermediate_size, h), (h, config.vocab_size)]
+
+
 def _constant_weight(call) -> np.ndarray | None:
     """W of ``matmul(x, W)`` when W is a 2-D float32 constant, else None."""
     if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)

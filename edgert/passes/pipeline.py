@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,8 @@ from edgert.passes.fuse_tree_attention import FuseTreeAttention
 from edgert.passes.lower_topk import LowerTopK
 from edgert.passes.narrow_to_int32 import NarrowGenericIndices, NarrowToInt32
 from edgert.passes.pack_matmul_weights import PackMatmulWeights
-from edgert.passes.tir.dhsa_attention import DHSAKnobs, dhsa_workload
-from edgert.passes.tir.matmul import MatmulKnobs, matmul_workload
-from edgert.passes.tir.tree_attention import TreeAttentionKnobs, tree_attention_workload
 from edgert.passes.tuning.database import TuningDatabase
+from edgert.passes.tuning.tunable import get_tunable
 
 
 @dataclass(frozen=True)
@@ -50,21 +49,10 @@ class CompileContext:
     dhsa: DHSAParams | None = None  # the artifact's DHSA parameters: also build prefill_dhsa
     int32_only: bool = False  # the target has no 64-bit integers (WebGPU): narrow them all
 
-    def matmul_knobs(self, k: int, n: int) -> MatmulKnobs:
-        best = self.tuning.best(matmul_workload(k, n))
-        return MatmulKnobs(**best.knobs) if best else MatmulKnobs()
-
-    def dhsa_knobs(self) -> DHSAKnobs:
-        c = self.config
-        best = self.tuning.best(dhsa_workload(c.num_attention_heads, c.num_key_value_heads,
-                                              c.head_dim))
-        return DHSAKnobs(**best.knobs) if best else DHSAKnobs()
-
-    def tree_attention_knobs(self) -> TreeAttentionKnobs:
-        c = self.config
-        best = self.tuning.best(tree_attention_workload(c.num_attention_heads,
-                                                        c.num_key_value_heads, c.head_dim))
-        return TreeAttentionKnobs(**best.knobs) if best else TreeAttentionKnobs()
+    def knobs(self, kernel: str, *shape):
+        """The knobs of a tunable kernel (``passes.tuning.tunable.TUNABLE``) at a shape: the
+        tuning database's best, else the untuned default."""
+        return get_tunable(kernel).knobs_for(self.tuning, *shape)
 
 
 @dataclass(frozen=True)
@@ -76,11 +64,11 @@ class Phase:
 def _edgert_passes(ctx: CompileContext) -> list:
     config = ctx.config
     shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-    knobs = ctx.tree_attention_knobs()
+    knobs = ctx.knobs("tree_attention", *shape)
     passes = []
     if ctx.dhsa is not None:  # first: it copies the imported main's attention cores
         passes.append(FuseDHSAPrefill(*shape, ctx.dhsa, gpu=ctx.gpu, knobs=knobs,
-                                      dhsa_knobs=ctx.dhsa_knobs(),
+                                      dhsa_knobs=ctx.knobs("dhsa_attention", *shape),
                                       index_dtype="int32" if ctx.int32_only else "int64"))
     passes.append(FuseTreeAttention(*shape, gpu=ctx.gpu, knobs=knobs))
     if not ctx.gpu:  # q/k/v and gate/up: one wider weight stream, fewer thread-pool launches
@@ -91,7 +79,7 @@ def _edgert_passes(ctx: CompileContext) -> list:
 def _weight_passes(ctx: CompileContext) -> list:
     if ctx.int32_only:  # WebGPU: TVM's generic GPU top-k needs blockIdx.z, which it lacks
         return [NarrowToInt32(), LowerTopK(gpu=True)]
-    return [] if ctx.gpu else [PackMatmulWeights(ctx.matmul_knobs)]
+    return [] if ctx.gpu else [PackMatmulWeights(functools.partial(ctx.knobs, "matmul"))]
 
 
 def _legalize_passes(ctx: CompileContext) -> list:

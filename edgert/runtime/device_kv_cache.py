@@ -13,24 +13,23 @@ from __future__ import annotations
 import numpy as np
 
 from edgert.artifact.manifest import KVCacheSpec
+from edgert.artifact.tvm_build import KV_COMMIT_FUNCTION
 from edgert.runtime.kv_cache import KVCacheBase
 
 
 class DeviceKVCache(KVCacheBase):
     """``spec``'s buffers on ``device`` (a ``tvm.runtime.Device``); ``commit_lib`` is a runtime
     module holding ``edgert_kv_commit`` built for this spec and device: the one ``edgert
-    compile`` wrote (``kv_commit.so``), or ``build_kv_commit_library``'s."""
+    compile`` wrote (``kv_commit.so``), or ``passes.tir.kv_commit.build_kv_commit_library``'s."""
 
     def __init__(self, spec: KVCacheSpec, device, commit_lib) -> None:
         import tvm
-
-        from edgert.passes.tir.kv_commit import FUNCTION
 
         super().__init__(spec)
         self.device = device
         self._tvm = tvm
         self._lib = commit_lib  # kept: the function calls into its code
-        self._commit = commit_lib[FUNCTION]
+        self._commit = commit_lib[KV_COMMIT_FUNCTION]
         shape = (spec.num_kv_heads, spec.capacity, spec.head_dim)
         zeros = np.zeros(shape, dtype=spec.dtype)
         self._tensors = []
@@ -60,17 +59,3 @@ class DeviceKVCache(KVCacheBase):
         return out.reshape(spec.num_layers, 2, 1, spec.num_kv_heads, spec.capacity,
                            spec.head_dim)
 
-
-def build_kv_commit_library(spec: KVCacheSpec, target: str = "llvm"):
-    """Build ``edgert_kv_commit`` for ``spec`` here (``target`` "llvm" or "cuda"); the TVM
-    backend loads the one ``edgert compile`` wrote instead (``kv_commit.so``)."""
-    import tvm
-
-    from edgert.passes.build import TARGETS
-    from edgert.passes.tir.kv_commit import build_kv_commit
-
-    if target == "llvm":
-        tvm_target = tvm.target.Target({"kind": "llvm"})
-    else:
-        tvm_target = tvm.target.Target(TARGETS[target].target, host={"kind": "llvm"})
-    return build_kv_commit(spec, tvm_target)

@@ -14,7 +14,7 @@ from edgert.artifact.io import load_manifest
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import CapacityError, GenerationError
 from edgert.medusa.tree_buffers import TreeBuffers, build_tree_buffers
-from edgert.runtime.backends import create_backend
+from edgert.runtime.backends import StepOutputs, create_backend
 from edgert.runtime.sampling import SamplingParams, select_token
 from edgert.runtime.speculative import (
     DEFAULT_TYPICAL_ALPHA,
@@ -23,7 +23,7 @@ from edgert.runtime.speculative import (
     propose_tree,
     verify_tree,
 )
-from edgert.runtime.steps import decode_one, prefill, prefill_sparse
+from edgert.runtime.steps import decode_one, forward_block, prefill, prefill_sparse
 from edgert.runtime.tokenizer import Messages, StreamDecoder, Tokenizer
 
 Prompt = str | Messages
@@ -70,10 +70,10 @@ class Engine:
         self.backend = create_backend(backend, self.path, self.manifest, device, threads,
                                       kv_on_device)
         self.cache = self.backend.cache
+        self.backend_name, self.device = backend, device
         self.prefill_chunk = prefill_chunk
         self.eos_ids = set(self.manifest.tokenizer.eos_token_ids)
-        self.dhsa = (DHSAParams.from_dict(self.manifest.dhsa)
-                     if self.manifest.dhsa and self.backend.has_dhsa else None)
+        self.dhsa = DHSAParams.from_manifest(self.manifest) if self.backend.has_dhsa else None
         # DHSA chunking: 0 = dynamic boundaries; N > 0 = fixed N-token chunks (a baseline),
         # as exported (``--dhsa fixed_chunk=N``) unless set here
         self.dhsa_fixed_chunk = self.dhsa.fixed_chunk if self.dhsa else 0
@@ -99,6 +99,70 @@ class Engine:
         tuned = (self.manifest.tree or {}).get("tuned_for") or {}
         predicted, plain = tuned.get("predicted_tokens_per_s"), tuned.get("plain_tokens_per_s")
         return predicted is None or plain is None or predicted > plain
+
+    # -- single forwards over the cache: for tools above the Engine (eval-heads, tune-tree,
+    #    benches); the decode loop's own phase functions on this engine's backend and cache --
+    def reset(self) -> None:
+        """Empty the KV cache (its memory stays allocated)."""
+        self.cache.reset()
+
+    @property
+    def capacity(self) -> int:
+        """The KV cache's fixed capacity, in tokens."""
+        return self.cache.capacity
+
+    def prefill_ids(self, ids: list[int], sparse: bool = False) -> StepOutputs:
+        """Append ``ids`` to the cache (DHSA when ``sparse``, into an empty cache); returns
+        the last token's logits and hidden state ([1,V], [1,H])."""
+        if sparse:
+            return prefill_sparse(self.backend, self.cache, ids, self.dhsa_fixed_chunk)
+        return prefill(self.backend, self.cache, ids, self.prefill_chunk)
+
+    def decode_token(self, token: int) -> StepOutputs:
+        """Append one token to the cache; returns its logits and hidden state."""
+        return decode_one(self.backend, self.cache, token)
+
+    def forward_uncommitted(self, ids: list[int] | np.ndarray) -> StepOutputs:
+        """A causal forward of ``ids`` after the cache that leaves its length unchanged (the
+        next call overwrites their entries): timing a verification-sized step."""
+        return forward_block(self.backend, self.cache, ids, logits_rows="all")
+
+    def logprobs(self, ids: list[int], chunk: int = 256) -> np.ndarray:
+        """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1 ([len(ids) - 1] float64), the
+        text scored in causal chunks over the cache (perplexity: ``exp(-mean)``). Resets the
+        cache first; ``len(ids)`` must fit its capacity."""
+        if len(ids) < 2:
+            raise GenerationError("scoring needs at least two tokens")
+        if len(ids) > self.capacity:
+            raise CapacityError(f"{len(ids)} tokens exceed the KV capacity {self.capacity}; "
+                                "score a shorter text or re-export with a larger --max-context")
+        self.reset()
+        out = np.empty(len(ids) - 1)
+        for start in range(0, len(ids) - 1, chunk):
+            piece = ids[start:start + chunk]
+            logits = forward_block(self.backend, self.cache, piece, logits_rows="all").logits
+            self.cache.advance(len(piece))
+            logits = logits.astype(np.float64)
+            shifted = logits - logits.max(axis=-1, keepdims=True)
+            logz = np.log(np.exp(shifted).sum(axis=-1))
+            targets = ids[start + 1:start + 1 + len(piece)]
+            rows = np.arange(len(targets))
+            out[start:start + len(targets)] = shifted[rows, targets] - logz[rows]
+        return out
+
+    def head_candidates(self, hidden: np.ndarray, roots: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """The Medusa heads' top-k ids and scores [K,m,k] for hidden states [m,H] whose next
+        tokens are ``roots`` [m]."""
+        if not self.backend.has_heads:
+            raise GenerationError(f"artifact {self.path} has no Medusa heads; export it with "
+                                  "--heads (or train some with `edgert train-heads`)")
+        return self.backend.medusa_topk(np.asarray(hidden, dtype=np.float32),
+                                        np.asarray(roots, dtype=np.int64))
+
+    @property
+    def has_heads(self) -> bool:
+        return self.backend.has_heads
 
     # -- prompt handling ------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:

@@ -15,6 +15,20 @@ def causal_mask(q: int) -> np.ndarray:
     return np.triu(np.full((q, q), MASK_VALUE, dtype=np.float32), k=1)[None, None]
 
 
+def forward_block(backend: Backend, cache: KVCacheBase, ids, logits_rows: str = "last"
+                  ) -> StepOutputs:
+    """One causal forward of ``ids`` at the end of the cache, not committed: their K/V are
+    written at [length, length + q) and the cache length stays. ``logits_rows``: "last" (the
+    last token's logits/hidden, [1,V]) or "all" ([q,V])."""
+    piece = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # [1,q]
+    q = piece.shape[1]
+    cache.check_room(q)
+    pos = np.arange(cache.length, cache.length + q, dtype=np.int64)[None]
+    rows = np.array([q - 1], dtype=np.int64) if logits_rows == "last" else np.arange(q)
+    return backend.forward(StepInputs(piece, pos, causal_mask(q), rows, cache.length,
+                                      np.arange(-1, q - 1, dtype=np.int64)))
+
+
 def prefill(backend: Backend, cache: KVCacheBase, ids: list[int], chunk: int) -> StepOutputs:
     """Run the prompt through the model in chunks of at most ``chunk`` tokens.
 
@@ -23,13 +37,9 @@ def prefill(backend: Backend, cache: KVCacheBase, ids: list[int], chunk: int) ->
     cache.check_room(len(ids))
     out = None
     for start in range(0, len(ids), chunk):
-        piece = np.asarray(ids[start:start + chunk], dtype=np.int64)[None]  # [1,q]
-        q = piece.shape[1]
-        pos = np.arange(cache.length, cache.length + q, dtype=np.int64)[None]
-        out = backend.forward(StepInputs(piece, pos, causal_mask(q),
-                                         np.array([q - 1], dtype=np.int64), cache.length,
-                                         np.arange(-1, q - 1, dtype=np.int64)))
-        cache.advance(q)
+        piece = ids[start:start + chunk]
+        out = forward_block(backend, cache, piece)
+        cache.advance(len(piece))
     return out
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgert.errors import ArtifactError
-from edgert.runtime.steps import decode_one, prefill
 from edgert.train.prompts import heldout_prompts
 
 
@@ -35,9 +34,9 @@ class HeadAccuracy:
 def greedy_with_hidden(engine, ids: list[int], max_new_tokens: int
                        ) -> tuple[list[int], np.ndarray]:
     """Greedy continuation ids and the hidden state at each decision position [m,H]."""
-    engine.cache.reset()
-    budget = min(max_new_tokens, engine.cache.capacity - len(ids))
-    out = prefill(engine.backend, engine.cache, ids, engine.prefill_chunk)
+    engine.reset()
+    budget = min(max_new_tokens, engine.capacity - len(ids))
+    out = engine.prefill_ids(ids)
     tokens, hidden = [], []
     while True:
         hidden.append(out.hidden[-1])
@@ -45,13 +44,13 @@ def greedy_with_hidden(engine, ids: list[int], max_new_tokens: int
         tokens.append(token)
         if token in engine.eos_ids or len(tokens) >= budget:
             break
-        out = decode_one(engine.backend, engine.cache, token)
+        out = engine.decode_token(token)
     return tokens, np.stack(hidden)
 
 
 def evaluate_heads(engine, prompts: list[str] | None = None, max_new_tokens: int = 96,
                    progress: Callable[[int], None] = lambda n: None) -> HeadAccuracy:
-    if not engine.backend.has_heads:
+    if not engine.has_heads:
         raise ArtifactError(f"artifact {engine.path} has no Medusa heads; export it with "
                             "--heads (or train some with `edgert train-heads`)")
     prompts = prompts if prompts is not None else heldout_prompts()
@@ -63,14 +62,13 @@ def evaluate_heads(engine, prompts: list[str] | None = None, max_new_tokens: int
     skipped = 0
     for prompt in prompts:
         ids = engine.encode(prompt)
-        if len(ids) + num_heads + 2 > engine.cache.capacity:
+        if len(ids) + num_heads + 2 > engine.capacity:
             skipped += 1  # does not fit this artifact's KV capacity
             progress(1)
             continue
         tokens, hidden = greedy_with_hidden(engine, ids, max_new_tokens)
         # the root after hidden[j] is tokens[j], the backbone's own choice there
-        ids, _ = engine.backend.medusa_topk(hidden.astype(np.float32),
-                                            np.asarray(tokens, dtype=np.int64))  # [K,m,k]
+        ids, _ = engine.head_candidates(hidden, tokens)  # [K,m,k]
         m = len(tokens)
         for i in range(num_heads):
             # position j's head i predicts tokens[j + i + 1]

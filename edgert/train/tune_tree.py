@@ -22,8 +22,6 @@ import numpy as np
 
 from edgert.artifact.io import update_manifest
 from edgert.medusa.tree_buffers import build_tree_buffers, expected_accept_length, greedy_tree
-from edgert.runtime.backends import StepInputs
-from edgert.runtime.steps import prefill
 from edgert.train.eval_heads import evaluate_heads
 from edgert.train.prompts import heldout_prompts
 
@@ -43,17 +41,15 @@ def measure_forward_ms(engine, sizes=DEFAULT_SIZES, prefix: int = 200,
     """Median time of one forward of q tokens after ``prefix`` cached tokens."""
     rng = np.random.default_rng(0)
     vocab = engine.manifest.config.vocab_size
-    engine.cache.reset()
-    prefill(engine.backend, engine.cache, rng.integers(0, vocab, prefix).tolist(), 512)
+    engine.reset()
+    engine.prefill_ids(rng.integers(0, vocab, prefix).tolist())
     out = {}
     for q in sizes:
-        mask = np.triu(np.full((q, q), -1e9, dtype=np.float32), 1)[None, None]
-        step = StepInputs(rng.integers(0, vocab, (1, q)), np.arange(prefix, prefix + q)[None],
-                          mask, np.arange(q, dtype=np.int64), engine.cache.length)
+        ids = rng.integers(0, vocab, q)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            engine.backend.forward(step)
+            engine.forward_uncommitted(ids)
             times.append(time.perf_counter() - t0)
         out[q] = statistics.median(times) * 1e3
     return out
@@ -64,7 +60,7 @@ def measure_heads_ms(engine, repeats: int = 15) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        engine.backend.medusa_topk(hidden, np.zeros(1, dtype=np.int64))
+        engine.head_candidates(hidden, np.zeros(1, dtype=np.int64))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
@@ -87,7 +83,7 @@ def choose_tree(rank_accuracy: np.ndarray, latency: dict[int, float], heads_ms: 
 
 
 def device_description(engine) -> dict:
-    return {"device": engine.backend.device, "backend": engine.backend.name,
+    return {"device": engine.device, "backend": engine.backend_name,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d")}
 

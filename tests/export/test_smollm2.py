@@ -19,9 +19,13 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def smollm2_artifact(tmp_path_factory):
     from edgert.export.exporter import ExportOptions, export_model
+    from edgert.export.quantize import WeightOptions
 
     out = tmp_path_factory.mktemp("smollm2") / "artifact"
-    export_model("smollm2-135m", out, ExportOptions(max_context=2048), log=lambda m: None)
+    # fp32 weights: greedy ids identical to transformers' (the default keeps the GGUF's blocks)
+    export_model("smollm2-135m", out, ExportOptions(max_context=2048,
+                                                    weights=WeightOptions(weights="fp32")),
+                 log=lambda m: None)
     return out
 
 

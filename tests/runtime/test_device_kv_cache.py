@@ -17,10 +17,11 @@ tvm = pytest.importorskip("tvm")
 from edgert.passes.tir.kv_commit import (  # noqa: E402
     FUNCTION,
     _gpu_split,
+    build_kv_commit_library,
     kv_commit_module,
     kv_commit_reference,
 )
-from edgert.runtime.device_kv_cache import DeviceKVCache, build_kv_commit_library  # noqa: E402
+from edgert.runtime.device_kv_cache import DeviceKVCache  # noqa: E402
 
 SPEC = KVCacheSpec(capacity=24, num_layers=3, num_kv_heads=2, head_dim=8)
 
@@ -128,7 +129,7 @@ def test_gpu_mapping_splits_wide_buffers(lanes, parts, threads):
 
 def test_gpu_mapping_builds_for_cuda():
     """One kernel for all the buffers (one launch per commit), each thread walking the entries
-    in order; run on a GPU by scripts/gpu_check.py."""
+    in order; run on a GPU by tests/gpu (scripts/gpu_check.sh)."""
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host={"kind": "llvm"})
     lib = tvm.tirx.build(kv_commit_module(6, 2, 8, gpu=True), target)
     source = lib.imports[0].inspect_source()

@@ -170,7 +170,7 @@ def test_tampered_build_is_refused(compiled, tmp_path):
     shutil.copytree(art, copy)
     with open(copy / "tvm" / "llvm" / "decoder.so", "ab") as f:
         f.write(b"x")
-    with pytest.raises(edgert.ArtifactError, match="does not match its hash"):
+    with pytest.raises(edgert.ArtifactError, match="does not match its recorded SHA-256"):
         edgert.load(copy, backend="tvm")
 
 

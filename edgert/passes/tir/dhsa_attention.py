@@ -55,10 +55,14 @@ import math
 from dataclasses import dataclass
 
 from edgert.dhsa.params import DHSAParams
-
-MASKED = -1e30  # online-softmax start; every query keeps at least one key when sink >= 1
-GPU_LANES = 64  # threads per GPU block
-DOT_LANES = 8  # partial sums of the q.k dot product (when head_dim is a multiple)
+from edgert.passes.tir.common import (
+    MASKED,
+    dot_lanes_for,
+    flat_axes,
+    index_type,
+    softmax_state,
+    stage_mapping,
+)
 
 
 @dataclass(frozen=True)
@@ -93,17 +97,6 @@ def dhsa_workload(num_heads: int, num_kv_heads: int, head_dim: int) -> str:
     return f"dhsa_attention_{num_heads}_{num_kv_heads}_{head_dim}"
 
 
-def _grid(gpu: bool):
-    """(outer, inner) loop constructors over ceildiv(items, lanes) x lanes work items:
-    GPU blockIdx.x x threadIdx.x, CPU parallel x serial."""
-    from tvm.script import tirx as T
-
-    if gpu:
-        return (lambda e: T.thread_binding(e, thread="blockIdx.x"),
-                lambda e: T.thread_binding(e, thread="threadIdx.x"))
-    return (lambda e: T.parallel(e), lambda e: T.serial(e))
-
-
 def _selection_exprs(params: DHSAParams):
     """Block bounds and the free-key arithmetic of the selection, as PrimExpr builders."""
     from tvm.script import tirx as T
@@ -129,16 +122,6 @@ def _selection_exprs(params: DHSAParams):
     return block_end, free_keys, free_slots, forced
 
 
-def index_type(index_dtype: str):
-    """(a symbolic length of ``index_dtype``, a cast of an int32 buffer value to an index)."""
-    from tvm.script import tirx as T
-
-    if index_dtype not in ("int32", "int64"):
-        raise ValueError(f"index_dtype must be int32 or int64, not {index_dtype}")
-    length = T.int32 if index_dtype == "int32" else T.int64
-    return length, lambda value: T.Cast(index_dtype, value)
-
-
 def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,
                        gpu: bool = False, knobs: DHSAKnobs = DEFAULT_KNOBS,
                        index_dtype: str = "int64"):
@@ -153,10 +136,8 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
     bs, budget, sink, tail = params.block_size, params.budget, params.sink, params.dense_tail
     center = bool(params.center_keys)
     scale = 1.0 / math.sqrt(d)
-    outer, inner = _grid(gpu)
-    vector = (lambda e: T.serial(e)) if gpu else (lambda e: T.vectorized(e))
-    lanes = GPU_LANES if gpu else 1
-    dot_lanes = DOT_LANES if d % DOT_LANES == 0 else 1
+    outer, inner, vector, lanes = stage_mapping(gpu)
+    dot_lanes = dot_lanes_for(d)
     block_end, free_keys, free_slots, forced = _selection_exprs(params)
     knobs.check(num_heads, num_kv_heads)
     hpt, tile = knobs.heads_per_task, knobs.key_tile
@@ -174,6 +155,18 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
         # TIR's if_then_else evaluates both sides: clamp the selection index
         return T.if_then_else(p >= n - tail, j,
                               index(sel_index[p // bs, T.min(j, budget - 1)]))
+
+    init_state, store_state = softmax_state(hpt, d)
+
+    @T.macro
+    def sum_head_means(src, heads, x, begin, end, head_sum, total):
+        """total[0] = sum over t in [begin, end) of mean_h src[t, h, x]."""
+        total[0] = T.float32(0)
+        for t in range(begin, end):
+            head_sum[0] = T.float32(0)
+            for h in range(heads):
+                head_sum[0] = head_sum[0] + src[t, h, x]
+            total[0] = total[0] + head_sum[0] / T.float32(heads)
 
     @T.macro
     def score_tile(q, k, p, task, key, t, partial, score):
@@ -251,8 +244,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
         for g in outer(T.ceildiv(d, lanes)):
             for lane in inner(lanes):
                 with T.sblock("key_mean"):
-                    x = T.axis.spatial(d, g * lanes + lane)
-                    T.where(g * lanes + lane < d)
+                    x = flat_axes(g * lanes + lane, d)
                     T.reads(k[0:n, 0:hkv, x])
                     T.writes(key_mean[x])
                     mean_sum = T.alloc_buffer((1,), "float32", scope="local")
@@ -268,20 +260,14 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
         for g in outer(T.ceildiv(n * d, lanes)):
             for lane in inner(lanes):
                 with T.sblock("chunk_vectors"):
-                    c = T.axis.spatial(n, (g * lanes + lane) // d)
-                    x = T.axis.spatial(d, (g * lanes + lane) % d)
-                    T.where(g * lanes + lane < n * d)
+                    c, x = flat_axes(g * lanes + lane, n, d)
                     T.reads(k[0:n, 0:hkv, x], pos[0:n + 1], n_chunks[0], key_mean[x])
                     T.writes(chunk_vec[c, x])
                     head_sum = T.alloc_buffer((1,), "float32", scope="local")
                     chunk_sum = T.alloc_buffer((1,), "float32", scope="local")
                     if c < index(n_chunks[0]):
-                        chunk_sum[0] = T.float32(0)
-                        for t in range(index(pos[c]), index(pos[c + 1])):
-                            head_sum[0] = T.float32(0)
-                            for h in range(hkv):
-                                head_sum[0] = head_sum[0] + k[t, h, x]
-                            chunk_sum[0] = chunk_sum[0] + head_sum[0] / T.float32(hkv)
+                        sum_head_means(k, hkv, x, index(pos[c]), index(pos[c + 1]), head_sum,
+                                       chunk_sum)
                         chunk_len = T.Cast("float32", pos[c + 1] - pos[c])
                         chunk_vec[c, x] = (chunk_sum[0] - chunk_len * key_mean[x]) / T.sqrt(
                             chunk_len)
@@ -289,28 +275,19 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
         for g in outer(T.ceildiv(n_blocks(n) * d, lanes)):
             for lane in inner(lanes):
                 with T.sblock("block_vectors"):
-                    b = T.axis.spatial(n_blocks(n), (g * lanes + lane) // d)
-                    x = T.axis.spatial(d, (g * lanes + lane) % d)
-                    T.where(g * lanes + lane < n_blocks(n) * d)
+                    b, x = flat_axes(g * lanes + lane, n_blocks(n), d)
                     T.reads(q[b * bs:block_end(b, n), 0:hq, x])
                     T.writes(block_vec[b, x])
                     head_sum = T.alloc_buffer((1,), "float32", scope="local")
                     block_sum = T.alloc_buffer((1,), "float32", scope="local")
-                    block_sum[0] = T.float32(0)
-                    for t in range(b * bs, block_end(b, n)):
-                        head_sum[0] = T.float32(0)
-                        for h in range(hq):
-                            head_sum[0] = head_sum[0] + q[t, h, x]
-                        block_sum[0] = block_sum[0] + head_sum[0] / T.float32(hq)
+                    sum_head_means(q, hq, x, b * bs, block_end(b, n), head_sum, block_sum)
                     block_vec[b, x] = block_sum[0] / T.sqrt(
                         T.Cast("float32", block_end(b, n) - b * bs))
 
         for g in outer(T.ceildiv(n_blocks(n) * n, lanes)):
             for lane in inner(lanes):
                 with T.sblock("chunk_scores"):
-                    b = T.axis.spatial(n_blocks(n), (g * lanes + lane) // n)
-                    c = T.axis.spatial(n, (g * lanes + lane) % n)
-                    T.where(g * lanes + lane < n_blocks(n) * n)
+                    b, c = flat_axes(g * lanes + lane, n_blocks(n), n)
                     T.reads(block_vec[b, 0:d], chunk_vec[c, 0:d], n_chunks[0])
                     T.writes(score[b, c])
                     dot = T.alloc_buffer((1,), "float32", scope="local")
@@ -323,9 +300,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
         for g in outer(T.ceildiv(n_blocks(n) * n, lanes)):
             for lane in inner(lanes):
                 with T.sblock("chunk_takes"):
-                    b = T.axis.spatial(n_blocks(n), (g * lanes + lane) // n)
-                    c = T.axis.spatial(n, (g * lanes + lane) % n)
-                    T.where(g * lanes + lane < n_blocks(n) * n)
+                    b, c = flat_axes(g * lanes + lane, n_blocks(n), n)
                     T.reads(score[b, 0:n], pos[0:n + 1], n_chunks[0])
                     T.writes(take[b, c])
                     rank = T.alloc_buffer((1,), "int32", scope="local")
@@ -345,8 +320,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
         for g in outer(T.ceildiv(n_blocks(n), lanes)):
             for lane in inner(lanes):
                 with T.sblock("selected_keys"):
-                    b = T.axis.spatial(n_blocks(n), g * lanes + lane)
-                    T.where(g * lanes + lane < n_blocks(n))
+                    b = flat_axes(g * lanes + lane, n_blocks(n))
                     T.reads(pos[0:n + 1], take[b, 0:n])
                     T.writes(sel_index[b, 0:budget], sel_count[b])
                     count = T.alloc_buffer((1,), "int32", scope="local")
@@ -367,9 +341,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
         for g in outer(T.ceildiv(n * tasks, lanes)):
             for lane in inner(lanes):
                 with T.sblock("attention"):
-                    p = T.axis.spatial(n, (g * lanes + lane) // tasks)
-                    task = T.axis.spatial(tasks, (g * lanes + lane) % tasks)
-                    T.where(g * lanes + lane < n * tasks)
+                    p, task = flat_axes(g * lanes + lane, n, tasks)
                     T.reads(q[p, task * hpt:task * hpt + hpt, 0:d],
                             k[0:n, task * hpt // group, 0:d], v[0:n, task * hpt // group, 0:d],
                             sel_index[p // bs, 0:budget], sel_count[p // bs])
@@ -380,11 +352,7 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                     score = T.alloc_buffer((hpt, tile), "float32", scope="local")
                     partial = T.alloc_buffer((hpt, dot_lanes), "float32", scope="local")
                     acc = T.alloc_buffer((hpt, d), "float32", scope="local")
-                    for hh in range(hpt):
-                        m[hh] = T.float32(MASKED)
-                        total[hh] = T.float32(0)
-                        for x in range(d):
-                            acc[hh, x] = T.float32(0)
+                    init_state(m, total, acc)  # MASKED: every query keeps a key (sink >= 1)
                     # the dense tail attends to every key <= p, other queries to their block's
                     # selected keys <= p (ascending): key slot j of n_keys
                     for jt in range(T.ceildiv(n_keys(p, n, sel_count), tile)):
@@ -401,8 +369,6 @@ def dhsa_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, params:
                             if score[0, t] > T.float32(MASKED / 2):
                                 accumulate(v, task, key_at(p, n, jt * tile + t, sel_index), t,
                                            m, total, score, acc)
-                    for hh in range(hpt):
-                        for x in range(d):
-                            out[p, task * hpt + hh, x] = acc[hh, x] / total[hh]
+                    store_state(out, p, task * hpt, acc, total)
 
     return dhsa_attention.with_attr("global_symbol", "edgert_dhsa_attention")

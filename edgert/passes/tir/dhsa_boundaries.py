@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import math
 
+from edgert.dhsa.params import BOUNDARY_EPS as EPS
 from edgert.dhsa.params import DHSAParams
-from edgert.dhsa.reference import EPS
-from edgert.passes.tir.dhsa_attention import DOT_LANES, GPU_LANES, MASKED, _grid, index_type
+from edgert.passes.tir.common import MASKED, dot_lanes_for, flat_axes, index_type, stage_mapping
 
 
 def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params: DHSAParams,
@@ -50,10 +50,8 @@ def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params
     dense_tail = params.dense_tail  # the chunk the instruction starts
     threshold = float(params.boundary_threshold)
     scale = 1.0 / math.sqrt(d)
-    outer, inner = _grid(gpu)
-    vector = (lambda e: T.serial(e)) if gpu else (lambda e: T.vectorized(e))
-    lanes = GPU_LANES if gpu else 1
-    dot_lanes = DOT_LANES if d % DOT_LANES == 0 else 1
+    outer, inner, vector, lanes = stage_mapping(gpu)
+    dot_lanes = dot_lanes_for(d)
     length, index = index_type(index_dtype)
 
     def n_strided(n):  # strided probes: rows (i + 1) * stride - 1 < n - tail
@@ -99,9 +97,7 @@ def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params
         for g in outer(T.ceildiv(n_probes(n) * hq, lanes)):
             for lane in inner(lanes):
                 with T.sblock("probe_softmax"):
-                    i = T.axis.spatial(n_probes(n), (g * lanes + lane) // hq)
-                    h = T.axis.spatial(hq, (g * lanes + lane) % hq)
-                    T.where(g * lanes + lane < n_probes(n) * hq)
+                    i, h = flat_axes(g * lanes + lane, n_probes(n), hq)
                     T.reads(q[0:n, h, 0:d], k[0:n, h // group, 0:d])
                     T.writes(row_max[i, h], row_total[i, h])
                     m = T.alloc_buffer((1,), "float32", scope="local")
@@ -122,9 +118,7 @@ def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params
         for g in outer(T.ceildiv(n_probes(n) * n, lanes)):
             for lane in inner(lanes):
                 with T.sblock("probe_attention"):
-                    i = T.axis.spatial(n_probes(n), (g * lanes + lane) // n)
-                    t = T.axis.spatial(n, (g * lanes + lane) % n)
-                    T.where(g * lanes + lane < n_probes(n) * n)
+                    i, t = flat_axes(g * lanes + lane, n_probes(n), n)
                     T.reads(q[0:n, 0:hq, 0:d], k[t, 0:hkv, 0:d], row_max[i, 0:hq],
                             row_total[i, 0:hq])
                     T.writes(csum[i, 0:n + 1])
@@ -145,8 +139,7 @@ def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params
         for g in outer(T.ceildiv(n_probes(n), lanes)):
             for lane in inner(lanes):
                 with T.sblock("probe_prefix"):
-                    i = T.axis.spatial(n_probes(n), g * lanes + lane)
-                    T.where(g * lanes + lane < n_probes(n))
+                    i = flat_axes(g * lanes + lane, n_probes(n))
                     T.reads(csum[i, 0:n + 1])
                     T.writes(csum[i, 0:n + 1])
                     if fixed_chunk <= 0:
@@ -156,8 +149,7 @@ def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params
         for g in outer(T.ceildiv(n, lanes)):
             for lane in inner(lanes):
                 with T.sblock("ratios"):
-                    c = T.axis.spatial(n, g * lanes + lane)
-                    T.where(g * lanes + lane < n)
+                    c = flat_axes(g * lanes + lane, n)
                     T.reads(csum[0:n_probes(n), 0:n + 1])
                     T.writes(ratio[c])
                     past = T.alloc_buffer((1,), "float32", scope="local")
@@ -177,8 +169,7 @@ def dhsa_boundaries_tir(num_heads: int, num_kv_heads: int, head_dim: int, params
         for g in outer(T.ceildiv(n, lanes)):
             for lane in inner(lanes):
                 with T.sblock("starts"):
-                    t = T.axis.spatial(n, g * lanes + lane)
-                    T.where(g * lanes + lane < n)
+                    t = flat_axes(g * lanes + lane, n)
                     T.reads(ratio[0:n])
                     T.writes(starts[t])
                     window = T.alloc_buffer((1,), "float32", scope="local")

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-FUNCTION = "edgert_kv_commit"
+from edgert.artifact.tvm_build import KV_COMMIT_FUNCTION as FUNCTION
+
 MAX_THREADS = 1024  # CUDA's threads per block
 
 
@@ -102,3 +103,12 @@ def build_kv_commit(spec, target, index_dtype: str = "int64"):
     mod = kv_commit_module(2 * spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype,
                            gpu, index_dtype)
     return tvm.tirx.build(mod, target)
+
+
+def build_kv_commit_library(spec, target: str = "llvm"):
+    """``build_kv_commit`` for a target name ("llvm", "cuda", ...); tests and device checks
+    build it here, the TVM backend loads the one ``edgert compile`` wrote (``kv_commit.so``)."""
+    from edgert.passes.targets import resolve_target
+
+    _, tvm_target = resolve_target(target)
+    return build_kv_commit(spec, tvm_target)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgert.passes.tir.common import loop_mapping
+
 GPU_LANES = 256  # WebGPU's default maximum threads per workgroup
 NO_INDEX = np.iinfo(np.int32).max  # the index of an empty slot: any element beats it
 
@@ -35,12 +37,8 @@ def topk_tir(k: int, gpu: bool = False, index_dtype: str = "int64", lanes: int |
     from tvm.script import tirx as T
 
     lanes = lanes or (GPU_LANES if gpu else 1)
-    if gpu:
-        rows_loop = lambda e: T.thread_binding(e, thread="blockIdx.x")  # noqa: E731
-        lane_loop = lambda e: T.thread_binding(e, thread="threadIdx.x")  # noqa: E731
-        scratch = "shared"
-    else:
-        rows_loop, lane_loop, scratch = (lambda e: T.parallel(e)), (lambda e: T.serial(e)), ""
+    rows_loop, lane_loop = loop_mapping(gpu)
+    scratch = "shared" if gpu else ""
 
     def beats(val, idx, best, where, i):
         return T.Or(val > best[i], T.And(val == best[i], idx < where[i]))

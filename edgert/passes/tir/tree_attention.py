@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MASKED = -1e30  # finite: a row always has its own token, so no row is fully masked
+from edgert.passes.tir.common import MASKED, flat_axes, loop_mapping, softmax_state, vector_loop
 
 
 def tree_attention_reference(q, k_cache, v_cache, order, past: int) -> np.ndarray:
@@ -47,17 +47,6 @@ def tree_attention_reference(q, k_cache, v_cache, order, past: int) -> np.ndarra
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return np.einsum("hit,htd->ihd", probs, values)
-
-
-def _loops(gpu: bool):
-    """(outer, inner) loop constructors over a flat work space: GPU blockIdx x threadIdx, CPU
-    one parallel loop x a serial unit loop."""
-    from tvm.script import tirx as T
-
-    if gpu:
-        return (lambda e: T.thread_binding(e, thread="blockIdx.x"),
-                lambda e: T.thread_binding(e, thread="threadIdx.x"))
-    return (lambda e: T.parallel(e), lambda e: T.serial(e))
 
 
 @dataclass(frozen=True)
@@ -121,10 +110,11 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
     hpt, tile, lanes = knobs.heads_per_task, knobs.key_tile, knobs.lanes
     tasks = hq // hpt
     scale = 1.0 / math.sqrt(d)
-    outer, inner = _loops(gpu)
+    outer, inner = loop_mapping(gpu)
     threads = tasks if gpu else 1  # of the flat loop's blocks (not the SIMD ``lanes``)
     # CPU: SIMD over head_dim / lanes; GPU: serial per thread (no float32x16 in CUDA C)
-    simd = (lambda e: T.serial(e)) if gpu else (lambda e: T.vectorized(e))
+    simd = vector_loop(gpu)
+    init_state, store_state = softmax_state(hpt, d)
 
     def key(jt, t):  # the key index of slot t of tile jt (an expression: no int64 local)
         return jt * tile + t
@@ -150,9 +140,7 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
         for b in outer(T.ceildiv(n * tasks, threads)):
             for th in inner(threads):
                 with T.sblock("attention"):
-                    i = T.axis.spatial(n, (b * threads + th) // tasks)
-                    task = T.axis.spatial(tasks, (b * threads + th) % tasks)
-                    T.where(b * threads + th < n * tasks)
+                    i, task = flat_axes(b * threads + th, n, tasks)
                     T.reads(q[i, task * hpt:task * hpt + hpt, 0:d],
                             kc[task * hpt // group, 0:cap, 0:d],
                             vc[task * hpt // group, 0:cap, 0:d], order[0:n, 0:2])
@@ -164,11 +152,8 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
                     part = T.alloc_buffer((hpt, lanes), "float32", scope="local")
                     m_new = T.alloc_buffer((hpt,), "float32", scope="local")
                     rescale = T.alloc_buffer((hpt,), "float32", scope="local")
-                    for g in range(hpt):
-                        m[g] = T.float32(MASKED)
-                        total[g] = T.float32(0)
-                        for x in range(d):
-                            acc[g, x] = T.float32(0)
+                    # finite MASKED: a row always has its own token, so no row is fully masked
+                    init_state(m, total, acc)
                     for jt in range((past + n + tile - 1) // tile):
                         for t in range(tile):
                             if key(jt, t) < past + n and (key(jt, t) < past or (
@@ -215,9 +200,7 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
                                 for x in simd(d):
                                     acc[g, x] = acc[g, x] + score[g, t] * vc[
                                         task * hpt // group, T.min(key(jt, t), past + n - 1), x]
-                    for g in range(hpt):
-                        for x in range(d):
-                            out[i, task * hpt + g, x] = acc[g, x] / total[g]
+                    store_state(out, i, task * hpt, acc, total)
 
     return tree_attention.with_attr("global_symbol", "edgert_tree_attention")
 
@@ -229,7 +212,8 @@ def kv_append_tir(num_kv_heads: int, head_dim: int, gpu: bool = False):
     hkv, d = num_kv_heads, head_dim
     # GPU: a thread per (entry, element); CPU: a plain serial copy of q x Hkv x D floats
     # (a thread-pool launch costs more than copying a decode step's entries)
-    outer, inner = _loops(gpu) if gpu else (lambda e: T.serial(e), lambda e: T.vectorized(e))
+    outer, inner = loop_mapping(gpu) if gpu else (lambda e: T.serial(e),
+                                                  lambda e: T.vectorized(e))
     lanes = hkv * d
 
     @T.prim_func(private=True, s_tir=True)

@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgert.artifact.tvm_build import TUNING_DATABASE
 from edgert.errors import ArtifactError
 
-FILE = "tuning.json"
+FILE = TUNING_DATABASE
 VERSION = 1
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgert.artifact.tvm_build import build_directory
 from edgert.errors import BackendError
 from edgert.passes.tuning.database import TuningDatabase, TuningRecord
-from edgert.passes.tuning.workloads import Workload
+from edgert.passes.tuning.tunable import Workload
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,10 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
     """Tune the artifact's kernels for ``target``, store the database in
     ``path/tvm/<target>/tuning.json``, and (by default) rebuild with it."""
     from edgert.artifact.io import load_manifest
-    from edgert.passes.build import TVM_DIR, compile_artifact, resolve_target
-    from edgert.passes.tuning.workloads import workloads_for
+    from edgert.dhsa.params import DHSAParams
+    from edgert.passes.build import compile_artifact
+    from edgert.passes.targets import resolve_target
+    from edgert.passes.tuning.tunable import workloads_for
 
     options = options or TuneOptions()
     path = Path(path)
@@ -209,9 +212,9 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
     if spec.gpu and options.rpc is None:
         raise BackendError(f"tuning for {target} measures on a {target} device: pass "
                            "--rpc-tracker/--rpc-key of a device that has one")
-    database = TuningDatabase.load(path / TVM_DIR / target)
+    database = TuningDatabase.load(build_directory(path, target))
     workloads = workloads_for(manifest.config, manifest.kv_cache.capacity, options.kernels,
-                              _dhsa_params(manifest))
+                              DHSAParams.from_manifest(manifest))
     summary = tune(workloads, database, tvm_target, options)
     for name, row in summary.items():
         if row["best_ms"] is None or row["untuned_ms"] is None:
@@ -223,8 +226,3 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
         compile_artifact(path, target, device, log=options.log)
     return summary
 
-
-def _dhsa_params(manifest):
-    from edgert.dhsa.params import DHSAParams
-
-    return DHSAParams.from_dict(manifest.dhsa) if manifest.dhsa else None

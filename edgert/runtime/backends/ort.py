@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgert.artifact.manifest import Manifest
-from edgert.dhsa.params import DHSAParams
-from edgert.dhsa.reference import prefill_calls
+from edgert.artifact.manifest import GraphKey, Manifest
+from edgert.dhsa.params import DHSAParams, prefill_calls
 from edgert.errors import ArtifactError, BackendError
 from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
 from edgert.runtime.kv_cache import KVCache
 
-GRAPH_KEY = "ort_gqa"
+GRAPH_KEY = GraphKey.ORT_GQA
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -81,7 +80,7 @@ class OrtBackend:
             raise ArtifactError(f"artifact {path} has no '{GRAPH_KEY}' graph for ONNX Runtime; "
                                 "re-export it with this edgert")
         self.session = _session(path / graph.file, device, threads)
-        medusa = manifest.graphs.get("medusa")
+        medusa = manifest.graphs.get(GraphKey.MEDUSA)
         self.heads_session = (_session(path / medusa.file, device, threads, spin=False)
                               if medusa else None)
         self._heads_read_root = medusa is not None and heads_read_root(medusa)
@@ -117,14 +116,14 @@ class OrtBackend:
     def _dhsa_session(self, path: Path, manifest: Manifest, threads: int):
         """The DHSA prefill-call graph, with the cache buffers bound in place as its past
         inputs and present outputs."""
-        spec = manifest.graphs.get("dhsa")
+        spec = manifest.graphs.get(GraphKey.DHSA)
         if spec is None:
             return None
         if "prompt_length" not in {t.name for t in spec.inputs}:
             raise ArtifactError(f"artifact {path} has a whole-prompt DHSA graph from an older "
                                 "edgert; re-export it (the DHSA graph now prefills in chunks)")
         session = _session(path / spec.file, self.device, threads, memory_pattern=False)
-        self.dhsa_params = DHSAParams.from_dict(manifest.dhsa)
+        self.dhsa_params = DHSAParams.from_manifest(manifest)
         self._chunk_starts = np.zeros(self.cache.capacity, dtype=bool)
         self.dhsa_binding = session.io_binding()
         self._dhsa_inputs = {i.name for i in session.get_inputs()}

@@ -31,8 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edgert.artifact.manifest import Manifest, sha256_file
-from edgert.errors import ArtifactError, BackendError
+from edgert.artifact.manifest import GraphKey, Manifest
+from edgert.artifact.tvm_build import (
+    DECODER,
+    DHSA_FUNCTION,
+    KV_COMMIT,
+    MEDUSA,
+    build_directory,
+    library,
+    read_build,
+)
+from edgert.errors import BackendError, last_line
 from edgert.medusa.tree_order import (
     causal_order,
     parents_from_mask,
@@ -42,13 +51,6 @@ from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
 from edgert.runtime.kv_cache import ALIGNMENT, KVCache
 
 DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda"}
-DHSA_FUNCTION = "prefill_dhsa"  # edgert.passes.fuse_dhsa_prefill.FUNCTION
-KV_COMMIT_LIBRARY = "kv_commit.so"  # edgert.passes.build writes it next to decoder.so
-
-
-def _last_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:240]
 
 
 def check_cuda_device() -> None:
@@ -133,24 +135,17 @@ class TvmBackend:
             raise BackendError(f"the tvm backend on {device} keeps the KV cache in the device's "
                                "memory (its kernels cannot read host memory); leave "
                                "kv_on_device unset")
-        build = manifest.compiled.get(target)
-        if not build:
-            raise ArtifactError(f"artifact {path} has no TVM build for {target}; run "
-                                f"`edgert compile {path} --target {target}` first")
-        directory = path / "tvm" / target
-        for name, digest in build["hashes"].items():
-            file = directory / name
-            if not file.is_file() or sha256_file(file) != digest:
-                raise ArtifactError(f"{file} is missing or does not match its hash; re-run "
-                                    f"`edgert compile {path} --target {target}`")
-        files = list(build["files"])
-        if "decoder.so" not in files:
-            why = "; ".join(build.get("notes", [])) or "an older edgert wrote only sources"
+        build = read_build(manifest.compiled, path, target)
+        build.verify(path)
+        directory = build_directory(path, target)
+        decoder = library(DECODER)
+        if not build.has_library(DECODER):
+            why = "; ".join(build.notes) or "an older edgert wrote only sources"
             raise BackendError(f"the {target} build of {path} has no loadable library "
-                               f"(decoder.so): {why}; re-run `edgert compile {path} --target "
+                               f"({decoder}): {why}; re-run `edgert compile {path} --target "
                                f"{target}`")
-        if on_device and KV_COMMIT_LIBRARY not in files:
-            raise BackendError(f"the {target} build of {path} has no {KV_COMMIT_LIBRARY} (the "
+        if on_device and not build.has_library(KV_COMMIT):
+            raise BackendError(f"the {target} build of {path} has no {library(KV_COMMIT)} (the "
                                "device KV cache's commit kernel); re-run `edgert compile "
                                f"{path} --target {target}`")
         if target == "cuda":
@@ -161,30 +156,29 @@ class TvmBackend:
         self.device = device
         self._tvm = tvm
         self._dev = dev
-        libraries = ["decoder.so", *(n for n in ("medusa.so", KV_COMMIT_LIBRARY) if n in files)]
+        stems = [stem for stem in (DECODER, MEDUSA, KV_COMMIT) if build.has_library(stem)]
         loaded = {}
         try:
-            with precompiled_cuda(directory, files) if target == "cuda" else nullcontext():
-                for name in libraries:
-                    loaded[name] = tvm.runtime.load_module(str(directory / name))
+            with precompiled_cuda(directory, build.files) if target == "cuda" else nullcontext():
+                for stem in stems:
+                    loaded[stem] = tvm.runtime.load_module(str(directory / library(stem)))
         except Exception as exc:  # TVM raises RuntimeError/TVMError from the loaders
-            raise BackendError(f"cannot load the {target} build of {path}: {_last_line(exc)}"
+            raise BackendError(f"cannot load the {target} build of {path}: {last_line(exc)}"
                                ) from None
         # the loaded libraries are kept: the VMs and the commit call into their code
         self._libs = loaded
-        self.vm = relax.VirtualMachine(loaded["decoder.so"], dev)
-        self.heads_vm = (relax.VirtualMachine(loaded["medusa.so"], dev)
-                         if "medusa.so" in loaded else None)
-        medusa = manifest.graphs.get("medusa")
+        self.vm = relax.VirtualMachine(loaded[DECODER], dev)
+        self.heads_vm = (relax.VirtualMachine(loaded[MEDUSA], dev) if MEDUSA in loaded else None)
+        medusa = manifest.graphs.get(GraphKey.MEDUSA)
         self._heads_read_root = medusa is not None and heads_read_root(medusa)
         if on_device:
             from edgert.runtime.device_kv_cache import DeviceKVCache
 
             try:
-                self.cache = DeviceKVCache(manifest.kv_cache, dev, loaded[KV_COMMIT_LIBRARY])
+                self.cache = DeviceKVCache(manifest.kv_cache, dev, loaded[KV_COMMIT])
             except Exception as exc:  # out of device memory, mostly
                 raise BackendError(f"cannot set up the KV cache ({manifest.kv_cache.bytes >> 20}"
-                                   f" MiB) on {device}: {_last_line(exc)} (out of memory: "
+                                   f" MiB) on {device}: {last_line(exc)} (out of memory: "
                                    "re-export with a smaller --max-context)") from None
             self._cache_tensors = self.cache.tensors()
         else:

@@ -1,10 +1,12 @@
-"""The kernels ``edgert tune`` searches: per model, the workloads, their knobs, their inputs.
+"""The tunable kernels, each described once: read by the compile pipeline and by the tuner.
 
-Each tunable kernel is registered with a function that lists its workloads for a model
-config. A workload knows how to build the kernel for a knob setting, the search space (the
-untuned default first), and the inputs of its measurement (representative shapes: a decode
-step and a Medusa tree at a mid-size context). The objective is the summed latency over those
-shapes.
+A :class:`TunableKernel` names its knobs class and untuned default, how a workload is keyed in
+the tuning database (the kernel's shape), and the workloads ``edgert tune`` measures for a
+model. The pipeline asks it for the knobs of a shape (the database's best, else the default);
+the tuner for its workloads. A workload knows how to build the kernel for a knob setting, the
+search space (the untuned default first), and the inputs of its measurement (representative
+shapes: a decode step and a Medusa tree at a mid-size context). The objective is the summed
+latency over those shapes.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from edgert.dhsa.params import DHSAParams
+from edgert.errors import EdgertError
 from edgert.medusa.tree_order import causal_order, tree_order_from_parents
 from edgert.model.config import LlamaConfig
+from edgert.passes.fuse_parallel_matmuls import decoder_matmul_shapes
 from edgert.passes.tir.dhsa_attention import DEFAULT_KNOBS as DHSA_DEFAULT
 from edgert.passes.tir.dhsa_attention import (
     DHSAKnobs,
@@ -45,6 +49,7 @@ from edgert.passes.tir.tree_attention import (
     tree_attention_tir,
     tree_attention_workload,
 )
+from edgert.passes.tuning.database import TuningDatabase
 
 MEDUSA_TREE = np.array([-1, 0, 0, 1, 1, 2, 3, 4])  # an 8-node tree for the shapes measured
 
@@ -75,12 +80,10 @@ def _named(func, name: str):
 
 
 def matmul_workloads(config: LlamaConfig, context: int, dhsa=None) -> list[Workload]:
-    """The decoder's matmuls after FuseParallelMatmuls (q/k/v fused, gate/up fused), and the
-    Medusa heads' hidden -> hidden blocks."""
-    h, d = config.hidden_size, config.head_dim
-    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
-    shapes = {(h, qkv), (config.num_attention_heads * d, h), (h, 2 * config.intermediate_size),
-              (config.intermediate_size, h), (h, config.vocab_size), (h, h)}
+    """The decoder's matmuls as FuseParallelMatmuls leaves them, and the Medusa heads'
+    hidden -> hidden blocks."""
+    h = config.hidden_size
+    shapes = set(decoder_matmul_shapes(config)) | {(h, h)}
     return [_matmul(k, n) for k, n in sorted(shapes)]
 
 
@@ -150,12 +153,37 @@ def dhsa_workloads(config: LlamaConfig, context: int,
                      max_runs=5)]
 
 
-# kernel -> (model config, KV capacity, DHSA parameters or None) -> its workloads
-TUNABLE: dict[str, Callable[[LlamaConfig, int, DHSAParams | None], list[Workload]]] = {
-    "tree_attention": tree_attention_workloads,
-    "dhsa_attention": dhsa_workloads,
-    "matmul": matmul_workloads,
+@dataclass(frozen=True)
+class TunableKernel:
+    """One tunable kernel: its knobs, its database key, its workloads for a model."""
+
+    name: str
+    knobs: type  # the knobs dataclass
+    default: Any  # the untuned knobs
+    workload_key: Callable[..., str]  # the kernel's shape -> its name in the tuning database
+    # (model config, KV capacity, DHSA parameters or None) -> the workloads to measure
+    workloads: Callable[[LlamaConfig, int, DHSAParams | None], list[Workload]]
+
+    def knobs_for(self, tuning: TuningDatabase, *shape) -> Any:
+        """The database's best knobs for this shape, else the untuned default."""
+        best = tuning.best(self.workload_key(*shape))
+        return self.knobs(**best.knobs) if best else self.default
+
+
+TUNABLE: dict[str, TunableKernel] = {
+    "tree_attention": TunableKernel("tree_attention", TreeAttentionKnobs, TREE_DEFAULT,
+                                    tree_attention_workload, tree_attention_workloads),
+    "dhsa_attention": TunableKernel("dhsa_attention", DHSAKnobs, DHSA_DEFAULT, dhsa_workload,
+                                    dhsa_workloads),
+    "matmul": TunableKernel("matmul", MatmulKnobs, MATMUL_DEFAULT, matmul_workload,
+                            matmul_workloads),
 }
+
+
+def get_tunable(name: str) -> TunableKernel:
+    if name not in TUNABLE:
+        raise EdgertError(f"unknown kernel '{name}'; tunable: {', '.join(TUNABLE)}")
+    return TUNABLE[name]
 
 
 def workloads_for(config: LlamaConfig, context: int, kernels: list[str] | None = None,
@@ -163,8 +191,6 @@ def workloads_for(config: LlamaConfig, context: int, kernels: list[str] | None =
     chosen = kernels or list(TUNABLE)
     unknown = [k for k in chosen if k not in TUNABLE]
     if unknown:
-        from edgert.errors import EdgertError
-
         raise EdgertError(f"unknown kernel(s) {', '.join(unknown)}; tunable: "
                           f"{', '.join(TUNABLE)}")
-    return [w for k in chosen for w in TUNABLE[k](config, context, dhsa)]
+    return [w for k in chosen for w in TUNABLE[k].workloads(config, context, dhsa)]

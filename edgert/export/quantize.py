@@ -1,0 +1,389 @@
+"""Quantized weights in the exported graphs: MatMul -> com.microsoft MatMulNBits, in place.
+
+Export traces every graph in fp32, then rewrites each weight matmul whose weight has a block
+form (``edgert.model.block_quant``) and the token embedding that reads the same tensor::
+
+    y = MatMul(x, W.T)          ->   y = MatMulNBits(x, W.q, W.scales)            symmetric
+                                     y = MatMulNBits(x, W.q, W.scales)            asymmetric
+                                         + MatMul(blocksum(x), W.correction)      (Q4_1, rtn4)
+        blocksum(x) = ReduceSum(Reshape(x, [0, 0, K/32, 32]), -1)    [.., K/32], one per x
+
+    emb = Gather(lm_head_t, ids, axis=1)   ->   emb = Transpose((Cast(Gather(W.q, ids)) - zero)
+                                                       * Gather(W.scales, ids)[.., None])
+                                                 (the tied embedding: the same W.q and scales
+                                                  as the lm_head's MatMulNBits, no fp32 copy)
+
+MatMulNBits computes ``scale * (q - zero)`` with its default zero point (8 for 4 bits, 128
+for 8 bits); an asymmetric block's minimum comes back through the correction, a [K/32, N]
+fp32 matmul (1/32 of the weight's size), so GGUF's Q4_1 runs exactly, with no float zero
+points (which take MLAS's slow dequantize-every-call path). ``accuracy_level`` is the
+``--compute`` mode: 1 computes in fp32 (output = the dequantized model up to summation
+order), 4 quantizes the activations to int8 per block (VNNI). ONNX Runtime has no fp32
+kernel for 8-bit weights, so at ``--compute fp32`` an 8-bit weight is expanded to fp32 when
+the session loads (constant-folded; the file stays 8-bit).
+
+The new initializers are named after the HF weight (``model.layers.3.self_attn.q_proj.weight.q``
+...), so every graph of the artifact refers to one copy in ``model.onnx.data``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgert.errors import ConfigError
+from edgert.model.block_quant import BLOCK, BlockQuantized, quantization_error, quantize_rtn
+from edgert.model.config import LlamaConfig
+from edgert.model.loaded import LoadedModel
+
+WEIGHT_FORMATS = ("auto", "q4", "q8", "fp32")
+COMPUTE_MODES = {"fp32": 1, "int8": 4}  # --compute -> MatMulNBits accuracy_level
+MS_DOMAIN = "com.microsoft"
+_LAYER_WEIGHT = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.MatMul\.B$")
+# GGUF storage types without an exact block form: requantized to this many bits
+_REQUANTIZE_BITS = {"Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q5_0": 8,
+                    "Q5_1": 8, "Q5_K": 8, "Q6_K": 8, "Q8_1": 8, "Q8_K": 8}
+
+
+@dataclass(frozen=True)
+class WeightOptions:
+    """``--weights``: auto keeps the source's precision (GGUF blocks as stored; HF float
+    weights as fp32), q4/q8 quantize every linear weight to 4/8-bit blocks (the embedding
+    and lm_head to 8 bits at q4), fp32 dequantizes everything. ``--compute``: fp32 or int8
+    activations in the quantized matmuls."""
+
+    weights: str = "auto"
+    compute: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_FORMATS:
+            raise ConfigError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got "
+                              f"{self.weights!r}")
+        if self.compute not in COMPUTE_MODES:
+            raise ConfigError(f"--compute must be one of {', '.join(COMPUTE_MODES)}, got "
+                              f"{self.compute!r}")
+
+    @property
+    def accuracy_level(self) -> int:
+        return COMPUTE_MODES[self.compute]
+
+
+def hf_weight_name(initializer: str, config: LlamaConfig) -> str | None:
+    """The transformers weight an exported initializer is (its transpose), or None."""
+    if initializer == "lm_head_t":
+        return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    match = _LAYER_WEIGHT.match(initializer)
+    if match:
+        layer, block, proj = match.groups()
+        return f"model.layers.{layer}.{block}.{proj}.weight"
+    return None
+
+
+def _is_vocab_weight(name: str) -> bool:
+    return name in ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def plan_quantization(loaded: LoadedModel, options: WeightOptions
+                      ) -> tuple[dict[str, BlockQuantized], dict[str, dict]]:
+    """The block form of every weight matrix ``options`` quantizes (HF name -> blocks), and
+    per weight what happened: format, bits, and the error against the source's own fp32
+    values where it was requantized (zero where the blocks are the source's)."""
+    chosen: dict[str, BlockQuantized] = {}
+    report: dict[str, dict] = {}
+    if options.weights == "fp32":
+        return chosen, report
+    for name, tensor in loaded.state_dict.items():
+        if tensor.dim() != 2 or tensor.shape[1] % BLOCK or "norm" in name:
+            continue
+        source_type = loaded.source_types.get(name, "F32")
+        exact = loaded.quantized.get(name)
+        bits = _target_bits(name, source_type, exact, options.weights)
+        if bits is None:
+            continue
+        if exact is not None and exact.bits == bits:
+            chosen[name] = exact
+            report[name] = {"format": exact.source, "bits": bits, "requantized": False}
+            continue
+        weight = tensor.numpy()
+        quantized = quantize_rtn(weight, bits)
+        chosen[name] = quantized
+        report[name] = {"format": quantized.source, "bits": bits, "requantized": True,
+                        "from": source_type, **quantization_error(weight, quantized)}
+    return chosen, report
+
+
+def _target_bits(name: str, source_type: str, exact: BlockQuantized | None,
+                 weights: str) -> int | None:
+    """Bits a weight is stored with under ``--weights`` (None: stays fp32)."""
+    if weights == "q8":
+        return 8
+    if weights == "q4":
+        return 8 if _is_vocab_weight(name) and (exact is None or exact.bits != 4) else 4
+    # auto: the source's own precision
+    if exact is not None:
+        return exact.bits
+    return _REQUANTIZE_BITS.get(source_type)
+
+
+def summarize(report: dict[str, dict], options: WeightOptions) -> dict | None:
+    """The manifest's ``quantization`` section: per tensor group, format and error."""
+    if not report:
+        return None
+    groups: dict[str, dict] = {}
+    for name, row in report.items():
+        group = "vocab" if _is_vocab_weight(name) else name.split(".")[-2]
+        entry = groups.setdefault(group, {"format": row["format"], "bits": row["bits"],
+                                          "tensors": 0, "requantized": row["requantized"],
+                                          "max_error": 0.0, "rms_error": 0.0})
+        entry["tensors"] += 1
+        if row["requantized"]:
+            entry["max_error"] = max(entry["max_error"], row["max"])
+            entry["rms_error"] = max(entry["rms_error"], row["rms"])
+    return {"weights": options.weights, "compute": options.compute,
+            "accuracy_level": options.accuracy_level, "block_size": BLOCK,
+            "op": "com.microsoft.MatMulNBits", "groups": groups}
+
+
+class _GraphQuantizer:
+    """Rewrites one graph's weight MatMuls and tied-embedding Gather (see the module doc)."""
+
+    def __init__(self, graph: onnx.GraphProto, blocks: dict[str, BlockQuantized],
+                 config: LlamaConfig, accuracy_level: int) -> None:
+        self.graph = graph
+        self.blocks = blocks
+        self.config = config
+        self.accuracy_level = accuracy_level
+        self.inits = {init.name: init for init in graph.initializer}
+        self.added: dict[str, onnx.TensorProto] = {}
+        self.blocksums: dict[str, str] = {}  # x -> its blocksum, shared by its matmuls
+        self.constants: dict[str, str] = {}
+        self.used: set[str] = set()  # the HF weights this graph now reads quantized
+        self.casts: set[str] = set()  # load-time expansions already emitted
+
+    def run(self) -> int:
+        new_nodes, replaced = [], 0
+        for node in self.graph.node:
+            rewritten = self._rewrite(node)
+            if rewritten is None:
+                new_nodes.append(node)
+            else:
+                new_nodes += rewritten
+                replaced += 1
+        del self.graph.node[:]
+        self.graph.node.extend(new_nodes)
+        used = {name for node in self.graph.node for name in node.input}
+        kept = [init for init in self.graph.initializer if init.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept + list(self.added.values()))
+        return replaced
+
+    def _weight(self, initializer: str) -> tuple[str, BlockQuantized] | None:
+        if initializer not in self.inits:
+            return None
+        name = hf_weight_name(initializer, self.config)
+        if name is None or name not in self.blocks:
+            return None
+        self.used.add(name)
+        return name, self.blocks[name]
+
+    def _rewrite(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        if node.op_type == "MatMul" and len(node.input) == 2:
+            found = self._weight(node.input[1])
+            if found is not None:
+                return self._matmul(node, *found)
+        if (node.op_type == "Gather" and node.input[0] == "lm_head_t"
+                and _attr(node, "axis", 0) == 1):
+            found = self._weight(node.input[0])
+            if found is not None:
+                return self._embedding(node, *found)
+        return None
+
+    # -- initializers -----------------------------------------------------------------------
+    def _add(self, name: str, array: np.ndarray) -> str:
+        if name not in self.added:
+            self.added[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return name
+
+    def _packed(self, name: str, w: BlockQuantized, nodes: list[onnx.NodeProto]
+                ) -> tuple[str, str]:
+        """B [N, K/32, 32*bits/8] uint8 (4 bits: two values a byte, low nibble first) and
+        fp32 scales [N, K/32]: stored fp16 (``.scales``), cast once when the session loads
+        (ONNX Runtime folds the Cast into a constant before MatMulNBits packs its weights)."""
+        n, k = w.shape
+        q = w.q.reshape(n, k // BLOCK, BLOCK)
+        if w.bits == 4:
+            q = (q[:, :, 0::2] | (q[:, :, 1::2] << np.uint8(4))).astype(np.uint8)
+        b = self._add(f"{name}.q", q)
+        scales = self._as_float(self._add(f"{name}.scales", w.scale.astype(np.float16)), nodes)
+        return b, scales
+
+    def _as_float(self, stored: str, nodes: list[onnx.NodeProto]) -> str:
+        """The fp32 value of an fp16 initializer (one Cast per graph, shared by its readers)."""
+        out = f"{stored}.f32"
+        if out not in self.casts:
+            nodes.append(helper.make_node("Cast", [stored], [out], to=TensorProto.FLOAT,
+                                          name=f"{stored}/Cast"))
+            self.casts.add(out)
+        return out
+
+    def _correction(self, name: str, w: BlockQuantized, scales: str,
+                    nodes: list[onnx.NodeProto]) -> str:
+        """[K/32, N] fp32 ``minimum + zero * scale`` (transposed), from the stored fp16
+        minimum and the scales; computed once when the session loads (folded)."""
+        out = f"{name}.correction"
+        if out in self.casts:
+            return out
+        minimum = self._as_float(self._add(f"{name}.minimum", w.minimum.astype(np.float16)),
+                                 nodes)
+        zero = self._constant(np.array(w.zero, np.float32), f"zero_{w.bits}")
+        nodes += [helper.make_node("Mul", [scales, zero], [f"{out}/zs"], name=f"{out}/Mul"),
+                  helper.make_node("Add", [minimum, f"{out}/zs"], [f"{out}/rows"],
+                                   name=f"{out}/Add"),
+                  helper.make_node("Transpose", [f"{out}/rows"], [out], perm=[1, 0],
+                                   name=f"{out}/Transpose")]
+        self.casts.add(out)
+        return out
+
+    def _constant(self, value: np.ndarray, tag: str) -> str:
+        key = f"edgert.const.{tag}"
+        if key not in self.constants:
+            self.constants[key] = self._add(key, value)
+        return self.constants[key]
+
+    # -- rewrites ---------------------------------------------------------------------------
+    def _matmul(self, node: onnx.NodeProto, name: str, w: BlockQuantized
+                ) -> list[onnx.NodeProto]:
+        n, k = w.shape
+        x, out = node.input[0], node.output[0]
+        prefix = node.name or out
+        if w.bits == 8 and self.accuracy_level == COMPUTE_MODES["fp32"]:
+            # no fp32-compute kernel for 8-bit weights in ORT: expand at load (folded once)
+            nodes, rows = self._dequantized_rows(name, w, None, prefix)
+            t = f"{prefix}/weight_t"
+            return nodes + [helper.make_node("Transpose", [rows], [t], perm=[1, 0],
+                                             name=f"{prefix}/Transpose"),
+                            helper.make_node("MatMul", [x, t], [out], name=prefix)]
+        nodes: list[onnx.NodeProto] = []
+        b, scales = self._packed(name, w, nodes)
+        main = out if w.minimum is None else f"{prefix}/nbits_output"
+        nodes.append(helper.make_node("MatMulNBits", [x, b, scales], [main],
+                                      name=f"{prefix}NBits", domain=MS_DOMAIN, K=k, N=n,
+                                      bits=w.bits, block_size=BLOCK,
+                                      accuracy_level=self.accuracy_level))
+        if w.minimum is None:
+            return nodes
+        sums = self._blocksum(x, k, nodes)
+        table = self._correction(name, w, scales, nodes)
+        nodes += [helper.make_node("MatMul", [sums, table], [f"{prefix}/correction"],
+                                   name=f"{prefix}Correction"),
+                  helper.make_node("Add", [main, f"{prefix}/correction"], [out],
+                                   name=f"{prefix}AddCorrection")]
+        return nodes
+
+    def _blocksum(self, x: str, k: int, nodes: list[onnx.NodeProto]) -> str:
+        if x in self.blocksums:
+            return self.blocksums[x]
+        shape = self._constant(np.array([0, 0, k // BLOCK, BLOCK], np.int64), f"blocks_{k}")
+        last = self._constant(np.array([-1], np.int64), "last_axis")
+        tag = f"{x}/blocksum"
+        nodes += [helper.make_node("Reshape", [x, shape], [f"{tag}/blocks"],
+                                   name=f"{tag}/Reshape"),
+                  helper.make_node("ReduceSum", [f"{tag}/blocks", last], [tag], keepdims=0,
+                                   name=f"{tag}/ReduceSum")]
+        self.blocksums[x] = tag
+        return tag
+
+    def _dequantized_rows(self, name: str, w: BlockQuantized, ids: str | None, p: str
+                          ) -> tuple[list[onnx.NodeProto], str]:
+        """Nodes computing W's rows ``ids`` (1-D; None: every row) in fp32, [m, K], from the
+        packed initializers: ``scale * (q - zero) (+ minimum)``, block by block."""
+        nodes: list[onnx.NodeProto] = []
+        b, scales = self._packed(name, w, nodes)
+        n, k = w.shape
+        const = self._constant
+        last = const(np.array([-1], np.int64), "last_axis")
+        q, s = b, scales
+        if ids is not None:
+            nodes += [helper.make_node("Gather", [b, ids], [f"{p}/q"], axis=0,
+                                       name=f"{p}/GatherQ"),
+                      helper.make_node("Gather", [scales, ids], [f"{p}/s"], axis=0,
+                                       name=f"{p}/GatherScales")]
+            q, s = f"{p}/q", f"{p}/s"
+        nodes.append(helper.make_node("Cast", [q], [f"{p}/qf"], to=TensorProto.FLOAT,
+                                      name=f"{p}/Cast"))
+        q = f"{p}/qf"
+        if w.bits == 4:  # byte j of a block: value 2j in the low nibble, 2j + 1 in the high
+            sixteen = const(np.array(16, np.float32), "f32_16")
+            nodes += [
+                helper.make_node("Div", [q, sixteen], [f"{p}/high_frac"], name=f"{p}/Div"),
+                helper.make_node("Floor", [f"{p}/high_frac"], [f"{p}/high"],
+                                 name=f"{p}/Floor"),
+                helper.make_node("Mul", [f"{p}/high", sixteen], [f"{p}/high16"],
+                                 name=f"{p}/MulHigh"),
+                helper.make_node("Sub", [q, f"{p}/high16"], [f"{p}/low"], name=f"{p}/SubLow"),
+                helper.make_node("Unsqueeze", [f"{p}/low", last], [f"{p}/low1"],
+                                 name=f"{p}/UnsqueezeLow"),
+                helper.make_node("Unsqueeze", [f"{p}/high", last], [f"{p}/high1"],
+                                 name=f"{p}/UnsqueezeHigh"),
+                helper.make_node("Concat", [f"{p}/low1", f"{p}/high1"], [f"{p}/pairs"],
+                                 axis=-1, name=f"{p}/Concat"),
+                helper.make_node("Reshape", [f"{p}/pairs", const(
+                    np.array([-1, k // BLOCK, BLOCK], np.int64), f"blocks3_{k}")],
+                    [f"{p}/unpacked"], name=f"{p}/Unpack")]
+            q = f"{p}/unpacked"
+        zero = const(np.array(w.zero, np.float32), f"zero_{w.bits}")
+        nodes += [helper.make_node("Sub", [q, zero], [f"{p}/centred"], name=f"{p}/Sub"),
+                  helper.make_node("Unsqueeze", [s, last], [f"{p}/s1"], name=f"{p}/Unsqueeze"),
+                  helper.make_node("Mul", [f"{p}/centred", f"{p}/s1"], [f"{p}/rows3"],
+                                   name=f"{p}/Mul")]
+        rows3 = f"{p}/rows3"
+        if w.minimum is not None:
+            table = self._correction(name, w, scales, nodes)  # [K/32, N]
+            nodes += [helper.make_node("Transpose", [table], [f"{p}/corr_rows"], perm=[1, 0],
+                                       name=f"{p}/TransposeCorrection")]
+            corr = f"{p}/corr_rows"
+            if ids is not None:
+                nodes.append(helper.make_node("Gather", [corr, ids], [f"{p}/corr_ids"], axis=0,
+                                              name=f"{p}/GatherCorrection"))
+                corr = f"{p}/corr_ids"
+            nodes += [helper.make_node("Unsqueeze", [corr, last], [f"{p}/corr1"],
+                                       name=f"{p}/UnsqueezeCorrection"),
+                      helper.make_node("Add", [rows3, f"{p}/corr1"], [f"{p}/rows3c"],
+                                       name=f"{p}/AddCorrection")]
+            rows3 = f"{p}/rows3c"
+        flat = const(np.array([-1, k], np.int64), f"rows_{k}")
+        nodes.append(helper.make_node("Reshape", [rows3, flat], [f"{p}/rows"],
+                                      name=f"{p}/Reshape"))
+        return nodes, f"{p}/rows"
+
+    def _embedding(self, node: onnx.NodeProto, name: str, w: BlockQuantized
+                   ) -> list[onnx.NodeProto]:
+        """The tied embedding, Gather(lm_head_t [H, V], ids [q], axis=1) -> [H, q], from the
+        quantized rows of the lm_head's own initializers."""
+        p = node.name or node.output[0]
+        nodes, rows = self._dequantized_rows(name, w, node.input[1], p)
+        return nodes + [helper.make_node("Transpose", [rows], [node.output[0]], perm=[1, 0],
+                                         name=f"{p}/Transpose")]
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def quantize_graph(model: onnx.ModelProto, blocks: dict[str, BlockQuantized],
+                   config: LlamaConfig, options: WeightOptions) -> set[str]:
+    """Rewrite ``model``'s weight matmuls (and tied embedding) onto ``blocks``, in place;
+    returns the HF weights it now reads quantized. Adds the com.microsoft opset if needed."""
+    if not blocks:
+        return set()
+    rewriter = _GraphQuantizer(model.graph, blocks, config, options.accuracy_level)
+    if rewriter.run() and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return rewriter.used

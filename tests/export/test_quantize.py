@@ -1,0 +1,160 @@
+"""Quantized weights in the exported graphs (MatMulNBits, the quantized tied embedding).
+
+Each quantized artifact is compared with an fp32 artifact of the *dequantized* weights: with
+``--compute fp32`` the two must agree to float rounding (MatMulNBits dequantizes in the kernel;
+the asymmetric correction and the embedding are exact), with ``--compute int8`` to the
+activation quantization's error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import edgert
+from edgert.errors import ConfigError
+from edgert.export.exporter import ExportOptions, export_loaded
+from edgert.export.quantize import WeightOptions, hf_weight_name, plan_quantization
+from edgert.model.block_quant import quantize_rtn
+from edgert.model.sources import load_model
+
+IDS = [5, 17, 120, 7, 300, 42, 42, 9, 250, 3, 77, 1]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return load_model(str(tiny_dir))
+
+
+def with_blocks(loaded, bits_by_name: dict[str, int]):
+    """The model with these weights replaced by their block form (as a quantized GGUF would
+    carry them: exact blocks, and fp32 values equal to their dequantization)."""
+    state = dict(loaded.state_dict)
+    blocks = {}
+    for name, bits in bits_by_name.items():
+        blocks[name] = quantize_rtn(state[name].numpy(), bits, source=f"Q{bits}_test")
+        state[name] = torch.from_numpy(blocks[name].dequantize())
+    return dataclasses.replace(loaded, state_dict=state, quantized=blocks,
+                               source_types={n: f"Q{b}_test" for n, b in bits_by_name.items()})
+
+
+def export(model, path, weights="auto", compute="fp32"):
+    export_loaded(model, path, ExportOptions(max_context=128, dhsa=None, use_heads=False,
+                                             weights=WeightOptions(weights, compute)),
+                  log=lambda m: None)
+    return path
+
+
+def logprobs(path) -> np.ndarray:
+    return edgert.load(path).logprobs(IDS)
+
+
+def linear_names(loaded) -> list[str]:
+    return [n for n, t in loaded.state_dict.items()
+            if t.dim() == 2 and "proj" in n]
+
+
+@pytest.fixture(scope="module")
+def mixed(loaded, tmp_path_factory):
+    """4-bit linear layers and a 4-bit tied embedding/lm_head (the embedding's nibble path),
+    next to the fp32 export of the same dequantized weights."""
+    bits = {name: 4 for name in linear_names(loaded)}
+    bits["model.embed_tokens.weight"] = 4
+    model = with_blocks(loaded, bits)
+    root = tmp_path_factory.mktemp("quant")
+    return (model, export(model, root / "q_fp32"), export(model, root / "q_int8", compute="int8"),
+            export(model, root / "fp32", weights="fp32"))
+
+
+def test_fp32_compute_equals_the_dequantized_model(mixed):
+    _, quantized, _, reference = mixed
+    np.testing.assert_allclose(logprobs(quantized), logprobs(reference), atol=2e-4)
+
+
+def test_int8_compute_stays_close(mixed):
+    _, _, int8, reference = mixed
+    diff = np.abs(logprobs(int8) - logprobs(reference))
+    assert diff.max() < 0.25 and diff.mean() < 0.05
+
+
+def test_8bit_weights_at_fp32_compute_expand_at_load(loaded, tmp_path):
+    model = with_blocks(loaded, {"model.embed_tokens.weight": 8,
+                                 **{n: 8 for n in linear_names(loaded)}})
+    quantized = export(model, tmp_path / "q8", compute="fp32")
+    reference = export(model, tmp_path / "fp32", weights="fp32")
+    np.testing.assert_allclose(logprobs(quantized), logprobs(reference), atol=2e-4)
+    graph = onnx.load(str(quantized / "model.ort.onnx"), load_external_data=False)
+    assert not any(n.op_type == "MatMulNBits" for n in graph.graph.node)  # no fp32 8-bit kernel
+
+
+def test_graphs_share_one_copy_of_the_quantized_weights(mixed):
+    _, quantized, _, _ = mixed
+    offsets = {}
+    for file in ("model.onnx", "model.ort.onnx"):
+        graph = onnx.load(str(quantized / file), load_external_data=False).graph
+        names = {i.name for i in graph.initializer}
+        assert "lm_head_t" not in names and not any(n.endswith(".MatMul.B") for n in names)
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("MatMulNBits") == 7 * 2 + 1  # 7 projections x 2 layers, lm_head
+        offsets[file] = {i.name: tuple((e.key, e.value) for e in i.external_data)
+                         for i in graph.initializer if i.external_data}
+    assert offsets["model.onnx"] == offsets["model.ort.onnx"]
+    assert "model.embed_tokens.weight.q" in offsets["model.onnx"]
+
+
+def test_manifest_records_the_formats(mixed):
+    _, quantized, _, reference = mixed
+    section = edgert.load(quantized).manifest.quantization
+    assert section["compute"] == "fp32" and section["accuracy_level"] == 1
+    assert section["groups"]["q_proj"]["format"] == "Q4_test"
+    assert section["groups"]["vocab"]["bits"] == 4
+    assert section["groups"]["q_proj"]["requantized"] is False
+    assert edgert.load(reference).manifest.quantization is None
+
+
+def test_q4_requantizes_a_float_model_and_reports_the_error(loaded):
+    blocks, report = plan_quantization(loaded, WeightOptions("q4"))
+    assert blocks["model.layers.0.self_attn.q_proj.weight"].bits == 4
+    assert blocks["model.embed_tokens.weight"].bits == 8  # the vocab stays 8-bit at q4
+    row = report["model.layers.0.mlp.up_proj.weight"]
+    assert row["requantized"] and 0 < row["rms"] < row["max"]
+    assert not any("norm" in name for name in blocks)
+    assert plan_quantization(loaded, WeightOptions("auto")) == ({}, {})  # fp32 source
+
+
+def test_auto_keeps_exact_blocks(loaded):
+    model = with_blocks(loaded, {"model.layers.1.mlp.down_proj.weight": 4})
+    blocks, report = plan_quantization(model, WeightOptions("auto"))
+    assert list(blocks) == ["model.layers.1.mlp.down_proj.weight"]
+    assert blocks["model.layers.1.mlp.down_proj.weight"] is \
+        model.quantized["model.layers.1.mlp.down_proj.weight"]
+    assert report["model.layers.1.mlp.down_proj.weight"]["requantized"] is False
+
+
+def test_initializer_names_map_to_transformers_weights(loaded):
+    config = loaded.config
+    assert hf_weight_name("layers.3.self_attn.q_proj.MatMul.B", config) == \
+        "model.layers.3.self_attn.q_proj.weight"
+    assert hf_weight_name("lm_head_t", config) == "model.embed_tokens.weight"
+    untied = dataclasses.replace(config, tie_word_embeddings=False)
+    assert hf_weight_name("lm_head_t", untied) == "lm_head.weight"
+    assert hf_weight_name("heads.blocks.0.0.linear.weight", config) is None
+
+
+@pytest.mark.parametrize("field, value", [("weights", "q3"), ("compute", "fp16")])
+def test_bad_options_are_named(field, value):
+    with pytest.raises(ConfigError, match=f"--{field}"):
+        WeightOptions(**{field: value})
+
+
+def test_tvm_compile_refuses_a_quantized_artifact_in_one_line(mixed):
+    pytest.importorskip("tvm")
+    from edgert.errors import BackendError
+    from edgert.passes.build import compile_artifact
+
+    with pytest.raises(BackendError, match="--weights fp32"):
+        compile_artifact(mixed[1], "llvm", log=lambda m: None)
