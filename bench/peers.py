@@ -76,6 +76,16 @@ class GenaiPeer:
         import onnxruntime_genai as og
 
         source = manifest.source.get("registered_name") or manifest.source["path"]
+        out = self.build(source, precision)
+        self.name = f"onnxruntime-genai {precision}"
+        self.og = og
+        self.model = og.Model(str(out))
+        self.eos = set(manifest.tokenizer.eos_token_ids)
+
+    @staticmethod
+    def build(source: str, precision: str) -> Path:
+        """The builder's model of ``source``'s weights (written once under artifacts/peers;
+        its defaults: int4 is block 32, accuracy level 4)."""
         hf_dir = write_hf_dir(source, PEERS_DIR / "hf")
         out = PEERS_DIR / f"ort-genai-{precision}"
         if not (out / "genai_config.json").is_file():
@@ -85,10 +95,7 @@ class GenaiPeer:
                            check=True, capture_output=True)
             print(f"built onnxruntime-genai {precision} model in {time.time() - t0:.0f} s",
                   file=sys.stderr)
-        self.name = f"onnxruntime-genai {precision}"
-        self.og = og
-        self.model = og.Model(str(out))
-        self.eos = set(manifest.tokenizer.eos_token_ids)
+        return out
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         og = self.og

@@ -11,14 +11,26 @@ import click
 
 from edgert.errors import EdgertError
 
+# packages of the extras -> the extra that installs them (`pip install edgert` runs artifacts)
+EXTRA_OF = {"torch": "export", "onnx": "export", "gguf": "export", "safetensors": "export",
+            "tvm": "tvm", "tvm_ffi": "tvm"}
+
 
 def friendly_errors(func):
-    """Turn EdgertError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Turn EdgertError (and Ctrl-C) into one line on stderr and a non-zero exit; a missing
+    package of an extra into the install command that brings it."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            extra = EXTRA_OF.get((exc.name or "").split(".")[0])
+            if extra is None:
+                raise
+            click.echo(f"error: this command needs {exc.name}, which `pip install edgert` does "
+                       f"not bring; install the extra: pip install 'edgert[{extra}]'", err=True)
+            sys.exit(1)
         except EdgertError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
@@ -82,6 +94,18 @@ def export(model: str, output: Path, max_context: int | None, force: bool, heads
                                               heads=heads, use_heads=not no_heads,
                                               medusa_topk=medusa_topk, tree=tree, dhsa=dhsa,
                                               weights=WeightOptions(weights, compute)))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@friendly_errors
+def verify(artifact: Path) -> None:
+    """Check every byte of ARTIFACT's files against the SHA-256 recorded at export (a load
+    checks sizes and sampled digests only)."""
+    from edgert.artifact.io import load_manifest
+
+    manifest = load_manifest(artifact, verify="full")
+    click.echo(f"ok: {len(manifest.files)} files of {artifact} match their SHA-256")
 
 
 @main.command("compile")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -52,6 +53,34 @@ def hash_files(directory: Path, names: list[str]) -> dict[str, str]:
     return {name: sha256_file(directory / name) for name in sorted(names)}
 
 
+QUICK_FULL_HASH_BYTES = 8 << 20  # files up to this size are hashed whole even in a quick check
+SAMPLE_WINDOWS = 16
+SAMPLE_BYTES = 64 << 10
+
+
+def sample_digest(path: Path, size: int) -> str:
+    """SHA-256 of ``SAMPLE_WINDOWS`` windows of ``SAMPLE_BYTES`` spread evenly over the file
+    (its first and last bytes included): 1 MiB read, whatever the file's size."""
+    digest = hashlib.sha256()
+    last = max(size - SAMPLE_BYTES, 0)
+    with open(path, "rb") as f:
+        for i in range(SAMPLE_WINDOWS):
+            f.seek(last * i // (SAMPLE_WINDOWS - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def quick_checks(directory: Path, names: list[str]) -> dict[str, dict]:
+    """Per large file, its size and sampled digest: what a load checks instead of hashing
+    every byte (``edgert verify`` hashes every byte)."""
+    checks = {}
+    for name in sorted(names):
+        size = (directory / name).stat().st_size
+        if size > QUICK_FULL_HASH_BYTES:
+            checks[name] = {"size": size, "sample_sha256": sample_digest(directory / name, size)}
+    return checks
+
+
 def read_manifest(path: Path) -> Manifest:
     """Read and validate ``edgert.json`` of an artifact directory (no hash check)."""
     path = Path(path)
@@ -93,17 +122,37 @@ def verify_hashes(directory: Path, hashes: dict[str, str], fix: str,
                                 f"(corrupt, truncated or modified); {fix}")
 
 
+REEXPORT = "the artifact is incomplete or damaged: re-export it"
+
+
 def verify_files(path: Path, manifest: Manifest,
-                 progress: Callable[[str], None] | None = None) -> None:
-    """Check every file listed in the manifest exists with the recorded SHA-256."""
-    verify_hashes(path, manifest.files, "the artifact is incomplete or damaged: re-export it",
-                  progress)
+                 progress: Callable[[str], None] | None = None, full: bool = True) -> None:
+    """Check every file listed in the manifest. ``full``: its SHA-256 over every byte. Quick
+    (``full=False``): a large file's size and sampled digest (``quick_checks``), every other
+    file's SHA-256; an artifact exported before quick checks existed is checked in full."""
+    quick = {} if full else manifest.file_checks
+    hashed = {name: digest for name, digest in manifest.files.items() if name not in quick}
+    verify_hashes(path, hashed, REEXPORT, progress)
+    for name, check in quick.items():
+        file = Path(path) / name
+        if not file.is_file():
+            raise ArtifactError(f"artifact file {file} is missing; {REEXPORT}")
+        if progress:
+            progress(name)
+        size = file.stat().st_size
+        if size != check["size"] or sample_digest(file, size) != check["sample_sha256"]:
+            raise ArtifactError(f"artifact file {file} does not match its recorded size and "
+                                f"sampled SHA-256 (corrupt, truncated or modified); {REEXPORT}")
 
 
-def load_manifest(path: Path, verify: bool = True) -> Manifest:
+def load_manifest(path: Path, verify: bool | str = True) -> Manifest:
+    """Read the manifest and check the files: ``verify`` True or "quick" (sizes and sampled
+    digests of the large files, SHA-256 of the rest), "full" (SHA-256 of every byte), False."""
+    if verify not in (True, False, "quick", "full"):
+        raise ConfigError(f"verify must be True, False, 'quick' or 'full', got {verify!r}")
     manifest = read_manifest(path)
     if verify:
-        verify_files(Path(path), manifest)
+        verify_files(Path(path), manifest, full=verify == "full")
     return manifest
 
 

@@ -125,6 +125,8 @@ class Manifest:
     tree: dict[str, Any] | None = None
     dhsa: dict[str, Any] | None = None
     compiled: dict[str, Any] = field(default_factory=dict)
+    # large file -> {"size", "sample_sha256"}: what a load checks (artifact.io.quick_checks)
+    file_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from edgert.__about__ import __version__
-from edgert.artifact.io import atomic_directory, hash_files, write_manifest
+from edgert.artifact.io import atomic_directory, hash_files, quick_checks, write_manifest
 from edgert.artifact.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -215,6 +215,7 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             ),
             source=loaded.source,
             files=hash_files(tmp, written),
+            file_checks=quick_checks(tmp, written),
             medusa=medusa,
             tree=tree,
             dhsa=dhsa.to_dict() if dhsa is not None else None,

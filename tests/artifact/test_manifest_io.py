@@ -16,7 +16,7 @@ import pytest
 import edgert
 from edgert.artifact.io import load_manifest, read_manifest
 from edgert.artifact.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
-from edgert.errors import ArtifactError
+from edgert.errors import ArtifactError, ConfigError
 
 
 @pytest.fixture()
@@ -45,6 +45,49 @@ def test_modified_file_is_detected(artifact_copy):
         f.write(" ")
     with pytest.raises(ArtifactError, match="SHA-256"):
         edgert.load(artifact_copy)
+
+
+def test_a_load_samples_large_files_and_verify_reads_every_byte(artifact_copy, monkeypatch):
+    """Files over QUICK_FULL_HASH_BYTES are checked at load by size and sampled digest; a
+    byte changed between the samples is found by the full check (``edgert verify``)."""
+    from edgert.artifact import io
+    from edgert.artifact.io import quick_checks, update_manifest
+
+    monkeypatch.setattr(io, "QUICK_FULL_HASH_BYTES", 1024)
+    monkeypatch.setattr(io, "SAMPLE_BYTES", 64)
+    data = artifact_copy / "model.onnx.data"
+    update_manifest(artifact_copy, {"file_checks": quick_checks(artifact_copy,
+                                                                ["model.onnx.data"])})
+    size = data.stat().st_size
+    between = (size - 64) // 30  # past window 0's 64 bytes, before window 1 at size/15
+    with open(data, "r+b") as f:
+        f.seek(between)
+        byte = f.read(1)
+        f.seek(between)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    load_manifest(artifact_copy)  # the quick check does not read that byte
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_manifest(artifact_copy, verify="full")
+    with open(data, "r+b") as f:  # the first bytes are sampled
+        f.write(bytes([f.read(1)[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match="sampled SHA-256"):
+        edgert.load(artifact_copy)
+    with pytest.raises(ConfigError, match="'quick' or 'full'"):
+        load_manifest(artifact_copy, verify="sometimes")
+
+
+def test_verify_command(artifact_copy):
+    from click.testing import CliRunner
+
+    from edgert.cli import main
+
+    result = CliRunner().invoke(main, ["verify", str(artifact_copy)])
+    assert result.exit_code == 0 and "match their SHA-256" in result.output
+    with open(artifact_copy / "model.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    result = CliRunner().invoke(main, ["verify", str(artifact_copy)])
+    assert result.exit_code == 1 and "error:" in result.output
 
 
 def test_truncated_weights_are_detected(artifact_copy):

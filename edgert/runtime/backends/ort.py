@@ -3,6 +3,11 @@
 Each layer's cache buffer is bound once, through IOBinding, as both ``past_*`` and
 ``present_*``: GQA reads the prefix in place and writes the q new entries at
 [past_len, past_len+q). Nothing proportional to the context is copied per step.
+
+Only the decoder's session opens at load. The Medusa heads' session opens on the first
+heads call (after the first token, so it does not delay it), the DHSA prefill's on the first
+prompt long enough for it: each ONNX Runtime session packs its own copy of the quantized
+weights it reads, so a session a request does not need costs nothing.
 """
 
 from __future__ import annotations
@@ -80,10 +85,10 @@ class OrtBackend:
             raise ArtifactError(f"artifact {path} has no '{GRAPH_KEY}' graph for ONNX Runtime; "
                                 "re-export it with this edgert")
         self.session = _session(path / graph.file, device, threads)
-        medusa = manifest.graphs.get(GraphKey.MEDUSA)
-        self.heads_session = (_session(path / medusa.file, device, threads, spin=False)
-                              if medusa else None)
-        self._heads_read_root = medusa is not None and heads_read_root(medusa)
+        self._path, self._threads = path, threads
+        self._medusa = manifest.graphs.get(GraphKey.MEDUSA)
+        self._heads_session = None
+        self._heads_read_root = self._medusa is not None and heads_read_root(self._medusa)
         self.device = device
         self.cache = cache = KVCache(manifest.kv_cache)
         self.binding = self.session.io_binding()
@@ -98,11 +103,21 @@ class OrtBackend:
             self.binding.bind_ortvalue_input(f"past_{kind}_{layer}", value)
             self.binding.bind_ortvalue_output(f"present_{kind}_{layer}", value)
             self._cache_values.append(value)
-        self.dhsa_session = self._dhsa_session(path, manifest, threads)
+        self._dhsa_spec = self._check_dhsa_graph(path, manifest)
+        self.dhsa_params = DHSAParams.from_manifest(manifest) if self._dhsa_spec else None
+        self._dhsa_session = None
 
     @property
     def has_heads(self) -> bool:
-        return self.heads_session is not None
+        return self._medusa is not None
+
+    @property
+    def heads_session(self):
+        """The Medusa heads' session, opened on first use."""
+        if self._heads_session is None and self._medusa is not None:
+            self._heads_session = _session(self._path / self._medusa.file, self.device,
+                                           self._threads, spin=False)
+        return self._heads_session
 
     def medusa_topk(self, hidden: np.ndarray, roots: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -113,17 +128,26 @@ class OrtBackend:
         ids, logits = self.heads_session.run(None, feed)
         return ids, logits
 
-    def _dhsa_session(self, path: Path, manifest: Manifest, threads: int):
-        """The DHSA prefill-call graph, with the cache buffers bound in place as its past
-        inputs and present outputs."""
+    @staticmethod
+    def _check_dhsa_graph(path: Path, manifest: Manifest):
         spec = manifest.graphs.get(GraphKey.DHSA)
-        if spec is None:
-            return None
-        if "prompt_length" not in {t.name for t in spec.inputs}:
+        if spec is not None and "prompt_length" not in {t.name for t in spec.inputs}:
             raise ArtifactError(f"artifact {path} has a whole-prompt DHSA graph from an older "
                                 "edgert; re-export it (the DHSA graph now prefills in chunks)")
-        session = _session(path / spec.file, self.device, threads, memory_pattern=False)
-        self.dhsa_params = DHSAParams.from_manifest(manifest)
+        return spec
+
+    @property
+    def dhsa_session(self):
+        """The DHSA prefill-call session, opened on the first sparse prefill."""
+        if self._dhsa_session is None and self._dhsa_spec is not None:
+            self._dhsa_session = self._open_dhsa_session()
+        return self._dhsa_session
+
+    def _open_dhsa_session(self):
+        """The DHSA prefill-call graph, with the cache buffers bound in place as its past
+        inputs and present outputs."""
+        session = _session(self._path / self._dhsa_spec.file, self.device, self._threads,
+                           memory_pattern=False)
         self._chunk_starts = np.zeros(self.cache.capacity, dtype=bool)
         self.dhsa_binding = session.io_binding()
         self._dhsa_inputs = {i.name for i in session.get_inputs()}
@@ -139,12 +163,13 @@ class OrtBackend:
 
     @property
     def has_dhsa(self) -> bool:
-        return self.dhsa_session is not None
+        return self._dhsa_spec is not None
 
     def prefill_sparse(self, ids: np.ndarray, fixed_chunk: int = 0) -> StepOutputs:
         """DHSA prefill into an empty cache, call by call (``prefill_calls``: query chunks of
         ``prefill_chunk`` tokens against the cache): ids [1,T]; K/V land at [0, T)."""
         total = ids.shape[1]
+        session = self.dhsa_session
         b = self.dhsa_binding
         starts = self._chunk_starts
         for name, value in (("dhsa_fixed_chunk", fixed_chunk), ("prompt_length", total)):
@@ -157,7 +182,7 @@ class OrtBackend:
             b.bind_cpu_input("past_chunk_starts", starts[:start])
             for name in ("logits", "hidden", "chunk_starts"):
                 b.bind_output(name, "cpu")
-            self.dhsa_session.run_with_iobinding(b)  # K/V written into the cache in place
+            session.run_with_iobinding(b)  # K/V written into the cache in place
             outputs = dict(zip(self._dhsa_outputs, b.get_outputs()))
             starts[start:end] = outputs["chunk_starts"].numpy()
         return StepOutputs(logits=outputs["logits"].numpy()[0],
