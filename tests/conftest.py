@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,10 @@ import pytest
 from tests.tiny_model import build_tiny_llama_dir
 
 TINY_CAPACITY = 768
+
+# ONNX Runtime's optimized-graph cache (runtime/backends/ort_cache.py): a fresh one per run,
+# never the user's ~/.cache (subprocesses inherit it)
+os.environ["EDGERT_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgert-test-cache-")
 
 
 @pytest.fixture(scope="session")

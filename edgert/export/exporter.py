@@ -233,12 +233,17 @@ def _quantize_graphs(graphs: dict, loaded: LoadedModel, options: WeightOptions,
     if not blocks:
         return None
     used: set[str] = set()
-    for graph in graphs.values():
-        used |= quantize_graph(graph, blocks, loaded.config, options)
+    own: dict[str, dict] = {}
+    for file, graph in graphs.items():
+        graph_used, graph_own = quantize_graph(graph, blocks, loaded.config, options,
+                                               own_weights=file == MEDUSA_FILE)
+        used |= graph_used
+        own.update(graph_own)
     requantized = [row for name, row in report.items() if name in used and row["requantized"]]
     log(f"weights: {len(used)} matrices in {options.weights} blocks "
-        f"({len(requantized)} requantized), compute {options.compute}")
-    return summarize({name: report[name] for name in used}, options)
+        f"({len(requantized)} requantized), {len(own)} Medusa head matrices 8-bit, compute "
+        f"{options.compute}")
+    return summarize({**{name: report[name] for name in used}, **own}, options)
 
 
 def export_model(source: str, output: Path, options: ExportOptions = ExportOptions(),

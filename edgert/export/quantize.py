@@ -135,7 +135,8 @@ def summarize(report: dict[str, dict], options: WeightOptions) -> dict | None:
         return None
     groups: dict[str, dict] = {}
     for name, row in report.items():
-        group = "vocab" if _is_vocab_weight(name) else name.split(".")[-2]
+        group = ("medusa_heads" if name.startswith(("heads.", "medusa_")) else
+                 "vocab" if _is_vocab_weight(name) else name.split(".")[-2])
         entry = groups.setdefault(group, {"format": row["format"], "bits": row["bits"],
                                           "tensors": 0, "requantized": row["requantized"],
                                           "max_error": 0.0, "rms_error": 0.0})
@@ -152,9 +153,10 @@ class _GraphQuantizer:
     """Rewrites one graph's weight MatMuls and tied-embedding Gather (see the module doc)."""
 
     def __init__(self, graph: onnx.GraphProto, blocks: dict[str, BlockQuantized],
-                 config: LlamaConfig, accuracy_level: int) -> None:
+                 config: LlamaConfig, accuracy_level: int, own_bits: int | None = None) -> None:
         self.graph = graph
-        self.blocks = blocks
+        self.blocks = dict(blocks)
+        self.own_bits = own_bits  # quantize this graph's own weights (Medusa heads) too
         self.config = config
         self.accuracy_level = accuracy_level
         self.inits = {init.name: init for init in graph.initializer}
@@ -163,6 +165,7 @@ class _GraphQuantizer:
         self.constants: dict[str, str] = {}
         self.used: set[str] = set()  # the HF weights this graph now reads quantized
         self.casts: set[str] = set()  # load-time expansions already emitted
+        self.own: dict[str, dict] = {}  # this graph's own weights quantized: name -> report
 
     def run(self) -> int:
         new_nodes, replaced = [], 0
@@ -181,20 +184,52 @@ class _GraphQuantizer:
         self.graph.initializer.extend(kept + list(self.added.values()))
         return replaced
 
-    def _weight(self, initializer: str) -> tuple[str, BlockQuantized] | None:
+    def _weight(self, initializer: str, transposed: bool = True
+                ) -> tuple[str, BlockQuantized] | None:
+        """The block form of the weight an initializer holds (``transposed``: the initializer
+        is W.T, a MatMul's B; else W, a Gemm's transB operand)."""
         if initializer not in self.inits:
             return None
         name = hf_weight_name(initializer, self.config)
-        if name is None or name not in self.blocks:
+        if name is None:
+            return self._own_weight(initializer, transposed)
+        if name not in self.blocks:
             return None
         self.used.add(name)
         return name, self.blocks[name]
+
+    def _own_weight(self, initializer: str, transposed: bool
+                    ) -> tuple[str, BlockQuantized] | None:
+        """A weight of this graph alone (the Medusa heads' blocks and projection),
+        round-to-nearest quantized to ``own_bits`` when asked."""
+        if self.own_bits is None:
+            return None
+        if initializer not in self.blocks:
+            tensor = self.inits[initializer]
+            if tensor.data_type != TensorProto.FLOAT or len(tensor.dims) != 2:
+                return None
+            weight = numpy_helper.to_array(tensor)
+            weight = weight.T if transposed else weight
+            if weight.shape[1] % BLOCK:
+                return None
+            self.blocks[initializer] = quantize_rtn(weight, self.own_bits)
+            self.own[initializer] = {"format": f"rtn{self.own_bits}", "bits": self.own_bits,
+                                     "requantized": True, "from": "F32",
+                                     **quantization_error(weight, self.blocks[initializer])}
+        return initializer, self.blocks[initializer]
 
     def _rewrite(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         if node.op_type == "MatMul" and len(node.input) == 2:
             found = self._weight(node.input[1])
             if found is not None:
                 return self._matmul(node, *found)
+        if (node.op_type == "Gemm" and _attr(node, "transB", 0) == 1
+                and _attr(node, "transA", 0) == 0 and _attr(node, "alpha", 1.0) == 1.0
+                and _attr(node, "beta", 1.0) == 1.0):
+            found = self._weight(node.input[1], transposed=False)
+            if found is not None:
+                bias = node.input[2] if len(node.input) > 2 else None
+                return self._matmul(node, *found, bias=bias)
         if (node.op_type == "Gather" and node.input[0] == "lm_head_t"
                 and _attr(node, "axis", 0) == 1):
             found = self._weight(node.input[0])
@@ -255,8 +290,9 @@ class _GraphQuantizer:
         return self.constants[key]
 
     # -- rewrites ---------------------------------------------------------------------------
-    def _matmul(self, node: onnx.NodeProto, name: str, w: BlockQuantized
-                ) -> list[onnx.NodeProto]:
+    def _matmul(self, node: onnx.NodeProto, name: str, w: BlockQuantized,
+                bias: str | None = None) -> list[onnx.NodeProto]:
+        """``out = x @ W.T (+ bias)``."""
         n, k = w.shape
         x, out = node.input[0], node.output[0]
         prefix = node.name or out
@@ -264,13 +300,16 @@ class _GraphQuantizer:
             # no fp32-compute kernel for 8-bit weights in ORT: expand at load (folded once)
             nodes, rows = self._dequantized_rows(name, w, None, prefix)
             t = f"{prefix}/weight_t"
-            return nodes + [helper.make_node("Transpose", [rows], [t], perm=[1, 0],
-                                             name=f"{prefix}/Transpose"),
-                            helper.make_node("MatMul", [x, t], [out], name=prefix)]
+            nodes.append(helper.make_node("Transpose", [rows], [t], perm=[1, 0],
+                                          name=f"{prefix}/Transpose"))
+            if bias is None:
+                return nodes + [helper.make_node("MatMul", [x, t], [out], name=prefix)]
+            return nodes + [helper.make_node("Gemm", [x, t, bias], [out], name=prefix)]
         nodes: list[onnx.NodeProto] = []
         b, scales = self._packed(name, w, nodes)
         main = out if w.minimum is None else f"{prefix}/nbits_output"
-        nodes.append(helper.make_node("MatMulNBits", [x, b, scales], [main],
+        inputs = [x, b, scales] + (["", "", bias] if bias else [])  # bias is input 5
+        nodes.append(helper.make_node("MatMulNBits", inputs, [main],
                                       name=f"{prefix}NBits", domain=MS_DOMAIN, K=k, N=n,
                                       bits=w.bits, block_size=BLOCK,
                                       accuracy_level=self.accuracy_level))
@@ -377,13 +416,20 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
+OWN_WEIGHT_BITS = 8  # the Medusa heads' own weights: trained in fp32, stored 8-bit
+
+
 def quantize_graph(model: onnx.ModelProto, blocks: dict[str, BlockQuantized],
-                   config: LlamaConfig, options: WeightOptions) -> set[str]:
+                   config: LlamaConfig, options: WeightOptions,
+                   own_weights: bool = False) -> tuple[set[str], dict[str, dict]]:
     """Rewrite ``model``'s weight matmuls (and tied embedding) onto ``blocks``, in place;
-    returns the HF weights it now reads quantized. Adds the com.microsoft opset if needed."""
+    returns the HF weights it now reads quantized, and a report row per weight of its own it
+    quantized: ``own_weights`` quantizes the weights only this graph has (the Medusa heads')
+    to ``OWN_WEIGHT_BITS`` bits (round to nearest). Adds the com.microsoft opset if needed."""
     if not blocks:
-        return set()
-    rewriter = _GraphQuantizer(model.graph, blocks, config, options.accuracy_level)
+        return set(), {}
+    own_bits = OWN_WEIGHT_BITS if own_weights else None
+    rewriter = _GraphQuantizer(model.graph, blocks, config, options.accuracy_level, own_bits)
     if rewriter.run() and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return rewriter.used
+    return rewriter.used, rewriter.own

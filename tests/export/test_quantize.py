@@ -158,3 +158,37 @@ def test_tvm_compile_refuses_a_quantized_artifact_in_one_line(mixed):
 
     with pytest.raises(BackendError, match="--weights fp32"):
         compile_artifact(mixed[1], "llvm", log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tiny_dir, tmp_path_factory):
+    from tests.tiny_model import save_random_heads
+
+    path = tmp_path_factory.mktemp("quant_heads") / "heads"
+    save_random_heads(tiny_dir, path, seed=0, std=0.3)
+    return path
+
+
+@pytest.mark.parametrize("compute, atol", [("fp32", 0.05), ("int8", 0.15)])
+def test_medusa_heads_are_stored_8bit_and_score_as_fp32(loaded, heads_dir, tmp_path, compute,
+                                                       atol):
+    """The heads' own matmuls (Gemm with bias, the projection MatMul) become 8-bit; their
+    top-k logits stay within the 8-bit rounding of the fp32 heads'."""
+    def export_heads(weights, name):
+        out = tmp_path / name
+        export_loaded(loaded, out, ExportOptions(max_context=128, dhsa=None, heads=heads_dir,
+                                                 medusa_topk=4,
+                                                 weights=WeightOptions(weights, compute)),
+                      log=lambda m: None)
+        return out
+
+    quantized, reference = export_heads("q8", "q8"), export_heads("fp32", "fp32")
+    graph = onnx.load(str(quantized / "medusa.onnx"), load_external_data=False).graph
+    assert not any(n.op_type == "Gemm" and n.input[1].startswith("heads.") for n in graph.node
+                   if compute == "int8")
+    assert edgert.load(quantized).manifest.quantization["groups"]["medusa_heads"]["bits"] == 8
+    hidden = np.random.default_rng(0).standard_normal((3, loaded.config.hidden_size))
+    roots = np.array([5, 9, 200])
+    want = edgert.load(reference).head_candidates(hidden, roots)[1]
+    got = edgert.load(quantized).head_candidates(hidden, roots)[1]
+    np.testing.assert_allclose(np.sort(got, axis=-1), np.sort(want, axis=-1), atol=atol)

@@ -20,6 +20,7 @@ from edgert.artifact.manifest import GraphKey, Manifest
 from edgert.dhsa.params import DHSAParams, prefill_calls
 from edgert.errors import ArtifactError, BackendError
 from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
+from edgert.runtime.backends.ort_cache import cached_session
 from edgert.runtime.kv_cache import KVCache
 
 GRAPH_KEY = GraphKey.ORT_GQA
@@ -46,25 +47,30 @@ def _providers(device: str) -> list[str]:
 
 
 def _session(path: Path, device: str, threads: int, spin: bool = True,
-             memory_pattern: bool = True):
+             memory_pattern: bool = True, sha256: str | None = None):
     """``spin=False`` for sessions that run between decode steps (the Medusa heads): ONNX
     Runtime's idle workers spin-wait after a run, and a second session's spinning workers
     would take the cores from the next decode step. ``memory_pattern=False`` for graphs whose
     input shapes differ on every call (the DHSA prefill calls): ONNX Runtime records one
     allocation plan per input shape and, when the shape comes again (the next request of
     the same length), allocates that plan as one more block; measured on SmolLM2 at 8K, that
-    added 100-200 MB on the second request, for no measurable speed-up."""
+    added 100-200 MB on the second request, for no measurable speed-up. ``sha256``: the
+    graph's digest from the manifest, the key of its optimized, pre-packed copy in the
+    session cache (``ort_cache``)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.enable_mem_pattern = memory_pattern
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    def options():
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        options.enable_mem_pattern = memory_pattern
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
     try:
-        return ort.InferenceSession(str(path), options, providers=_providers(device))
+        return cached_session(path, sha256, options, _providers(device))
     except BackendError:
         raise
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
@@ -84,8 +90,11 @@ class OrtBackend:
         if graph is None:
             raise ArtifactError(f"artifact {path} has no '{GRAPH_KEY}' graph for ONNX Runtime; "
                                 "re-export it with this edgert")
-        self.session = _session(path / graph.file, device, threads)
         self._path, self._threads = path, threads
+        self._weights_sha = manifest.files.get(manifest.weights_file, "")
+        self._files = manifest.files
+        self.session = _session(path / graph.file, device, threads,
+                                sha256=self._digest(graph.file))
         self._medusa = manifest.graphs.get(GraphKey.MEDUSA)
         self._heads_session = None
         self._heads_read_root = self._medusa is not None and heads_read_root(self._medusa)
@@ -107,6 +116,13 @@ class OrtBackend:
         self.dhsa_params = DHSAParams.from_manifest(manifest) if self._dhsa_spec else None
         self._dhsa_session = None
 
+    def _digest(self, graph_file: str) -> str | None:
+        """What a session's cache entry is keyed by: the graph's SHA-256 and that of the
+        weights file it reads (two artifacts' graphs can be byte-identical over different
+        weights)."""
+        graph = self._files.get(graph_file)
+        return f"{graph}:{self._weights_sha}" if graph else None
+
     @property
     def has_heads(self) -> bool:
         return self._medusa is not None
@@ -116,7 +132,8 @@ class OrtBackend:
         """The Medusa heads' session, opened on first use."""
         if self._heads_session is None and self._medusa is not None:
             self._heads_session = _session(self._path / self._medusa.file, self.device,
-                                           self._threads, spin=False)
+                                           self._threads, spin=False,
+                                           sha256=self._digest(self._medusa.file))
         return self._heads_session
 
     def medusa_topk(self, hidden: np.ndarray, roots: np.ndarray
@@ -147,7 +164,7 @@ class OrtBackend:
         """The DHSA prefill-call graph, with the cache buffers bound in place as its past
         inputs and present outputs."""
         session = _session(self._path / self._dhsa_spec.file, self.device, self._threads,
-                           memory_pattern=False)
+                           memory_pattern=False, sha256=self._digest(self._dhsa_spec.file))
         self._chunk_starts = np.zeros(self.cache.capacity, dtype=bool)
         self.dhsa_binding = session.io_binding()
         self._dhsa_inputs = {i.name for i in session.get_inputs()}
