@@ -159,14 +159,17 @@ def run_worker(kind: str, target: str, args, ids_file: Path) -> dict:
 def chat_ids(args, prompts: list[str]) -> list[list[int]]:
     """The prompts with the model's chat template, as edgert encodes them: the peers get
     these very ids."""
-    import edgert
+    from edgert.artifact.io import read_manifest
+    from edgert.runtime.tokenizer import Tokenizer
 
     artifact = args.edgert[0].partition("=")[2] if args.edgert else None
     if artifact is None:
         raise SystemExit("error: give at least one --edgert artifact (its tokenizer encodes "
                          "the prompts for every engine)")
-    engine = edgert.load(artifact, verify=False)
-    return [engine.encode(p) for p in prompts]
+    # the tokenizer alone: this process forks the measured ones, and a forked child starts
+    # with the parent's resident memory (its ru_maxrss would count a loaded engine)
+    tokenizer = Tokenizer(Path(artifact), read_manifest(Path(artifact)).tokenizer)
+    return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
 
 
 def median_row(rows: list[dict]) -> dict:

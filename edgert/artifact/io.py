@@ -107,19 +107,39 @@ def read_manifest(path: Path) -> Manifest:
         raise ArtifactError(f"{manifest_file}: {exc}") from None
 
 
-def verify_hashes(directory: Path, hashes: dict[str, str], fix: str,
-                  progress: Callable[[str], None] | None = None) -> None:
-    """Check that every file of ``hashes`` (name -> SHA-256) exists in ``directory`` with its
-    recorded digest; ArtifactError ending in ``fix`` otherwise."""
-    for name, expected in hashes.items():
+def _check_each(directory: Path, checks: dict[str, Callable[[Path], bool]], what: str,
+                fix: str, progress: Callable[[str], None] | None = None) -> None:
+    """Every file of ``checks`` exists in ``directory`` and passes its check; an
+    ArtifactError naming the file, ``what`` was compared and ``fix`` otherwise."""
+    for name, matches in checks.items():
         file = Path(directory) / name
         if not file.is_file():
             raise ArtifactError(f"artifact file {file} is missing; {fix}")
         if progress:
             progress(name)
-        if sha256_file(file) != expected:
-            raise ArtifactError(f"artifact file {file} does not match its recorded SHA-256 "
+        if not matches(file):
+            raise ArtifactError(f"artifact file {file} does not match its recorded {what} "
                                 f"(corrupt, truncated or modified); {fix}")
+
+
+def _sha256_is(expected: str) -> Callable[[Path], bool]:
+    return lambda file: sha256_file(file) == expected
+
+
+def _sample_is(check: dict) -> Callable[[Path], bool]:
+    def matches(file: Path) -> bool:
+        size = file.stat().st_size
+        return size == check["size"] and sample_digest(file, size) == check["sample_sha256"]
+
+    return matches
+
+
+def verify_hashes(directory: Path, hashes: dict[str, str], fix: str,
+                  progress: Callable[[str], None] | None = None) -> None:
+    """Check that every file of ``hashes`` (name -> SHA-256) exists in ``directory`` with its
+    recorded digest; ArtifactError ending in ``fix`` otherwise."""
+    _check_each(directory, {name: _sha256_is(digest) for name, digest in hashes.items()},
+                "SHA-256", fix, progress)
 
 
 REEXPORT = "the artifact is incomplete or damaged: re-export it"
@@ -133,16 +153,8 @@ def verify_files(path: Path, manifest: Manifest,
     quick = {} if full else manifest.file_checks
     hashed = {name: digest for name, digest in manifest.files.items() if name not in quick}
     verify_hashes(path, hashed, REEXPORT, progress)
-    for name, check in quick.items():
-        file = Path(path) / name
-        if not file.is_file():
-            raise ArtifactError(f"artifact file {file} is missing; {REEXPORT}")
-        if progress:
-            progress(name)
-        size = file.stat().st_size
-        if size != check["size"] or sample_digest(file, size) != check["sample_sha256"]:
-            raise ArtifactError(f"artifact file {file} does not match its recorded size and "
-                                f"sampled SHA-256 (corrupt, truncated or modified); {REEXPORT}")
+    _check_each(path, {name: _sample_is(check) for name, check in quick.items()},
+                "size and sampled SHA-256", REEXPORT, progress)
 
 
 def load_manifest(path: Path, verify: bool | str = True) -> Manifest:

@@ -168,8 +168,17 @@ class _GraphQuantizer:
         self.own: dict[str, dict] = {}  # this graph's own weights quantized: name -> report
 
     def run(self) -> int:
+        groups = self._parallel_groups()
+        fused_away = {id(node) for members in groups.values() for node, _ in members[1:]}
         new_nodes, replaced = [], 0
         for node in self.graph.node:
+            if id(node) in fused_away:  # computed by its group's fused matmul
+                replaced += 1
+                continue
+            if id(node) in groups:
+                new_nodes += self._fused(groups[id(node)])
+                replaced += 1
+                continue
             rewritten = self._rewrite(node)
             if rewritten is None:
                 new_nodes.append(node)
@@ -183,6 +192,51 @@ class _GraphQuantizer:
         del self.graph.initializer[:]
         self.graph.initializer.extend(kept + list(self.added.values()))
         return replaced
+
+    def _parallel_groups(self) -> dict[int, list[tuple[onnx.NodeProto, str]]]:
+        """Weight MatMuls that read the same input (a layer's q/k/v, gate/up) and whose
+        blocks have one format: first node's id -> [(node, weight name), ...]. Each group
+        becomes one MatMulNBits over the weights stacked along N, a Split after it: fewer,
+        wider kernels, and one correction matmul where the format has one."""
+        by_input: dict[str, list[tuple[onnx.NodeProto, str]]] = {}
+        for node in self.graph.node:
+            if node.op_type != "MatMul" or len(node.input) != 2:
+                continue
+            name = hf_weight_name(node.input[1], self.config)
+            if node.input[1] in self.inits and name in self.blocks:
+                by_input.setdefault(node.input[0], []).append((node, name))
+        groups = {}
+        for members in by_input.values():
+            weights = [self.blocks[name] for _, name in members]
+            formats = {(w.bits, w.minimum is None, w.shape[1]) for w in weights}
+            expanded = weights[0].bits == 8 and self.accuracy_level == COMPUTE_MODES["fp32"]
+            if len(members) > 1 and len(formats) == 1 and not expanded:
+                groups[id(members[0][0])] = members
+        return groups
+
+    def _fused(self, members: list[tuple[onnx.NodeProto, str]]) -> list[onnx.NodeProto]:
+        names = [name for _, name in members]
+        self.used.update(names)
+        weights = [self.blocks[name] for name in names]
+        stacked = BlockQuantized(
+            weights[0].bits, np.concatenate([w.q for w in weights]),
+            np.concatenate([w.scale for w in weights]),
+            None if weights[0].minimum is None else np.concatenate([w.minimum
+                                                                    for w in weights]),
+            weights[0].source)
+        parts = [name.split(".")[-2] for name in names]  # q_proj, k_proj, ...
+        fused_name = ".".join(names[0].split(".")[:-2] + ["_".join(parts), "weight"])
+        first = members[0][0]
+        prefix = first.name.rsplit("/", 2)[0] + "/" + "_".join(parts)
+        out = f"{prefix}/fused_output"
+        self.blocks[fused_name] = stacked
+        nodes = self._matmul(helper.make_node("MatMul", [first.input[0], ""], [out],
+                                              name=prefix), fused_name, stacked)
+        sizes = self._constant(np.array([w.shape[0] for w in weights], np.int64),
+                               "split_" + "_".join(str(w.shape[0]) for w in weights))
+        nodes.append(helper.make_node("Split", [out, sizes], [n.output[0] for n, _ in members],
+                                      axis=-1, name=f"{prefix}/Split"))
+        return nodes
 
     def _weight(self, initializer: str, transposed: bool = True
                 ) -> tuple[str, BlockQuantized] | None:

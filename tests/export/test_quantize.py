@@ -99,11 +99,14 @@ def test_graphs_share_one_copy_of_the_quantized_weights(mixed):
         names = {i.name for i in graph.initializer}
         assert "lm_head_t" not in names and not any(n.endswith(".MatMul.B") for n in names)
         ops = [n.op_type for n in graph.node]
-        assert ops.count("MatMulNBits") == 7 * 2 + 1  # 7 projections x 2 layers, lm_head
+        # per layer q/k/v as one (they read one input), o, gate/up as one, down; the lm_head
+        assert ops.count("MatMulNBits") == 4 * 2 + 1
+        assert ops.count("Split") == 2 * 2
         offsets[file] = {i.name: tuple((e.key, e.value) for e in i.external_data)
                          for i in graph.initializer if i.external_data}
     assert offsets["model.onnx"] == offsets["model.ort.onnx"]
     assert "model.embed_tokens.weight.q" in offsets["model.onnx"]
+    assert "model.layers.0.self_attn.q_proj_k_proj_v_proj.weight.q" in offsets["model.onnx"]
 
 
 def test_manifest_records_the_formats(mixed):
