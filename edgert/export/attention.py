@@ -166,6 +166,9 @@ class AttentionVariant:
     prefill_only: bool = False
     extra_outputs: tuple[str, ...] = ()
     context_outputs: Callable = lambda ctx: ()  # ctx -> the extra outputs
+    # rotary as one com.microsoft RotaryEmbedding per q/k (ONNX Runtime graphs) instead of
+    # nine standard ops
+    fused_rotary: bool = False
 
 
 def _dhsa_core(config, layer_index=0, **options):
@@ -193,7 +196,7 @@ ATTENTION_VARIANTS: dict[str, AttentionVariant] = {
     GraphKey.ORT_GQA: AttentionVariant(
         GraphKey.ORT_GQA, GQACore, ("seqlens_k", "total_sequence_length"), True, _gqa_context,
         lambda q, past: [torch.tensor([past + q - 1], dtype=torch.int32),
-                         torch.tensor(past + q, dtype=torch.int32)]),
+                         torch.tensor(past + q, dtype=torch.int32)], fused_rotary=True),
     # prefill calls (a prompt chunk against the cache), DHSA sparse attention in every layer
     GraphKey.DHSA: AttentionVariant(
         GraphKey.DHSA, _dhsa_core, ("dhsa_fixed_chunk", "prompt_length", "past_chunk_starts"),

@@ -19,6 +19,7 @@ runtime's fixed-capacity cache, read and written in place).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,6 +48,40 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass
+class Rotary:
+    """One step's rotary tables, shared by every layer. Standard ops: ``cos``/``sin``
+    [1,q,1,D]. Fused (``positions`` set): ``cos``/``sin`` [q,D/2] of the step's positions and
+    ``positions`` [1,q] = 0..q-1, the rows of those tables each token reads (com.microsoft
+    RotaryEmbedding indexes its tables by position: giving it the step's own rows keeps tree
+    depths exact without a table of every position)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor | None = None
+
+
+class _FusedRotary(torch.autograd.Function):
+    """Eager: rotate-half rotary of x [1,q,heads*D]; export: one com.microsoft
+    RotaryEmbedding node (non-interleaved, the layout Llama uses)."""
+
+    @staticmethod
+    def forward(ctx, x, positions, cos, sin, num_heads):
+        q, width = x.shape[1], x.shape[2]
+        heads = x.view(1, q, num_heads, width // num_heads)
+        rows = positions.reshape(-1)
+        full_cos = torch.cat([cos, cos], dim=-1)[rows][None, :, None, :]
+        full_sin = torch.cat([sin, sin], dim=-1)[rows][None, :, None, :]
+        return (heads * full_cos + rotate_half(heads) * full_sin).reshape(1, q, width)
+
+    @staticmethod
+    def symbolic(g, x, positions, cos, sin, num_heads):
+        out = g.op("com.microsoft::RotaryEmbedding", x, positions, cos, sin,
+                   num_heads_i=num_heads, interleaved_i=0)
+        out.setType(x.type())
+        return out
+
+
 class Attention(nn.Module):
     """Projections + rotary around an attention core chosen from ``ATTENTION_CORES``."""
 
@@ -62,14 +97,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.core = core
 
-    def _rope(self, x, heads, cos, sin):
+    def _rope(self, x, heads, rotary: Rotary):
         # x [1,q,heads*D] -> rotated, same layout (BSH): the layout attention kernels take
+        if rotary.positions is not None:
+            return _FusedRotary.apply(x, rotary.positions, rotary.cos, rotary.sin, heads)
         x = x.view(1, x.shape[1], heads, self.head_dim)
-        return (x * cos + rotate_half(x) * sin).reshape(1, x.shape[1], heads * self.head_dim)
+        return (x * rotary.cos + rotate_half(x) * rotary.sin).reshape(
+            1, x.shape[1], heads * self.head_dim)
 
-    def forward(self, x, cos, sin, past_k, past_v, ctx):
-        query = self._rope(self.q_proj(x), self.num_heads, cos, sin)
-        key = self._rope(self.k_proj(x), self.num_kv_heads, cos, sin)
+    def forward(self, x, rotary: Rotary, past_k, past_v, ctx):
+        query = self._rope(self.q_proj(x), self.num_heads, rotary)
+        key = self._rope(self.k_proj(x), self.num_kv_heads, rotary)
         value = self.v_proj(x)
         out, present_k, present_v = self.core(query, key, value, past_k, past_v, ctx)
         return self.o_proj(out), present_k, present_v
@@ -94,8 +132,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, past_k, past_v, ctx):
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, ctx)
+    def forward(self, x, rotary: Rotary, past_k, past_v, ctx):
+        attn, k, v = self.self_attn(self.input_layernorm(x), rotary, past_k, past_v, ctx)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -137,10 +175,13 @@ class LlamaDecoder(nn.Module):
             return self.lm_head_t.index_select(1, input_ids.reshape(-1)).t().unsqueeze(0)
         return self.embed_tokens(input_ids)
 
-    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, position_ids: torch.Tensor) -> Rotary:
         freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [1,q,D/2]
+        if self.attention.fused_rotary:
+            local = torch.arange(position_ids.shape[1], dtype=torch.int64).unsqueeze(0)
+            return Rotary(freqs[0].cos(), freqs[0].sin(), local)
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [1,q,1,D]
-        return emb.cos(), emb.sin()
+        return Rotary(emb.cos(), emb.sin())
 
     def forward(self, input_ids, position_ids, tree_mask, logits_index, *rest):
         """rest = (*extra inputs of the attention variant, past_key_0, past_value_0, ...);
@@ -149,11 +190,11 @@ class LlamaDecoder(nn.Module):
         n_extra = len(self.attention.extra_inputs)
         extra, past = rest[:n_extra], rest[n_extra:]
         x = self.embed(input_ids)
-        cos, sin = self.rotary(position_ids)
+        rotary = self.rotary(position_ids)
         ctx = self.attention.context(tree_mask, past[0], extra)
         presents = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1], ctx)
+            x, k, v = layer(x, rotary, past[2 * i], past[2 * i + 1], ctx)
             presents += [k, v]
         hidden = self.norm(x).index_select(1, logits_index)
         logits = torch.matmul(hidden, self.lm_head_t)
