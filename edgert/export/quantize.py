@@ -104,7 +104,7 @@ def plan_quantization(loaded: LoadedModel, options: WeightOptions
         bits = _target_bits(name, source_type, exact, options.weights)
         if bits is None:
             continue
-        if exact is not None and exact.bits == bits:
+        if exact is not None and exact.bits == bits and _keeps(exact, name, options.weights):
             chosen[name] = exact
             report[name] = {"format": exact.source, "bits": bits, "requantized": False}
             continue
@@ -114,6 +114,13 @@ def plan_quantization(loaded: LoadedModel, options: WeightOptions
         report[name] = {"format": quantized.source, "bits": bits, "requantized": True,
                         "from": source_type, **quantization_error(weight, quantized)}
     return chosen, report
+
+
+def _keeps(exact: BlockQuantized, name: str, weights: str) -> bool:
+    """Whether the source's own blocks serve as they are: always at ``auto``; at ``q4`` only
+    in a form MatMulNBits runs with no correction (symmetric or integer zero point: Q4_0),
+    or for the vocabulary (the embedding reads it too)."""
+    return weights != "q4" or exact.form != "minimum" or _is_vocab_weight(name)
 
 
 def _target_bits(name: str, source_type: str, exact: BlockQuantized | None,
@@ -208,7 +215,7 @@ class _GraphQuantizer:
         groups = {}
         for members in by_input.values():
             weights = [self.blocks[name] for _, name in members]
-            formats = {(w.bits, w.minimum is None, w.shape[1]) for w in weights}
+            formats = {(w.bits, w.form, w.shape[1]) for w in weights}
             expanded = weights[0].bits == 8 and self.accuracy_level == COMPUTE_MODES["fp32"]
             if len(members) > 1 and len(formats) == 1 and not expanded:
                 groups[id(members[0][0])] = members
@@ -218,12 +225,12 @@ class _GraphQuantizer:
         names = [name for _, name in members]
         self.used.update(names)
         weights = [self.blocks[name] for name in names]
-        stacked = BlockQuantized(
-            weights[0].bits, np.concatenate([w.q for w in weights]),
-            np.concatenate([w.scale for w in weights]),
-            None if weights[0].minimum is None else np.concatenate([w.minimum
-                                                                    for w in weights]),
-            weights[0].source)
+        def stack(field: str):
+            values = [getattr(w, field) for w in weights]
+            return None if values[0] is None else np.concatenate(values)
+
+        stacked = BlockQuantized(weights[0].bits, stack("q"), stack("scale"), stack("minimum"),
+                                 weights[0].source, stack("zero_point"))
         parts = [name.split(".")[-2] for name in names]  # q_proj, k_proj, ...
         fused_name = ".".join(names[0].split(".")[:-2] + ["_".join(parts), "weight"])
         first = members[0][0]
@@ -310,6 +317,15 @@ class _GraphQuantizer:
         scales = self._as_float(self._add(f"{name}.scales", w.scale.astype(np.float16)), nodes)
         return b, scales
 
+    def _zero_points(self, name: str, w: BlockQuantized) -> str:
+        """uint8 [N, ceil(K/32 * bits / 8)]: 4 bits, two blocks a byte, the even one low."""
+        points = w.zero_point
+        if w.bits == 4:
+            if points.shape[1] % 2:
+                points = np.pad(points, ((0, 0), (0, 1)))
+            points = (points[:, 0::2] | (points[:, 1::2] << np.uint8(4))).astype(np.uint8)
+        return self._add(f"{name}.zero_points", points)
+
     def _as_float(self, stored: str, nodes: list[onnx.NodeProto]) -> str:
         """The fp32 value of an fp16 initializer (one Cast per graph, shared by its readers)."""
         out = f"{stored}.f32"
@@ -362,7 +378,10 @@ class _GraphQuantizer:
         nodes: list[onnx.NodeProto] = []
         b, scales = self._packed(name, w, nodes)
         main = out if w.minimum is None else f"{prefix}/nbits_output"
-        inputs = [x, b, scales] + (["", "", bias] if bias else [])  # bias is input 5
+        zero_points = self._zero_points(name, w) if w.zero_point is not None else ""
+        inputs = [x, b, scales, zero_points, "", bias or ""]  # bias is input 5
+        while inputs[-1] == "":  # optional inputs left out at the end
+            inputs.pop()
         nodes.append(helper.make_node("MatMulNBits", inputs, [main],
                                       name=f"{prefix}NBits", domain=MS_DOMAIN, K=k, N=n,
                                       bits=w.bits, block_size=BLOCK,
@@ -394,6 +413,8 @@ class _GraphQuantizer:
                           ) -> tuple[list[onnx.NodeProto], str]:
         """Nodes computing W's rows ``ids`` (1-D; None: every row) in fp32, [m, K], from the
         packed initializers: ``scale * (q - zero) (+ minimum)``, block by block."""
+        if w.zero_point is not None:  # never produced for the vocabulary (8-bit at q4)
+            raise ValueError(f"{name}: integer zero points are not expanded in the graph")
         nodes: list[onnx.NodeProto] = []
         b, scales = self._packed(name, w, nodes)
         n, k = w.shape

@@ -2,10 +2,11 @@
 
 A linear layer's weight ``W [N, K]`` (``y = x @ W.T``) is kept as unsigned integers
 ``q [N, K]`` of ``bits`` bits with, per block of 32 consecutive inputs ``b = k // 32``, a
-scale and either a fixed zero point (symmetric) or a minimum (asymmetric)::
+scale and either a fixed zero point (symmetric), an integer zero point, or a minimum::
 
-    symmetric    W[n, k] = scale[n, b] * (q[n, k] - zero)      zero = 8 (4 bits), 128 (8 bits)
-    asymmetric   W[n, k] = scale[n, b] * q[n, k] + minimum[n, b]
+    symmetric      W[n, k] = scale[n, b] * (q[n, k] - zero)   zero = 8 (4 bits), 128 (8 bits)
+    zero point     W[n, k] = scale[n, b] * (q[n, k] - zero_point[n, b])   (uint8)
+    minimum        W[n, k] = scale[n, b] * q[n, k] + minimum[n, b]
 
 GGUF's types map onto it exactly, with no requantization, and :meth:`dequantize` computes
 what the ``gguf`` package does, bit for bit:
@@ -15,9 +16,11 @@ what the ``gguf`` package does, bit for bit:
     Q8_0   w = d * q8      (q8 int8)    symmetric, 8 bits  (q = q8 + 128)
 
 ``scale * (q - zero)`` is what ONNX Runtime's MatMulNBits computes with its default zero
-point; an asymmetric block adds ``blocksum(x) @ (minimum + zero * scale).T``
-(:meth:`BlockQuantized.correction`; docs/artifact.md). Other GGUF types (K-quants, Q5_x,
-Q6_K) and fp32/fp16 sources are quantized here by round-to-nearest (:func:`quantize_rtn`).
+point, and an integer zero point through its ``zero_points`` input, both on its fast path; a
+minimum block adds ``blocksum(x) @ (minimum + zero * scale).T`` (:meth:`BlockQuantized.
+correction`; docs/artifact.md). Other GGUF types (K-quants, Q5_x, Q6_K) and fp32/fp16 sources
+are quantized here by round-to-nearest (:func:`quantize_rtn`): 8 bits symmetric, 4 bits with
+an integer zero point (the form onnxruntime-genai's int4 uses: no correction).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class BlockQuantized:
     q : uint8 [N, K], values in [0, 2**bits)
     scale : float32 [N, K/32], each value exactly representable in fp16 (GGUF stores fp16;
         so does the artifact)
-    minimum : float32 [N, K/32] (asymmetric, fp16-representable), or None (symmetric
-        around ``zero``)
+    minimum : float32 [N, K/32] (asymmetric, fp16-representable), or None
+    zero_point : uint8 [N, K/32] (asymmetric, integer), or None; with neither, the block is
+        symmetric around ``zero``
     source : the format it came from ("Q4_1", "Q8_0", "rtn4", ...)
     """
 
@@ -49,6 +53,7 @@ class BlockQuantized:
     scale: np.ndarray
     minimum: np.ndarray | None
     source: str
+    zero_point: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,10 +67,12 @@ class BlockQuantized:
         """float32 [N, K], in the arithmetic of the format (GGUF's, for GGUF blocks)."""
         n, k = self.q.shape
         q = self.q.reshape(n, k // BLOCK, BLOCK).astype(np.float32)
-        if self.minimum is None:
-            w = self.scale[:, :, None] * (q - np.float32(self.zero))
-        else:
+        if self.minimum is not None:
             w = self.scale[:, :, None] * q + self.minimum[:, :, None]
+        elif self.zero_point is not None:
+            w = self.scale[:, :, None] * (q - self.zero_point[:, :, None].astype(np.float32))
+        else:
+            w = self.scale[:, :, None] * (q - np.float32(self.zero))
         return w.reshape(n, k)
 
     def correction(self) -> np.ndarray | None:
@@ -79,14 +86,26 @@ class BlockQuantized:
         """The same weight with its output rows reordered (``W[rows]``): blocks run along K,
         so a row permutation moves whole blocks and stays exact."""
         minimum = None if self.minimum is None else self.minimum[rows]
-        return BlockQuantized(self.bits, self.q[rows], self.scale[rows], minimum, self.source)
+        zero_point = None if self.zero_point is None else self.zero_point[rows]
+        return BlockQuantized(self.bits, self.q[rows], self.scale[rows], minimum, self.source,
+                              zero_point)
+
+    @property
+    def form(self) -> str:
+        """"symmetric", "zero_point" or "minimum": which MatMulNBits mapping it takes."""
+        if self.minimum is not None:
+            return "minimum"
+        return "symmetric" if self.zero_point is None else "zero_point"
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored form: ``bits`` per weight plus fp16 scales (and minimums)."""
+        """Bytes of the stored form: ``bits`` per weight plus fp16 scales (and minimums, or
+        ``bits``-bit zero points)."""
         n, k = self.q.shape
-        per_block = 2 * (1 if self.minimum is None else 2)
-        return n * k * self.bits // 8 + n * (k // BLOCK) * per_block
+        blocks = n * (k // BLOCK)
+        extra = {"minimum": 2 * blocks, "zero_point": blocks * self.bits // 8,
+                 "symmetric": 0}[self.form]
+        return n * k * self.bits // 8 + 2 * blocks + extra
 
 
 def _blocks(raw: np.ndarray, rows: int, cols: int, block_bytes: int) -> np.ndarray:
@@ -146,9 +165,10 @@ def from_gguf(raw: np.ndarray, type_name: str, rows: int, cols: int) -> BlockQua
 def quantize_rtn(weight: np.ndarray, bits: int, source: str | None = None) -> BlockQuantized:
     """Round-to-nearest ``bits``-bit quantization of ``W [N, K]`` in 32-wide blocks.
 
-    4 bits: asymmetric (each block's min and max span 0..15, as Q4_1); 8 bits: symmetric
-    (scale = max|w| / 127, as Q8_0). Scales and minimums are rounded to fp16 first (how they
-    are stored) and the integers rounded against them. K must be a multiple of 32.
+    4 bits: asymmetric with an integer zero point (scale = (max - min) / 15, zero point =
+    round(-min / scale)); 8 bits: symmetric (scale = max|w| / 127, as Q8_0). Scales are
+    rounded to fp16 first (how they are stored) and the integers rounded against them. K must
+    be a multiple of 32.
     """
     weight = np.asarray(weight, dtype=np.float32)
     n, k = weight.shape
@@ -164,12 +184,14 @@ def quantize_rtn(weight: np.ndarray, bits: int, source: str | None = None) -> Bl
         return BlockQuantized(8, q, scale.astype(np.float32), None, source or "rtn8")
     if bits != 4:
         raise ModelSourceError(f"block quantization takes 4 or 8 bits, not {bits}")
-    low, high = _fp16_exact(blocks.min(axis=2)), blocks.max(axis=2)
+    low = np.minimum(blocks.min(axis=2), 0)  # the range includes 0: an exact zero point
+    high = np.maximum(blocks.max(axis=2), 0)
     scale = _fp16_exact((high - low) / np.float32(15))
     safe = np.where(scale > 0, scale, np.float32(1))
-    q = np.clip(np.rint((blocks - low[:, :, None]) / safe[:, :, None]), 0, 15)
-    return BlockQuantized(4, q.astype(np.uint8).reshape(n, k), scale.astype(np.float32),
-                          low.astype(np.float32), source or "rtn4")
+    zero_point = np.clip(np.rint(-low / safe), 0, 15)
+    q = np.clip(np.rint(blocks / safe[:, :, None]) + zero_point[:, :, None], 0, 15)
+    return BlockQuantized(4, q.astype(np.uint8).reshape(n, k), scale.astype(np.float32), None,
+                          source or "rtn4", zero_point.astype(np.uint8))
 
 
 def _fp16_exact(values: np.ndarray) -> np.ndarray:

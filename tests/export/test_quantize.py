@@ -19,7 +19,7 @@ import edgert
 from edgert.errors import ConfigError
 from edgert.export.exporter import ExportOptions, export_loaded
 from edgert.export.quantize import WeightOptions, hf_weight_name, plan_quantization
-from edgert.model.block_quant import quantize_rtn
+from edgert.model.block_quant import from_gguf, quantize_rtn
 from edgert.model.sources import load_model
 
 IDS = [5, 17, 120, 7, 300, 42, 42, 9, 250, 3, 77, 1]
@@ -30,16 +30,26 @@ def loaded(tiny_dir):
     return load_model(str(tiny_dir))
 
 
-def with_blocks(loaded, bits_by_name: dict[str, int]):
+def blocks_of(weight: np.ndarray, kind):
+    """``kind``: 4 or 8 (round to nearest: integer zero point / symmetric), or a GGUF type
+    name ("Q4_1": the minimum form, "Q4_0", "Q8_0") quantized by the gguf package."""
+    if isinstance(kind, int):
+        return quantize_rtn(weight, kind, source=f"Q{kind}_test")
+    gguf = pytest.importorskip("gguf")
+    raw = gguf.quants.quantize(weight, gguf.GGMLQuantizationType[kind])
+    return from_gguf(raw, kind, *weight.shape)
+
+
+def with_blocks(loaded, kinds: dict):
     """The model with these weights replaced by their block form (as a quantized GGUF would
     carry them: exact blocks, and fp32 values equal to their dequantization)."""
     state = dict(loaded.state_dict)
     blocks = {}
-    for name, bits in bits_by_name.items():
-        blocks[name] = quantize_rtn(state[name].numpy(), bits, source=f"Q{bits}_test")
+    for name, kind in kinds.items():
+        blocks[name] = blocks_of(state[name].numpy(), kind)
         state[name] = torch.from_numpy(blocks[name].dequantize())
     return dataclasses.replace(loaded, state_dict=state, quantized=blocks,
-                               source_types={n: f"Q{b}_test" for n, b in bits_by_name.items()})
+                               source_types={n: blocks[n].source for n in kinds})
 
 
 def export(model, path, weights="auto", compute="fp32"):
@@ -60,11 +70,12 @@ def linear_names(loaded) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mixed(loaded, tmp_path_factory):
-    """4-bit linear layers and a 4-bit tied embedding/lm_head (the embedding's nibble path),
-    next to the fp32 export of the same dequantized weights."""
-    bits = {name: 4 for name in linear_names(loaded)}
-    bits["model.embed_tokens.weight"] = 4
-    model = with_blocks(loaded, bits)
+    """4-bit linear layers, layer 0 in Q4_1's minimum form (a correction matmul), layer 1
+    with integer zero points, and a Q4_1 tied embedding/lm_head (the embedding's nibble
+    path), next to the fp32 export of the same dequantized weights."""
+    kinds = {name: "Q4_1" if ".0." in name else 4 for name in linear_names(loaded)}
+    kinds["model.embed_tokens.weight"] = "Q4_1"
+    model = with_blocks(loaded, kinds)
     root = tmp_path_factory.mktemp("quant")
     return (model, export(model, root / "q_fp32"), export(model, root / "q_int8", compute="int8"),
             export(model, root / "fp32", weights="fp32"))
@@ -113,7 +124,7 @@ def test_manifest_records_the_formats(mixed):
     _, quantized, _, reference = mixed
     section = edgert.load(quantized).manifest.quantization
     assert section["compute"] == "fp32" and section["accuracy_level"] == 1
-    assert section["groups"]["q_proj"]["format"] == "Q4_test"
+    assert section["groups"]["q_proj"]["format"] in ("Q4_1", "Q4_test")
     assert section["groups"]["vocab"]["bits"] == 4
     assert section["groups"]["q_proj"]["requantized"] is False
     assert edgert.load(reference).manifest.quantization is None
@@ -127,6 +138,17 @@ def test_q4_requantizes_a_float_model_and_reports_the_error(loaded):
     assert row["requantized"] and 0 < row["rms"] < row["max"]
     assert not any("norm" in name for name in blocks)
     assert plan_quantization(loaded, WeightOptions("auto")) == ({}, {})  # fp32 source
+
+
+def test_q4_keeps_fast_forms_and_requantizes_the_minimum_form(loaded):
+    """At q4 a Q4_1 (minimum) block is requantized to integer zero points, which run with no
+    correction; Q4_0 (symmetric) blocks stay."""
+    model = with_blocks(loaded, {"model.layers.0.mlp.down_proj.weight": "Q4_1",
+                                 "model.layers.1.mlp.down_proj.weight": "Q4_0"})
+    blocks, report = plan_quantization(model, WeightOptions("q4"))
+    assert blocks["model.layers.0.mlp.down_proj.weight"].form == "zero_point"
+    assert report["model.layers.0.mlp.down_proj.weight"]["requantized"]
+    assert blocks["model.layers.1.mlp.down_proj.weight"].source == "Q4_0"
 
 
 def test_auto_keeps_exact_blocks(loaded):

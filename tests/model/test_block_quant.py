@@ -63,15 +63,17 @@ def test_take_rows_moves_whole_blocks():
     np.testing.assert_array_equal(w.take_rows(rows).dequantize(), w.dequantize()[rows])
 
 
-@pytest.mark.parametrize("bits, bound", [(4, 0.5 / 15), (8, 0.5 / 127)])
-def test_rtn_error_is_within_half_a_step(bits, bound):
-    """Round to nearest: every weight within half a quantization step of its block's range
-    (4 bits: (max - min) / 15; 8 bits: 2 max|w| / 254), up to the fp16 rounding of the
-    stored scale and minimum (relative 2^-11 of the block's magnitude)."""
+@pytest.mark.parametrize("bits, bound", [(4, 1 / 15), (8, 0.5 / 127)])
+def test_rtn_error_is_bounded_by_the_step(bits, bound):
+    """Round to nearest: 8 bits within half a step (2 max|w| / 254) of every weight; 4 bits
+    within one step of the block's range with 0 in it ((max - min) / 15: half a step of
+    rounding, half of the integer zero point's); up to the fp16 rounding of the stored
+    scale (relative 2^-11 of the block's magnitude)."""
     weight = random_weight(seed=2)
     q = quantize_rtn(weight, bits)
     blocks = weight.reshape(24, 3, BLOCK)
-    span = (blocks.max(2) - blocks.min(2)) if bits == 4 else 2 * np.abs(blocks).max(2)
+    span = ((np.maximum(blocks.max(2), 0) - np.minimum(blocks.min(2), 0)) if bits == 4
+            else 2 * np.abs(blocks).max(2))
     err = np.abs(q.dequantize() - weight).reshape(24, 3, BLOCK).max(2)
     magnitude = np.abs(blocks).max(2)
     assert np.all(err <= span * bound + magnitude * 2.0 ** -10)
@@ -81,7 +83,7 @@ def test_rtn_error_is_within_half_a_step(bits, bound):
 def test_rtn_keeps_constant_blocks_to_fp16_precision():
     weight = np.full((2, 64), 0.25, dtype=np.float32)
     for bits in (4, 8):
-        np.testing.assert_allclose(quantize_rtn(weight, bits).dequantize(), weight, rtol=2e-4)
+        np.testing.assert_allclose(quantize_rtn(weight, bits).dequantize(), weight, rtol=2.0 ** -11)
     assert np.all(quantize_rtn(np.zeros((1, 32), np.float32), 8).dequantize() == 0)
 
 
@@ -94,6 +96,14 @@ def test_bad_inputs_are_named():
         quantize_rtn(np.zeros((2, 40), np.float32), 4)
     with pytest.raises(ModelSourceError, match="4 or 8 bits"):
         quantize_rtn(np.zeros((2, 32), np.float32), 3)
+
+
+def test_rtn4_has_integer_zero_points_and_no_minimum():
+    q = quantize_rtn(random_weight(seed=3), 4)
+    assert q.form == "zero_point" and q.minimum is None and q.correction() is None
+    assert q.zero_point.dtype == np.uint8 and q.zero_point.max() <= 15
+    positive = quantize_rtn(np.abs(random_weight(seed=4)), 4)  # 0 is in every range
+    np.testing.assert_array_equal(positive.zero_point, 0)
 
 
 def test_packed_size():
