@@ -72,7 +72,8 @@ def main() -> None:
               show_default=True,
               help="Weight storage. auto: the source's own precision (a GGUF's Q4_0/Q4_1/Q8_0 "
                    "blocks as stored, other GGUF types requantized to 4/8 bits, HF float "
-                   "weights fp32); q4/q8: 4/8-bit blocks of 32 (round to nearest; the "
+                   "weights fp32); q4/q8: 4/8-bit blocks of 32 (round to nearest, 4 bits with "
+                   "integer zero points: fastest, but a GGUF's Q4_1 is requantized; the "
                    "embedding 8-bit at q4); fp32: everything dequantized.")
 @click.option("--compute", type=click.Choice(["int8", "fp32"]), default="int8",
               show_default=True,
