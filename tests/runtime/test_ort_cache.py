@@ -98,3 +98,15 @@ def test_same_graph_other_weights_is_another_entry(tiny_dir, tmp_path, cache_dir
     assert len(entries(cache_dir)) == 2
     from_cache = edgert.load(b).logprobs(ids)  # from the cache: still b's weights
     np.testing.assert_allclose(from_cache, second, atol=1e-6)
+
+
+def test_the_least_recently_used_entries_go_beyond_the_size_limit(tmp_path):
+    root = tmp_path / "ort"
+    for i, name in enumerate(["old", "mid", "new"]):
+        entry = root / name
+        entry.mkdir(parents=True)
+        (entry / ort_cache.DATA).write_bytes(b"x" * 1000)
+        (entry / ort_cache.COMPLETE).write_text("sha\n")
+        os.utime(entry / ort_cache.COMPLETE, (1000 + i, 1000 + i))
+    ort_cache.prune(root, keep=root / "new", limit=2100)
+    assert sorted(p.name for p in root.iterdir()) == ["mid", "new"]

@@ -13,8 +13,9 @@ cache key is the SHA-256 of the graph and of the weights file it reads (from the
 artifacts can have byte-identical graphs over different weights), ONNX Runtime's version and
 the CPU's identity; a cache entry is written atomically (temp dir + rename) and one that
 fails to load is removed and rebuilt. Location: ``$EDGERT_CACHE_DIR``, else
-``$XDG_CACHE_HOME/edgert``, else ``~/.cache/edgert``; ``EDGERT_ORT_CACHE=0`` turns it off
-(every load then optimizes and packs).
+``$XDG_CACHE_HOME/edgert``, else ``~/.cache/edgert``, kept under ``MAX_CACHE_BYTES`` (the
+least recently used entries go first; an entry is ~2x its graph's weights);
+``EDGERT_ORT_CACHE=0`` turns it off (every load then optimizes and packs).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 GRAPH = "graph.onnx"
 DATA = "graph.onnx.data"
 COMPLETE = "complete"
+MAX_CACHE_BYTES = 4 << 30  # beyond this, the least recently used entries are removed
 
 
 def cache_root() -> Path | None:
@@ -86,6 +88,7 @@ def cached_session(graph: Path, graph_sha256: str | None, make_options: Callable
         return ort.InferenceSession(str(graph), make_options(), providers=providers)
     entry = root / cache_key(graph_sha256)
     if (entry / COMPLETE).is_file():
+        os.utime(entry / COMPLETE)  # its last use, for pruning
         options = make_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
@@ -105,7 +108,27 @@ def cached_session(graph: Path, graph_sha256: str | None, make_options: Callable
             tmp.rename(entry)
         except OSError:  # another process wrote it first
             shutil.rmtree(tmp, ignore_errors=True)
+        prune(root, keep=entry)
         return session
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def prune(root: Path, keep: Path, limit: int = MAX_CACHE_BYTES) -> None:
+    """Remove the least recently used entries until the cache holds at most ``limit`` bytes
+    (``keep``, the entry just written, stays)."""
+    entries = []
+    for entry in root.iterdir():
+        marker = entry / COMPLETE
+        if entry == keep or not marker.is_file():
+            continue
+        size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+        entries.append((marker.stat().st_mtime, size, entry))
+    total = sum(size for _, size, _ in entries) + sum(
+        f.stat().st_size for f in keep.iterdir() if f.is_file())
+    for _, size, entry in sorted(entries):
+        if total <= limit:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
