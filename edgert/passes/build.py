@@ -31,8 +31,12 @@ def import_onnx(path: Path):
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
+    from edgert.passes.dequantize_onnx import dequantize_matmul_nbits
+
+    model = onnx.load(str(path))
+    dequantize_matmul_nbits(model)  # block-quantized weights: fp32 for TVM's importer
     try:
-        return from_onnx(onnx.load(str(path)), keep_params_in_input=False)
+        return from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # the importer raises many types; say which graph failed
         raise EdgertError(f"TVM cannot import {path.name} ({str(exc).splitlines()[0][:200]}); "
                           "re-export the artifact with this edgert") from None
@@ -140,10 +144,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
     path = Path(path)
     manifest = load_manifest(path)
     if manifest.quantization:
-        raise BackendError(
-            f"{path} has {manifest.quantization['weights']} block-quantized weights "
-            "(MatMulNBits), which edgert's TVM path does not import yet; export an fp32 "
-            "artifact for TVM: `edgert export MODEL -o DIR --weights fp32`")
+        log("note: block-quantized weights are dequantized to fp32 for TVM (the module holds "
+            "fp32 weights; edgert has no 4-bit TVM kernel yet)")
     spec, tvm_target = resolve_target(target, device)
     started = time.time()
     graphs = {tvm_build.DECODER: (manifest.graphs[GraphKey.PORTABLE].file, "decoder")}
