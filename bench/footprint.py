@@ -45,14 +45,6 @@ def since_process_start() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def directory_mb(path: Path) -> float:
     path = Path(path)
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
@@ -64,7 +56,7 @@ def edgert_worker(artifact: str, medusa: bool, prompts: list[str], new_tokens: i
     import edgert
 
     engine = edgert.load(artifact)
-    load_rss = status_mb("VmRSS")
+    load_rss = common.status_mb("VmRSS")
     first = None
     rates = []
     for i, prompt in enumerate(prompts):
@@ -76,7 +68,7 @@ def edgert_worker(artifact: str, medusa: bool, prompts: list[str], new_tokens: i
         if i == 0 and medusa:
             accepted = stats["mean_accepted"]
     row = {"load_rss_mb": load_rss, "first_token_s": first, "decode_tok_s": common.median(rates),
-           "peak_rss_mb": status_mb("VmHWM"), "kv_mb": engine.cache.nbytes / 2**20}
+           "peak_rss_mb": common.status_mb("VmHWM"), "kv_mb": engine.cache.nbytes / 2**20}
     if medusa:
         row["mean_accepted"] = accepted
     return row
@@ -86,7 +78,7 @@ def genai_worker(model_dir: str, prompt_ids: list[list[int]], new_tokens: int) -
     import onnxruntime_genai as og
 
     model = og.Model(model_dir)
-    load_rss = status_mb("VmRSS")
+    load_rss = common.status_mb("VmRSS")
     first, rates = None, []
     for ids in prompt_ids:
         params = og.GeneratorParams(model)
@@ -103,7 +95,7 @@ def genai_worker(model_dir: str, prompt_ids: list[list[int]], new_tokens: int) -
         if n:
             rates.append(n / (time.perf_counter() - t0))
     return {"load_rss_mb": load_rss, "first_token_s": first, "decode_tok_s": common.median(rates),
-            "peak_rss_mb": status_mb("VmHWM")}
+            "peak_rss_mb": common.status_mb("VmHWM")}
 
 
 def llamacpp_worker(gguf: str, prompt_ids: list[list[int]], new_tokens: int) -> dict:
@@ -112,7 +104,7 @@ def llamacpp_worker(gguf: str, prompt_ids: list[list[int]], new_tokens: int) -> 
     # its AMX path segfaults in these VMs (DESIGN.md 8): no extra buffer types
     llm = Llama(model_path=gguf, n_ctx=2048, n_threads=os.cpu_count(), verbose=False,
                 use_extra_bufts=False)
-    load_rss = status_mb("VmRSS")
+    load_rss = common.status_mb("VmRSS")
     first, rates = None, []
     for ids in prompt_ids:
         stream = llm.create_completion(ids, max_tokens=new_tokens, temperature=0.0,
@@ -128,7 +120,7 @@ def llamacpp_worker(gguf: str, prompt_ids: list[list[int]], new_tokens: int) -> 
         if n:
             rates.append(n / (time.perf_counter() - t0))
     return {"load_rss_mb": load_rss, "first_token_s": first, "decode_tok_s": common.median(rates),
-            "peak_rss_mb": status_mb("VmHWM")}
+            "peak_rss_mb": common.status_mb("VmHWM")}
 
 
 def edgert_run_cli(artifact: str, prompt: str, new_tokens: int) -> dict:

@@ -69,22 +69,14 @@ def build_prompt(engine, context: int, depth: float, seed: int) -> tuple[str, st
     return text_with(lo), code
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def request_memory(run) -> tuple[object, float, float]:
     """(run(), peak RSS MB during it, that peak minus the RSS before it). Linux: the peak
     (VmHWM) is reset to the current RSS first."""
-    before = _status_mb("VmRSS")
+    before = common.status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     result = run()
-    peak = _status_mb("VmHWM")
+    peak = common.status_mb("VmHWM")
     return result, peak, peak - before
 
 
