@@ -11,6 +11,7 @@ import pytest
 from edgert.dhsa import reference
 from edgert.dhsa.params import DHSAParams
 from edgert.passes.tir.dhsa_attention import DHSAKnobs
+from tests.passes.tir.gpu_targets import GPU_TARGETS
 
 tvm = pytest.importorskip("tvm")
 
@@ -165,13 +166,6 @@ def test_selection_picks_the_far_chunk_that_scores_highest(kernel):
     np.testing.assert_allclose(out, reference_output(q, k, v, starts, SMALL), atol=ATOL)
     assert (out[144:152] > 4.0).all()  # the non-tail queries of the last block read the chunk
 
-
-GPU_TARGETS = {
-    "cuda": {"kind": "cuda", "arch": "sm_80"},
-    "opencl": {"kind": "opencl", "device": "adreno"},
-    "metal": {"kind": "metal"},
-    "webgpu": {"kind": "webgpu"},
-}
 
 
 @pytest.mark.parametrize("name", list(GPU_TARGETS))

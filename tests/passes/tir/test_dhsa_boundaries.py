@@ -13,6 +13,7 @@ import pytest
 
 from edgert.dhsa import reference
 from edgert.dhsa.params import DHSAParams
+from tests.passes.tir.gpu_targets import GPU_TARGETS
 
 tvm = pytest.importorskip("tvm")
 
@@ -106,13 +107,6 @@ def test_no_dense_tail():
     np.testing.assert_array_equal(run_kernel(build_llvm(params), q, k),
                                   reference_starts(q, k, params))
 
-
-GPU_TARGETS = {
-    "cuda": {"kind": "cuda", "arch": "sm_80"},
-    "opencl": {"kind": "opencl", "device": "adreno"},
-    "metal": {"kind": "metal"},
-    "webgpu": {"kind": "webgpu"},
-}
 
 
 @pytest.mark.parametrize("name", list(GPU_TARGETS))
