@@ -22,9 +22,8 @@ import numpy as np
 
 from bench import common
 from edgert.artifact.io import load_manifest
-from edgert.dhsa.params import DHSAParams
 from edgert.passes.tuning.database import TuningDatabase
-from edgert.passes.tuning.tunable import workloads_for
+from edgert.passes.tuning.tunable import TuneScope, workloads_for
 from edgert.passes.tuning.tuner import LocalDevice
 
 REPEAT = 15
@@ -139,8 +138,7 @@ def main() -> None:
     database = TuningDatabase.load(build_directory(args.artifact, "llvm"))
     rng = np.random.default_rng(0)
     rows = []
-    dhsa = DHSAParams.from_manifest(manifest)
-    for workload in workloads_for(manifest.config, manifest.kv_cache.capacity, dhsa=dhsa):
+    for workload in workloads_for(TuneScope.from_manifest(manifest)):
         inputs = workload.inputs(rng)
         best = database.best(workload.name)
         untuned = time_tvm(workload, workload.space[0], target, inputs)

@@ -31,15 +31,16 @@ def import_onnx(path: Path):
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
-    from edgert.passes.dequantize_onnx import dequantize_matmul_nbits
+    from edgert.passes.quantized_import import bind_quantized_weights, take_matmul_nbits
 
     model = onnx.load(str(path))
-    dequantize_matmul_nbits(model)  # block-quantized weights: fp32 for TVM's importer
+    weights = take_matmul_nbits(model)  # MatMulNBits: TVM's importer does not know it
     try:
-        return from_onnx(model, keep_params_in_input=False)
+        mod = from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # the importer raises many types; say which graph failed
         raise EdgertError(f"TVM cannot import {path.name} ({str(exc).splitlines()[0][:200]}); "
                           "re-export the artifact with this edgert") from None
+    return bind_quantized_weights(mod, weights)
 
 
 def _device_modules(module) -> list:
@@ -143,9 +144,6 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
 
     path = Path(path)
     manifest = load_manifest(path)
-    if manifest.quantization:
-        log("note: block-quantized weights are dequantized to fp32 for TVM (the module holds "
-            "fp32 weights; edgert has no 4-bit TVM kernel yet)")
     spec, tvm_target = resolve_target(target, device)
     started = time.time()
     graphs = {tvm_build.DECODER: (manifest.graphs[GraphKey.PORTABLE].file, "decoder")}

@@ -103,14 +103,7 @@ class PackMatmulWeights:
             if shape not in kernels or weight.value.dtype != "float32":
                 return expr
             k, n = shape
-            lead = list(matched[x].ty.shape)[:-1]
-            if len(lead) == 2:  # [b, m, K]: the kernel reads it as it is
-                return relax.call_tir(kernels[shape][1], [matched[x], packed_of(weight)],
-                                      relax.TensorType(lead + [n], "float32"))
-            rows = relax.op.reshape(matched[x], [1, -1, k])
-            out = relax.call_tir(kernels[shape][1], [rows, packed_of(weight)],
-                                 relax.TensorType([1, _rows(lead), n], "float32"))
-            return relax.op.reshape(out, lead + [n])
+            return rows_matmul(kernels[shape][1], matched[x], [packed_of(weight)], k, n)
 
         def rewrite_take(expr, matched):
             weight = matched[w]
@@ -130,9 +123,18 @@ class PackMatmulWeights:
         return mod
 
 
-def _rows(lead) -> tvm.tirx.PrimExpr:
+def rows_matmul(kernel: tvm.ir.GlobalVar, x: relax.Expr, weights: list, k: int, n: int,
+                emit: Callable[[relax.Expr], relax.Expr] = lambda e: e) -> relax.Expr:
+    """``call_tir(kernel, [x, *weights])`` for a kernel taking x as [b, m, K] rows and giving
+    [b, m, N]: x of another rank is reshaped to [1, rows, K] and the result back (``emit``
+    binds the intermediate expressions where the caller needs it)."""
+    lead = list(x.ty.shape)[:-1]
+    if len(lead) == 2:  # [b, m, K]: the kernel reads it as it is
+        return relax.call_tir(kernel, [x, *weights], relax.TensorType(lead + [n], "float32"))
     rows = 1
     for dim in lead:
         rows = rows * dim
-    return rows
-
+    flat = emit(relax.op.reshape(x, [1, -1, k]))
+    out = emit(relax.call_tir(kernel, [flat, *weights],
+                              relax.TensorType([1, rows, n], "float32")))
+    return relax.op.reshape(out, lead + [n])

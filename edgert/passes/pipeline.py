@@ -7,6 +7,9 @@
                                               kernels),
                                               FuseParallelMatmuls (CPU: q/k/v and gate/up
                                               into one matmul each),
+                                              FuseDequantizeMatmul (block-quantized weights ->
+                                              dequantizing matmul kernels, knobs from the
+                                              tuning DB),
                                               PackMatmulWeights (CPU: constant-weight matmuls ->
                                               panel-packed kernels, knobs from the tuning DB)
     phase "legalize" remaining ops -> TIR     (DispatchSortScan, LegalizeOps, FuseOps, FuseTIR;
@@ -29,6 +32,7 @@ from tvm import relax
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import EdgertError
 from edgert.model.config import LlamaConfig
+from edgert.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from edgert.passes.fuse_dhsa_prefill import FuseDHSAPrefill
 from edgert.passes.fuse_parallel_matmuls import FuseParallelMatmuls
 from edgert.passes.fuse_tree_attention import FuseTreeAttention
@@ -77,9 +81,13 @@ def _edgert_passes(ctx: CompileContext) -> list:
 
 
 def _weight_passes(ctx: CompileContext) -> list:
+    # block-quantized weights first: the kernels that dequantize them, on every target
+    passes = [FuseDequantizeMatmul(functools.partial(ctx.knobs, "quant_matmul"), gpu=ctx.gpu,
+                                   index_dtype="int32" if ctx.int32_only else "int64")]
     if ctx.int32_only:  # WebGPU: TVM's generic GPU top-k needs blockIdx.z, which it lacks
-        return [NarrowToInt32(), LowerTopK(gpu=True)]
-    return [] if ctx.gpu else [PackMatmulWeights(functools.partial(ctx.knobs, "matmul"))]
+        return passes + [NarrowToInt32(), LowerTopK(gpu=True)]
+    return passes + ([] if ctx.gpu else [PackMatmulWeights(functools.partial(ctx.knobs,
+                                                                               "matmul"))])
 
 
 def _legalize_passes(ctx: CompileContext) -> list:

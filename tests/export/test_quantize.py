@@ -177,8 +177,41 @@ def test_bad_options_are_named(field, value):
 
 
 def test_tvm_runs_a_quantized_artifact_as_ort_does_at_fp32_compute(mixed, tmp_path):
-    """The llvm build of a quantized artifact (MatMulNBits dequantized for TVM's importer)
-    scores like ONNX Runtime at --compute fp32."""
+    """The llvm build of a quantized artifact scores like ONNX Runtime at --compute fp32, and
+    every quantized matmul runs in edgert's dequantizing kernel: no weight of the module is
+    expanded to fp32, and the Q4_1 correction is part of the kernel's block bias."""
+    pytest.importorskip("tvm")
+    import shutil
+
+    from edgert.passes.build import compile_artifact
+    from edgert.passes.quantized_import import take_matmul_nbits
+
+    art = tmp_path / "q"
+    shutil.copytree(mixed[1], art)
+    compile_artifact(art, "llvm", dump_ir=tmp_path / "ir", log=lambda m: None)
+    imported = (tmp_path / "ir" / "decoder-0-import.py").read_text()
+    assert "edgert_dequantize_4" in imported
+    graph = onnx.load(str(art / "model.onnx"))
+    def corrections():  # the Q4_1 layer's correction matmuls (not the embedding's Gather)
+        return [n for n in graph.graph.node if n.op_type == "MatMul" and "Correction" in n.name]
+
+    assert corrections()
+    take_matmul_nbits(graph)
+    assert not corrections()
+    built = (tmp_path / "ir" / "decoder-2-legalize.py").read_text()
+    assert "edgert_quant_matmul4" in built and "edgert_dequantize" not in built
+    tvm_engine = edgert.load(art, backend="tvm")
+    np.testing.assert_allclose(tvm_engine.logprobs(IDS), logprobs(mixed[1]), atol=2e-4)
+    want = edgert.load(art).generate("hello there", max_new_tokens=8, chat=False,
+                                     medusa=False).output_ids
+    assert tvm_engine.generate("hello there", max_new_tokens=8, chat=False,
+                               medusa=False).output_ids == want
+
+
+@pytest.mark.parametrize("target, ext", [("cuda", "cu"), ("opencl", "cl"), ("metal", "metal"),
+                                         ("webgpu", "wgsl")])
+def test_gpu_builds_of_a_quantized_artifact_carry_the_quantized_kernel(mixed, tmp_path, target,
+                                                                       ext):
     pytest.importorskip("tvm")
     import shutil
 
@@ -186,13 +219,13 @@ def test_tvm_runs_a_quantized_artifact_as_ort_does_at_fp32_compute(mixed, tmp_pa
 
     art = tmp_path / "q"
     shutil.copytree(mixed[1], art)
-    compile_artifact(art, "llvm", log=lambda m: None)
-    tvm_engine = edgert.load(art, backend="tvm")
-    np.testing.assert_allclose(tvm_engine.logprobs(IDS), logprobs(mixed[1]), atol=2e-4)
-    want = edgert.load(art).generate("hello there", max_new_tokens=8, chat=False,
-                                     medusa=False).output_ids
-    assert tvm_engine.generate("hello there", max_new_tokens=8, chat=False,
-                               medusa=False).output_ids == want
+    record = compile_artifact(art, target, log=lambda m: None)
+    source = (art / "tvm" / target / f"decoder.{ext}").read_text()
+    assert "edgert_quant_matmul4" in source
+    if target == "webgpu":
+        assert not any("i64" in (art / "tvm" / target / f).read_text() for f in record["files"]
+                       if f.endswith(".wgsl"))
+
 
 @pytest.fixture(scope="module")
 def heads_dir(tiny_dir, tmp_path_factory):

@@ -42,6 +42,14 @@ from edgert.passes.tir.matmul import (
     pack_weight,
     packed_matmul_tir,
 )
+from edgert.passes.tir.quant_matmul import DEFAULT as QUANT_DEFAULT
+from edgert.passes.tir.quant_matmul import SEARCH_SPACE as QUANT_SPACE
+from edgert.passes.tir.quant_matmul import (
+    QuantizedWeight,
+    pack_quantized,
+    quant_matmul_tir,
+    quant_matmul_workload,
+)
 from edgert.passes.tir.tree_attention import DEFAULT_KNOBS as TREE_DEFAULT
 from edgert.passes.tir.tree_attention import (
     TreeAttentionKnobs,
@@ -75,16 +83,45 @@ class Workload:
         return type(self.space[0])(**data)
 
 
+@dataclass(frozen=True)
+class TuneScope:
+    """What decides an artifact's workloads: the model, the KV capacity, DHSA, and the bits of
+    each block-quantized weight group (``manifest.quantization``; empty: fp32 weights)."""
+
+    config: LlamaConfig
+    context: int
+    dhsa: DHSAParams | None = None
+    bits: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, manifest) -> TuneScope:
+        groups = (manifest.quantization or {}).get("groups", {})
+        return cls(manifest.config, manifest.kv_cache.capacity, DHSAParams.from_manifest(manifest),
+                   {name: int(group["bits"]) for name, group in groups.items()})
+
+    def weight_shapes(self) -> set[tuple[int, int, int | None]]:
+        """(K, N, bits) of every weight matmul after FuseParallelMatmuls
+        (``decoder_matmul_shapes``: q/k/v, o, gate/up, down, vocab) and of the Medusa heads'
+        blocks (H, H); bits None for fp32. The heads of a quantized artifact are quantized
+        (``medusa_heads``), or absent."""
+        qkv, o, gate_up, down, vocab = decoder_matmul_shapes(self.config)
+        h = self.config.hidden_size
+        groups = [(qkv, "q_proj"), (o, "o_proj"), (gate_up, "gate_proj"), (down, "down_proj"),
+                  (vocab, "vocab")]
+        if not self.bits or "medusa_heads" in self.bits:
+            groups.append(((h, h), "medusa_heads"))
+        return {(k, n, self.bits.get(group)) for (k, n), group in groups}
+
+
 def _named(func, name: str):
     return func.with_attr("global_symbol", name)
 
 
-def matmul_workloads(config: LlamaConfig, context: int, dhsa=None) -> list[Workload]:
-    """The decoder's matmuls as FuseParallelMatmuls leaves them, and the Medusa heads'
-    hidden -> hidden blocks."""
-    h = config.hidden_size
-    shapes = set(decoder_matmul_shapes(config)) | {(h, h)}
-    return [_matmul(k, n) for k, n in sorted(shapes)]
+def matmul_workloads(scope: TuneScope) -> list[Workload]:
+    """The fp32 weight matmuls: the decoder's as FuseParallelMatmuls leaves them, and the
+    Medusa heads' hidden -> hidden blocks."""
+    return [_matmul(k, n) for k, n, bits in sorted(scope.weight_shapes(), key=str)
+            if bits is None]
 
 
 def _matmul(k: int, n: int) -> Workload:
@@ -106,9 +143,39 @@ def _matmul(k: int, n: int) -> Workload:
                     f"x [1,m,{k}] @ W [{k},{n}], m = {', '.join(map(str, rows))}", prepare)
 
 
-def tree_attention_workloads(config: LlamaConfig, context: int, dhsa=None) -> list[Workload]:
+def quant_matmul_workloads(scope: TuneScope) -> list[Workload]:
+    """The block-quantized weight matmuls, each at its group's bits."""
+    return [_quant_matmul(k, n, bits) for k, n, bits in sorted(scope.weight_shapes(), key=str)
+            if bits is not None]
+
+
+def _quant_matmul(k: int, n: int, bits: int, block: int = 32) -> Workload:
+    rows = (1, 2)  # a decode step, the CPU's tuned Medusa tree (2 nodes)
+
+    def inputs(rng):
+        words = rng.integers(-2 ** 31, 2 ** 31, (n, k * bits // 32), dtype=np.int64)
+        weight = QuantizedWeight(bits, block, words.astype(np.int32),
+                                 rng.random((n, k // block), dtype=np.float32),
+                                 -rng.random((n, k // block), dtype=np.float32))
+        return [[rng.standard_normal((1, m, k)).astype(np.float32), weight,
+                 np.zeros((1, m, n), np.float32)] for m in rows]
+
+    def build(knobs: MatmulKnobs):
+        return _named(quant_matmul_tir(k, n, bits, block, knobs), "kernel")
+
+    def prepare(knobs: MatmulKnobs, args: list) -> list:
+        return [args[0], *pack_quantized(args[1], knobs.bn), args[2]]
+
+    space = [QUANT_DEFAULT] + [kn for kn in QUANT_SPACE if kn != QUANT_DEFAULT and kn.fits(n)]
+    return Workload(quant_matmul_workload(k, n, bits), "quant_matmul", build, space, inputs,
+                    f"x [1,m,{k}] @ W [{k},{n}] {bits}-bit, m = {', '.join(map(str, rows))}",
+                    prepare)
+
+
+def tree_attention_workloads(scope: TuneScope) -> list[Workload]:
+    config = scope.config
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    past = min(context, 2048) - len(MEDUSA_TREE)
+    past = min(scope.context, 2048) - len(MEDUSA_TREE)
     orders = [causal_order(1), tree_order_from_parents(MEDUSA_TREE)]
 
     def inputs(rng):
@@ -127,14 +194,14 @@ def tree_attention_workloads(config: LlamaConfig, context: int, dhsa=None) -> li
                              f"{past} cached tokens")]
 
 
-def dhsa_workloads(config: LlamaConfig, context: int,
-                   params: DHSAParams | None) -> list[Workload]:
+def dhsa_workloads(scope: TuneScope) -> list[Workload]:
     """The fused DHSA kernel (the artifact's parameters) on a prompt just above its
     threshold; none when the artifact has no DHSA."""
+    params, config = scope.dhsa, scope.config
     if params is None:
         return []
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    seq = min(context, params.min_context + params.block_size * 4)
+    seq = min(scope.context, params.min_context + params.block_size * 4)
 
     def inputs(rng):
         starts = (rng.random(seq) < 1 / 48).astype(np.int32)  # chunks of ~48 tokens
@@ -161,8 +228,7 @@ class TunableKernel:
     knobs: type  # the knobs dataclass
     default: Any  # the untuned knobs
     workload_key: Callable[..., str]  # the kernel's shape -> its name in the tuning database
-    # (model config, KV capacity, DHSA parameters or None) -> the workloads to measure
-    workloads: Callable[[LlamaConfig, int, DHSAParams | None], list[Workload]]
+    workloads: Callable[[TuneScope], list[Workload]]  # the workloads to measure
 
     def knobs_for(self, tuning: TuningDatabase, *shape) -> Any:
         """The database's best knobs for this shape, else the untuned default."""
@@ -177,6 +243,8 @@ TUNABLE: dict[str, TunableKernel] = {
                                     dhsa_workloads),
     "matmul": TunableKernel("matmul", MatmulKnobs, MATMUL_DEFAULT, matmul_workload,
                             matmul_workloads),
+    "quant_matmul": TunableKernel("quant_matmul", MatmulKnobs, QUANT_DEFAULT,
+                                  quant_matmul_workload, quant_matmul_workloads),
 }
 
 
@@ -186,11 +254,10 @@ def get_tunable(name: str) -> TunableKernel:
     return TUNABLE[name]
 
 
-def workloads_for(config: LlamaConfig, context: int, kernels: list[str] | None = None,
-                  dhsa: DHSAParams | None = None) -> list[Workload]:
+def workloads_for(scope: TuneScope, kernels: list[str] | None = None) -> list[Workload]:
     chosen = kernels or list(TUNABLE)
     unknown = [k for k in chosen if k not in TUNABLE]
     if unknown:
         raise EdgertError(f"unknown kernel(s) {', '.join(unknown)}; tunable: "
                           f"{', '.join(TUNABLE)}")
-    return [w for k in chosen for w in TUNABLE[k].workloads(config, context, dhsa)]
+    return [w for k in chosen for w in TUNABLE[k].workloads(scope)]

@@ -119,9 +119,10 @@ def measure(workload: Workload, knobs, target, device, inputs: list[list], numbe
     lib = device.load(tvm.tirx.build(tvm.IRModule({"kernel": func}), target))
     total = 0.0
     for args in inputs:
-        tensors = [device.tensor(a) for a in workload.prepare(knobs, args)]
+        prepared = workload.prepare(knobs, args)
+        tensors = [device.tensor(a) for a in prepared]
         runs = min(number * repeat, workload.max_runs or number * repeat)
-        if all(isinstance(a, np.ndarray) for a in args):
+        if all(isinstance(a, np.ndarray) for a in prepared):
             # weights are read from DRAM in a real step, not from a warm cache: flush the CPU
             # caches (all but the first argument) before every timed run
             timer = lib.time_evaluator("kernel", device.dev, number=1, repeat=runs,
@@ -200,10 +201,9 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
     """Tune the artifact's kernels for ``target``, store the database in
     ``path/tvm/<target>/tuning.json``, and (by default) rebuild with it."""
     from edgert.artifact.io import load_manifest
-    from edgert.dhsa.params import DHSAParams
     from edgert.passes.build import compile_artifact
     from edgert.passes.targets import resolve_target
-    from edgert.passes.tuning.tunable import workloads_for
+    from edgert.passes.tuning.tunable import TuneScope, workloads_for
 
     options = options or TuneOptions()
     path = Path(path)
@@ -213,8 +213,7 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
         raise BackendError(f"tuning for {target} measures on a {target} device: pass "
                            "--rpc-tracker/--rpc-key of a device that has one")
     database = TuningDatabase.load(build_directory(path, target))
-    workloads = workloads_for(manifest.config, manifest.kv_cache.capacity, options.kernels,
-                              DHSAParams.from_manifest(manifest))
+    workloads = workloads_for(TuneScope.from_manifest(manifest), options.kernels)
     summary = tune(workloads, database, tvm_target, options)
     for name, row in summary.items():
         if row["best_ms"] is None or row["untuned_ms"] is None:
