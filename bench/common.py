@@ -16,8 +16,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 
 
-def load_prompts(limit: int | None = None) -> list[dict]:
-    prompts = json.loads((BENCH_DIR / "prompts.json").read_text())
+def load_prompts(limit: int | None = None, name: str = "prompts") -> list[dict]:
+    """bench/<name>.json: "prompts" (32 chat/code/math/writing prompts) or "prompts_copy" (16
+    prompts whose answer copies from the prompt: edits, summaries, code changes)."""
+    prompts = json.loads((BENCH_DIR / f"{name}.json").read_text())
     return prompts[:limit] if limit else prompts
 
 

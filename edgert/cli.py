@@ -222,19 +222,24 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="Intra-op threads (0 = the runtime's default).")
-@click.option("--no-medusa", is_flag=True,
-              help="Decode one token per forward even when the artifact has Medusa heads.")
+@click.option("--speculative", default=None,
+              help="Drafters verified each step: off, medusa, lookup (copy from the prompt and "
+                   "output), or a combination such as medusa+lookup [default: the artifact's: "
+                   "Medusa when it has heads].")
+@click.option("--no-medusa", is_flag=True, help="Same as --speculative off.")
 @friendly_errors
 def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
         top_k: int, seed: int | None, raw: bool, as_json: bool, backend: str, device: str,
-        threads: int, no_medusa: bool) -> None:
+        threads: int, speculative: str | None, no_medusa: bool) -> None:
     """Generate text from ARTIFACT for one prompt (Medusa decoding when it has heads)."""
     from edgert.runtime.engine import load
 
+    if no_medusa and speculative not in (None, "off"):
+        raise click.UsageError("--no-medusa is --speculative off; pass one of them")
     engine = load(artifact, backend=backend, device=device, threads=threads)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   top_k=top_k, seed=seed, chat=not raw,
-                  medusa=False if no_medusa else None)
+                  speculative="off" if no_medusa else speculative)
     if as_json:
         click.echo(json.dumps(engine.generate(prompt, **kwargs).to_dict()))
         return
@@ -242,10 +247,10 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
     for piece in engine.stream(prompt, stats=stats, **kwargs):
         click.echo(piece, nl=False)
     click.echo()
-    used_medusa = not no_medusa and engine.medusa_by_default
-    medusa = f", {stats['mean_accepted']:.2f} tokens/step" if used_medusa else ""
+    mode = stats.get("speculative", "off")
+    spec = f", {mode} {stats['mean_accepted']:.2f} tokens/step" if mode != "off" else ""
     click.echo(f"[{stats['new_tokens']} tokens, prefill {stats['prefill_ms']:.0f} ms, "
-               f"decode {stats['decode_tokens_per_s']:.1f} tok/s{medusa}]", err=True)
+               f"decode {stats['decode_tokens_per_s']:.1f} tok/s{spec}]", err=True)
 
 
 @main.command("eval-heads")

@@ -27,6 +27,18 @@ def test_run_streams_text(tiny_artifact, tiny_engine):
     assert result.stdout == expected + "\n"
 
 
+def test_run_speculative_lookup(tiny_artifact, tiny_engine):
+    result = CliRunner().invoke(main, ["run", str(tiny_artifact), "--prompt", "Explain lists",
+                                       "--max-new-tokens", "40", "--speculative", "lookup"])
+    assert result.exit_code == 0, result.output
+    expected = tiny_engine.generate("Explain lists", max_new_tokens=40).text
+    assert result.stdout == expected + "\n"
+    assert "lookup" in result.stderr and "tokens/step" in result.stderr
+    bad = CliRunner().invoke(main, ["run", str(tiny_artifact), "--prompt", "x",
+                                    "--speculative", "lookup", "--no-medusa"])
+    assert bad.exit_code != 0 and "--no-medusa is --speculative off" in bad.output
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "edgert.cli", *args], capture_output=True,
                           text=True, timeout=300)

@@ -88,30 +88,35 @@ def build_tree_buffers(choices, topk: int, num_heads: int | None = None) -> Tree
     depth = max((len(p) for p in paths), default=0)
     if num_heads is not None and depth > num_heads:
         raise ConfigError(f"the tree is {depth} deep but there are only {num_heads} heads")
-    n = len(paths) + 1
     node_of = {(): 0, **{p: i + 1 for i, p in enumerate(paths)}}
-    parents = np.full(n, -1, dtype=np.int64)
+    parents = np.array([-1] + [node_of[p[:-1]] for p in paths], dtype=np.int64)
+    tree_indices = np.array([0] + [1 + (len(p) - 1) * topk + p[-1] for p in paths],
+                            dtype=np.int64)
+    return tree_from_parents(parents, paths, topk, tree_indices)
+
+
+def tree_from_parents(parents: np.ndarray, paths: tuple[Path, ...] = (), topk: int = 0,
+                      tree_indices: np.ndarray | None = None) -> TreeBuffers:
+    """The buffers of a tree given by its parents (node 0 the root, -1; every parent listed
+    before its children): depths, ancestor mask and root-to-leaf retrieve paths. A tree built
+    per step from drafted tokens (``medusa.token_tree``) has no rank paths."""
+    parents = np.asarray(parents, dtype=np.int64)
+    n = len(parents)
     depths = np.zeros(n, dtype=np.int64)
-    tree_indices = np.zeros(n, dtype=np.int64)
     mask = np.eye(n, dtype=bool)
-    for path, node in node_of.items():
-        if not path:
-            continue
-        parents[node] = node_of[path[:-1]]
-        depths[node] = len(path)
-        tree_indices[node] = 1 + (len(path) - 1) * topk + path[-1]
-        for d in range(len(path)):
-            mask[node, node_of[path[:d]]] = True
-    is_parent = set(parents[1:].tolist())
-    leaves = [node for node in range(n) if node not in is_parent]
-    retrieve = np.full((len(leaves), depth + 1), -1, dtype=np.int64)
+    for node in range(1, n):
+        parent = int(parents[node])
+        depths[node] = depths[parent] + 1
+        mask[node] |= mask[parent]
+    is_parent = np.zeros(n, dtype=bool)
+    is_parent[parents[1:]] = True
+    leaves = np.flatnonzero(~is_parent)
+    retrieve = np.full((len(leaves), int(depths.max()) + 1), -1, dtype=np.int64)
     for row, leaf in enumerate(leaves):
-        chain = []
-        node = leaf
-        while node >= 0:
-            chain.append(node)
-            node = int(parents[node])
-        retrieve[row, :len(chain)] = chain[::-1]
+        chain = np.flatnonzero(mask[leaf])  # ancestors-or-self, in node (= depth) order
+        retrieve[row, :len(chain)] = chain
+    if tree_indices is None:
+        tree_indices = np.arange(n, dtype=np.int64)
     return TreeBuffers(paths, topk, parents, depths, mask, tree_indices, retrieve)
 
 

@@ -25,6 +25,8 @@ from edgert.runtime.speculative import (
 )
 from edgert.runtime.steps import decode_one, forward_block, prefill, prefill_sparse
 from edgert.runtime.tokenizer import Messages, StreamDecoder, Tokenizer
+from edgert.speculative.lookup import LookupParams, PromptLookup
+from edgert.speculative.token_tree import DRAFTERS, TokenTree, TokenTreeBuilder, source_bit
 
 Prompt = str | Messages
 DEFAULT_PREFILL_CHUNK = 512
@@ -79,6 +81,14 @@ class Engine:
         # DHSA chunking: 0 = dynamic boundaries; N > 0 = fixed N-token chunks (a baseline),
         # as exported (``--dhsa fixed_chunk=N``) unless set here
         self.dhsa_fixed_chunk = self.dhsa.fixed_chunk if self.dhsa else 0
+        # ONNX Runtime's int8-activation matmuls turn the rounding-level differences between
+        # a one-row and a multi-row forward, or between a chain and a branching tree (masked
+        # siblings change the attention's summation), into logit differences of ~0.5. Plain
+        # steps then run as two-row forwards (``steps.decode_one``) and verification trees are
+        # chains, whose rows reproduce plain steps bit for bit: every mode stays lossless.
+        quantization = self.manifest.quantization or {}
+        self.row_exact = backend == "ort" and quantization.get("accuracy_level") == 4
+        self.decode_rows = 2 if self.row_exact else 1
         self.tree: TreeBuffers | None = None
         if self.backend.has_heads and self.manifest.tree:
             self.set_tree(self.manifest.tree["choices"])
@@ -88,6 +98,11 @@ class Engine:
         medusa = self.manifest.medusa
         self.tree = build_tree_buffers(choices, medusa["topk"], medusa["num_heads"])
         self._tree_mask = self.tree.additive_mask()
+        self._medusa_sources = np.full(self.tree.size, source_bit("medusa"), dtype=np.int64)
+        self._medusa_sources[0] = 0
+        # the heads' top-1 chain: the nodes whose ranks are all 0
+        self._medusa_chain = np.array([i + 1 for i, p in enumerate(self.tree.paths)
+                                       if not any(p)], dtype=np.int64)
 
     @property
     def has_medusa(self) -> bool:
@@ -122,7 +137,7 @@ class Engine:
 
     def decode_token(self, token: int) -> StepOutputs:
         """Append one token to the cache; returns its logits and hidden state."""
-        return decode_one(self.backend, self.cache, token)
+        return decode_one(self.backend, self.cache, token, self.decode_rows)
 
     def forward_uncommitted(self, ids: list[int] | np.ndarray) -> StepOutputs:
         """A causal forward of ``ids`` after the cache that leaves its length unchanged (the
@@ -200,11 +215,12 @@ class Engine:
     class _Options:
         max_new_tokens: int
         params: SamplingParams
-        medusa: bool
+        drafters: tuple[str, ...]  # () = plain decoding
         threshold: float
         alpha: float
         ignore_eos: bool = False
         dhsa: bool | None = None
+        lookup: LookupParams = field(default_factory=LookupParams)
 
     def _generate_ids(self, prompt_ids: list[int], opts: Engine._Options,
                       stats: dict[str, Any]) -> Iterator[int]:
@@ -222,8 +238,9 @@ class Engine:
         stats["prefill_ms"] = (t1 - t0) * 1e3
         stats["prefill"] = "dhsa" if sparse else "dense"
         first = select_token(out.logits[-1], opts.params, rng)
-        loop = (self._medusa_tokens(out, first, opts, rng, stats) if opts.medusa
-                else self._plain_tokens(first, opts.params, rng, stats))
+        stats["speculative"] = "+".join(opts.drafters) or "off"
+        loop = (self._speculative_tokens(out, prompt_ids, first, opts, rng, stats)
+                if opts.drafters else self._plain_tokens(first, opts.params, rng, stats))
         new = 0
         for token in loop:
             new += 1
@@ -259,32 +276,103 @@ class Engine:
         if not emitted:
             yield token
         while True:
-            out = decode_one(self.backend, self.cache, token)
+            out = decode_one(self.backend, self.cache, token, self.decode_rows)
             stats["steps"] += 1
             token = select_token(out.logits[-1], params, rng)
             yield token
 
-    def _medusa_tokens(self, out, token: int, opts: Engine._Options, rng: np.random.Generator,
-                       stats: dict[str, Any]) -> Iterator[int]:
-        """One tree verification per step; falls back to plain steps when the tree no longer
-        fits in the cache (near the capacity)."""
-        tree = self.tree
+    def _speculative_tokens(self, out, prompt_ids: list[int], token: int,
+                            opts: Engine._Options, rng: np.random.Generator,
+                            stats: dict[str, Any]) -> Iterator[int]:
+        """One tree verification per step over what the drafters propose (a plain step when
+        they propose nothing); falls back to plain steps when the tree no longer fits in the
+        cache (near the capacity)."""
+        medusa = "medusa" in opts.drafters
+        lookup = PromptLookup(opts.lookup) if "lookup" in opts.drafters else None
+        if lookup is not None:
+            lookup.reset([*prompt_ids, token])
+        accepted_by = stats.setdefault("accepted_by", dict.fromkeys(opts.drafters, 0))
         yield token
-        head_ids = self._heads(out.hidden[-1:], token)  # [K,k]
+        head_ids = self._heads(out.hidden[-1:], token) if medusa else None
         emitted = 0
-        while self.cache.length + tree.size <= self.cache.capacity:
-            tokens = propose_tree(tree, token, head_ids)
-            out = verify_tree(self.backend, self.cache, tree, tokens, self._tree_mask)
-            acc = accept(tree, tokens, out.logits, opts.params, rng, opts.threshold, opts.alpha)
-            self.cache.commit_path(acc.nodes)
+        while True:
+            step = self._step_tree(token, head_ids, lookup)
+            if self.cache.length + (step.size if step else 1) > self.cache.capacity:
+                break
+            if step is None:  # nothing drafted: one plain step
+                out = decode_one(self.backend, self.cache, token, self.decode_rows)
+                new, last = [select_token(out.logits[-1], opts.params, rng)], -1
+            else:
+                buffers, tokens, mask, tree = step.buffers, step.tokens, step.mask, step.tree
+                out = verify_tree(self.backend, self.cache, buffers, tokens, mask)
+                acc = accept(buffers, tokens, out.logits, opts.params, rng, opts.threshold,
+                             opts.alpha)
+                self.cache.commit_path(acc.nodes)
+                new, last = [*tokens[acc.nodes[1:]].tolist(), acc.next_token], acc.nodes[-1]
+                for name, count in tree.proposed_by(acc.nodes[1:]).items():
+                    if name in accepted_by:
+                        accepted_by[name] += count
             stats["steps"] += 1
-            new = [*tokens[acc.nodes[1:]].tolist(), acc.next_token]
             emitted += len(new)
             stats["mean_accepted"] = emitted / stats["steps"]
             yield from new
-            token = acc.next_token
-            head_ids = self._heads(out.hidden[acc.nodes[-1:]], token)
+            token = new[-1]
+            if lookup is not None:
+                lookup.extend(new)
+            if medusa:
+                head_ids = self._heads(out.hidden[[last]], token)
         yield from self._plain_tokens(token, opts.params, rng, stats, emitted=True)
+
+    @dataclass(frozen=True)
+    class _StepTree:
+        buffers: TreeBuffers
+        tokens: np.ndarray
+        mask: np.ndarray
+        tree: TokenTree  # which drafter proposed each node
+
+        @property
+        def size(self) -> int:
+            return len(self.tokens)
+
+    def _step_tree(self, root: int, head_ids: np.ndarray | None,
+                   lookup: PromptLookup | None) -> Engine._StepTree | None:
+        """This step's verification tree: the drafters' proposals merged under ``root``;
+        None when none proposed anything."""
+        if self.row_exact:
+            return self._step_chain(root, head_ids, lookup)
+        if lookup is None:  # Medusa alone: its static tree, the mask computed once
+            tokens = propose_tree(self.tree, root, head_ids)
+            return Engine._StepTree(self.tree, tokens, self._tree_mask,
+                                    TokenTree(self.tree, tokens, self._medusa_sources))
+        builder = TokenTreeBuilder(root)
+        if head_ids is not None:
+            builder.add("medusa", self.tree.parents, propose_tree(self.tree, root, head_ids))
+        builder.add_chain("lookup", lookup.propose())
+        if builder.size == 1:
+            return None
+        tree = builder.build()
+        return Engine._StepTree(tree.buffers, tree.tokens, tree.buffers.additive_mask(), tree)
+
+    def _step_chain(self, root: int, head_ids: np.ndarray | None,
+                    lookup: PromptLookup | None) -> Engine._StepTree | None:
+        """A chain to verify (``row_exact``): prompt lookup's candidates when it has some,
+        else the heads' top-1 chain; the other drafter joins where its chain agrees."""
+        chains = []
+        if lookup is not None:
+            chains.append(("lookup", lookup.propose()))
+        if head_ids is not None:
+            tokens = propose_tree(self.tree, root, head_ids)
+            chains.append(("medusa", tokens[self._medusa_chain].tolist()))
+        chains = [(name, chain) for name, chain in chains if chain]
+        if not chains:
+            return None
+        builder = TokenTreeBuilder(root)
+        base = chains[0][1]
+        for name, chain in chains:
+            if chain[:len(base)] == base[:len(chain)]:  # one extends the other: still a chain
+                builder.add_chain(name, chain)
+        tree = builder.build()
+        return Engine._StepTree(tree.buffers, tree.tokens, tree.buffers.additive_mask(), tree)
 
     def _heads(self, hidden: np.ndarray, root: int) -> np.ndarray:
         """The heads' top-k [K,k] on one hidden state [1,H] whose next token is ``root``."""
@@ -295,30 +383,69 @@ class Engine:
                 "kv_capacity": self.cache.capacity, "kv_bytes": self.cache.nbytes,
                 "steps": 0, "mean_accepted": 1.0}
 
+    @property
+    def default_speculative(self) -> str:
+        """The decoding mode when a request names none: Medusa when the artifact has heads and
+        its tree is not tuned to be slower than plain decoding, else off."""
+        return "medusa" if self.medusa_by_default else "off"
+
+    def drafters_for(self, speculative: str | None = None, medusa: bool | None = None
+                     ) -> tuple[str, ...]:
+        """The drafters of a request: ``speculative`` ("off", "medusa", "lookup" or a
+        combination such as "medusa+lookup"; None: ``medusa`` if given, else the artifact's
+        default). GenerationError naming the choices otherwise."""
+        if speculative is None:
+            speculative = self.default_speculative if medusa is None else (
+                "medusa" if medusa else "off")
+        elif medusa is not None:
+            raise GenerationError("pass speculative= or medusa=, not both (medusa=True is "
+                                  "speculative='medusa', medusa=False is 'off')")
+        if not isinstance(speculative, str) or not speculative:
+            raise GenerationError(f"speculative must be a string such as 'medusa+lookup', got "
+                                  f"{speculative!r}")
+        if speculative == "off":
+            return ()
+        names = speculative.split("+")
+        for name in names:
+            if name not in DRAFTERS:
+                raise GenerationError(f"unknown speculative mode '{name}'; choose off, medusa, "
+                                      "lookup, or a '+' combination such as medusa+lookup")
+            if name == "medusa" and not self.has_medusa:
+                raise GenerationError("this artifact has no Medusa heads and tree; export it "
+                                      "with heads, or decode without them (speculative='off' "
+                                      "or 'lookup'; CLI: --no-medusa)")
+            if name == "draft":
+                raise GenerationError("this artifact has no draft layer; use medusa and/or "
+                                      "lookup")
+        if len(set(names)) != len(names):
+            raise GenerationError(f"speculative mode '{speculative}' names a drafter twice")
+        return tuple(names)
+
     def _options(self, max_new_tokens, temperature, top_p, top_k, seed, medusa, threshold,
-                 alpha, ignore_eos=False, dhsa=None) -> Engine._Options:
+                 alpha, ignore_eos=False, dhsa=None, speculative=None) -> Engine._Options:
         params = SamplingParams(temperature, top_p, top_k, seed)
-        if medusa is None:
-            medusa = self.medusa_by_default
-        elif medusa and not self.has_medusa:
-            raise GenerationError("this artifact has no Medusa heads and tree; export it with "
-                                  "heads, or pass medusa=False (CLI: --no-medusa)")
-        return Engine._Options(max_new_tokens, params, bool(medusa), threshold, alpha,
-                               ignore_eos, dhsa)
+        return Engine._Options(max_new_tokens, params, self.drafters_for(speculative, medusa),
+                               threshold, alpha, ignore_eos, dhsa)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  chat: bool = True, medusa: bool | None = None,
                  typical_threshold: float = DEFAULT_TYPICAL_THRESHOLD,
                  typical_alpha: float = DEFAULT_TYPICAL_ALPHA,
-                 ignore_eos: bool = False, dhsa: bool | None = None) -> Result:
+                 ignore_eos: bool = False, dhsa: bool | None = None,
+                 speculative: str | None = None) -> Result:
         """Generate a completion. ``temperature=0`` is greedy; stops at EOS or the limit.
 
-        ``medusa`` (default: when the artifact has heads and its tree is not tuned to be slower
-        than plain decoding on its device) decodes with Medusa tree steps:
-        greedy acceptance at ``temperature=0`` (output identical to plain greedy), typical
-        acceptance otherwise (a candidate is kept when its probability exceeds
-        ``min(typical_threshold, typical_alpha * exp(-entropy))``). ``ignore_eos`` keeps
+        ``speculative`` picks the drafters whose proposals each step verifies in one forward:
+        "medusa" (the heads' tree), "lookup" (continuations copied from earlier text: prompt
+        lookup), "medusa+lookup" (their union), or "off". Default: ``medusa`` when given
+        (True: "medusa", False: "off"), else Medusa when the artifact has heads and its tree is
+        not tuned to be slower than plain decoding on its device. Greedy acceptance at
+        ``temperature=0`` (output identical to plain greedy), typical acceptance otherwise (a
+        candidate is kept when its probability exceeds
+        ``min(typical_threshold, typical_alpha * exp(-entropy))``). ``stats`` reports
+        ``speculative``, ``steps``, ``mean_accepted`` and ``accepted_by`` (the accepted
+        drafted tokens per drafter). ``ignore_eos`` keeps
         generating past EOS up to ``max_new_tokens`` (benchmarks, memory checks).
         ``dhsa`` (default: for prompts longer than the artifact's DHSA ``min_context``)
         prefills through dynamic hierarchical sparse attention; decoding stays dense.
@@ -327,7 +454,7 @@ class Engine:
         produced), ``text`` (special tokens removed) and ``stats``.
         """
         opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, medusa,
-                             typical_threshold, typical_alpha, ignore_eos, dhsa)
+                             typical_threshold, typical_alpha, ignore_eos, dhsa, speculative)
         prompt_ids = self.encode(prompt, chat)
         self._check_request(prompt_ids, max_new_tokens)
         stats = self._base_stats()
@@ -339,13 +466,15 @@ class Engine:
                chat: bool = True, medusa: bool | None = None,
                typical_threshold: float = DEFAULT_TYPICAL_THRESHOLD,
                typical_alpha: float = DEFAULT_TYPICAL_ALPHA, dhsa: bool | None = None,
-               stats: dict[str, Any] | None = None) -> Iterator[str]:
+               stats: dict[str, Any] | None = None,
+               speculative: str | None = None) -> Iterator[str]:
         """Like :meth:`generate`, but yields text pieces as tokens are decided.
 
         Pass a dict as ``stats`` to receive the statistics when the stream ends.
         """
         opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, medusa,
-                             typical_threshold, typical_alpha, dhsa=dhsa)
+                             typical_threshold, typical_alpha, dhsa=dhsa,
+                             speculative=speculative)
         prompt_ids = self.encode(prompt, chat)
         self._check_request(prompt_ids, max_new_tokens)
         stats = stats if stats is not None else {}

@@ -56,14 +56,30 @@ def prefill_sparse(backend: Backend, cache: KVCacheBase, ids: list[int],
 _ONE_MASK = np.zeros((1, 1, 1, 1), dtype=np.float32)
 _LAST = np.zeros((1,), dtype=np.int64)
 _ROOT = np.full((1,), -1, dtype=np.int64)
+_PAIR_MASK = causal_mask(2)
+_PAIR_PARENTS = np.array([-1, 0], dtype=np.int64)
 
 
-def decode_one(backend: Backend, cache: KVCacheBase, token: int) -> StepOutputs:
-    """One new token at position ``cache.length``: [1,V] logits, [1,H] hidden."""
-    cache.check_room(1)
-    step = StepInputs(np.array([[token]], dtype=np.int64),
-                      np.array([[cache.length]], dtype=np.int64), _ONE_MASK, _LAST, cache.length,
-                      _ROOT)
+def decode_one(backend: Backend, cache: KVCacheBase, token: int, rows: int = 1
+               ) -> StepOutputs:
+    """One new token at position ``cache.length``: [1,V] logits, [1,H] hidden.
+
+    ``rows=2`` runs the token as the first row of a two-row causal block (the second row a
+    copy, uncommitted: the next step overwrites its entry): the step then goes through the
+    same multi-row kernels as a tree verification. ONNX Runtime's int8-activation MatMulNBits
+    computes a one-row product differently from a multi-row one (logits ~0.2 apart), so a
+    speculative step's greedy choice could differ from a one-row plain step's; decoding every
+    token through multi-row forwards keeps all modes token-for-token identical. The last free
+    slot of the cache falls back to one row."""
+    if rows == 2 and cache.length + 2 <= cache.capacity:
+        step = StepInputs(np.array([[token, token]], dtype=np.int64),
+                          np.array([[cache.length, cache.length + 1]], dtype=np.int64),
+                          _PAIR_MASK, _LAST, cache.length, _PAIR_PARENTS)
+    else:
+        cache.check_room(1)
+        step = StepInputs(np.array([[token]], dtype=np.int64),
+                          np.array([[cache.length]], dtype=np.int64), _ONE_MASK, _LAST,
+                          cache.length, _ROOT)
     out = backend.forward(step)
     cache.advance(1)
     return out

@@ -245,3 +245,99 @@ def test_medusa_default_follows_the_tuned_prediction(tiny_dir, random_heads_dir,
     assert result.stats["mean_accepted"] == 1.0  # plain steps
     assert slower.generate("Hello", max_new_tokens=12, medusa=True).output_ids == \
         result.output_ids
+
+
+COPY_PROMPT = ("Repeat this list exactly: apples, pears, plums, cherries, apples, pears, plums, "
+               "cherries, apples, pears")
+
+
+@pytest.fixture(scope="module")
+def medusa_engine(tiny_dir, random_heads_dir, tmp_path_factory):
+    return edgert.load(export_with(tiny_dir, random_heads_dir,
+                                   tmp_path_factory.mktemp("spec"), "cpu"))
+
+
+@pytest.mark.parametrize("mode", ["lookup", "medusa+lookup", "lookup+medusa"])
+def test_lookup_modes_are_lossless(medusa_engine, mode):
+    """Whatever lookup and the (random) heads propose, greedy output is plain greedy's; on a
+    random model's repetitive output, copied candidates get accepted."""
+    accepted = 0
+    for prompt in [*PROMPTS, COPY_PROMPT]:
+        plain = medusa_engine.generate(prompt, max_new_tokens=200, speculative="off")
+        fast = medusa_engine.generate(prompt, max_new_tokens=200, speculative=mode)
+        assert fast.output_ids == plain.output_ids, prompt
+        assert fast.stats["speculative"] == mode
+        assert fast.stats["steps"] <= plain.stats["steps"]
+        accepted += fast.stats["accepted_by"]["lookup"]
+        assert sum(fast.stats["accepted_by"].values()) >= len(fast.output_ids) - 1 - \
+            fast.stats["steps"]  # every token beyond one a step was drafted by someone
+    assert accepted > 0
+
+
+def test_lookup_needs_no_heads(tiny_engine):
+    plain = tiny_engine.generate(COPY_PROMPT, max_new_tokens=64, speculative="off")
+    fast = tiny_engine.generate(COPY_PROMPT, max_new_tokens=64, speculative="lookup")
+    assert fast.output_ids == plain.output_ids
+    assert set(fast.stats["accepted_by"]) == {"lookup"}
+
+
+def test_lookup_sampling_runs_and_is_reproducible(medusa_engine):
+    """Typical acceptance over a lookup tree: seeded runs agree."""
+    runs = [medusa_engine.generate(COPY_PROMPT, max_new_tokens=48, temperature=0.8, seed=3,
+                                   speculative="medusa+lookup").output_ids for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+@pytest.mark.parametrize("mode, match", [("bogus", "unknown speculative mode 'bogus'"),
+                                         ("medusa+medusa", "names a drafter twice"),
+                                         ("draft", "no draft layer"), ("", "must be a string")])
+def test_bad_speculative_modes_are_named(medusa_engine, mode, match):
+    with pytest.raises(edgert.GenerationError, match=match):
+        medusa_engine.generate("hi", speculative=mode)
+
+
+def test_medusa_and_speculative_together_are_refused(medusa_engine, tiny_engine):
+    with pytest.raises(edgert.GenerationError, match="not both"):
+        medusa_engine.generate("hi", speculative="lookup", medusa=True)
+    with pytest.raises(edgert.GenerationError, match="no Medusa heads"):
+        tiny_engine.generate("hi", speculative="medusa+lookup")
+
+
+@pytest.fixture(scope="module")
+def int8_engine(tiny_dir, random_heads_dir, tmp_path_factory):
+    """4-bit weights and int8 activations (ONNX Runtime's accuracy level 4) with a branching
+    Medusa tree."""
+    from edgert.export.exporter import ExportOptions, export_model
+    from edgert.export.quantize import WeightOptions
+
+    out = tmp_path_factory.mktemp("int8") / "art"
+    export_model(str(tiny_dir), out, ExportOptions(max_context=768, heads=random_heads_dir,
+                                                   tree="cpu", medusa_topk=4,
+                                                   weights=WeightOptions("q4", "int8")),
+                 log=lambda m: None)
+    return edgert.load(out)
+
+
+def test_int8_activations_verify_chains_and_stay_lossless(int8_engine, monkeypatch):
+    """At int8 activations a row's logits depend on the rows before it (masked or not), so
+    plain steps run as two-row forwards and every verification tree is a chain: all modes give
+    plain greedy's tokens."""
+    import edgert.runtime.engine as engine_module
+
+    engine = int8_engine
+    assert engine.row_exact and engine.decode_rows == 2
+    assert len(engine.tree.retrieve) > 1  # the artifact's own tree branches
+    shapes = []
+    real_accept = engine_module.accept
+
+    def spy(tree, *args):
+        shapes.append(tree.parents.tolist())
+        return real_accept(tree, *args)
+
+    monkeypatch.setattr(engine_module, "accept", spy)
+    for prompt in [*PROMPTS, COPY_PROMPT]:
+        plain = engine.generate(prompt, max_new_tokens=120, speculative="off")
+        for mode in ("medusa", "lookup", "medusa+lookup"):
+            assert engine.generate(prompt, max_new_tokens=120,
+                                   speculative=mode).output_ids == plain.output_ids, mode
+    assert shapes and all(p == list(range(-1, len(p) - 1)) for p in shapes)

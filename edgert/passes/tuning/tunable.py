@@ -95,21 +95,26 @@ class TuneScope:
 
     @classmethod
     def from_manifest(cls, manifest) -> TuneScope:
-        groups = (manifest.quantization or {}).get("groups", {})
+        quantization = manifest.quantization or {}
+        # at --compute fp32 an 8-bit weight is expanded to fp32 in the graph (ONNX Runtime has
+        # no fp32-compute kernel for it): TVM sees an fp32 matmul
+        expanded = quantization.get("compute") == "fp32"
+        bits = {name: int(group["bits"]) for name, group in quantization.get("groups", {}).items()
+                if not (expanded and int(group["bits"]) == 8)}
         return cls(manifest.config, manifest.kv_cache.capacity, DHSAParams.from_manifest(manifest),
-                   {name: int(group["bits"]) for name, group in groups.items()})
+                   bits)
 
     def weight_shapes(self) -> set[tuple[int, int, int | None]]:
         """(K, N, bits) of every weight matmul after FuseParallelMatmuls
         (``decoder_matmul_shapes``: q/k/v, o, gate/up, down, vocab) and of the Medusa heads'
         blocks (H, H); bits None for fp32. The heads of a quantized artifact are quantized
-        (``medusa_heads``), or absent."""
+        (``medusa_heads``: 8-bit, fp32 at --compute fp32; tuned whether the artifact has
+        heads or not)."""
         qkv, o, gate_up, down, vocab = decoder_matmul_shapes(self.config)
         h = self.config.hidden_size
         groups = [(qkv, "q_proj"), (o, "o_proj"), (gate_up, "gate_proj"), (down, "down_proj"),
                   (vocab, "vocab")]
-        if not self.bits or "medusa_heads" in self.bits:
-            groups.append(((h, h), "medusa_heads"))
+        groups.append(((h, h), "medusa_heads"))
         return {(k, n, self.bits.get(group)) for (k, n), group in groups}
 
 

@@ -57,3 +57,15 @@ def test_a_quantized_workload_is_measured(scope):
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
     for knobs in workload.space[:2]:
         assert measure(workload, knobs, target, LocalDevice(), inputs, 1, 1) > 0
+
+
+def test_8bit_groups_of_an_fp32_compute_artifact_are_fp32_matmuls(tiny_artifact):
+    """At --compute fp32 the export expands 8-bit weights (the vocab, the heads) to fp32 in
+    the graph: TVM sees fp32 matmuls there."""
+    manifest = load_manifest(tiny_artifact)
+    groups = {name: {"bits": bits} for name, bits in Q4_GROUPS.items()}
+    for compute, vocab_bits in (("int8", 8), ("fp32", None)):
+        quantized = dataclasses.replace(manifest, quantization={"compute": compute,
+                                                                "groups": groups})
+        scope = TuneScope.from_manifest(quantized)
+        assert scope.bits.get("vocab") == vocab_bits and scope.bits["q_proj"] == 4

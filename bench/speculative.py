@@ -1,0 +1,106 @@
+"""Speculative decoding modes side by side: speed, tokens per step, and losslessness.
+
+    python -m bench.speculative artifacts/smollm2-135m [--new-tokens 128] [--runs 3]
+                                [--modes off,medusa,lookup,medusa+lookup] [--limit N]
+                                [--json bench/results/speculative.json]
+
+Greedy decoding on two prompt sets: bench/prompts.json (32 chat/code/math/writing prompts)
+and bench/prompts_copy.json (16 prompts whose answers copy from the prompt: edits, summaries,
+code changes). All modes run in this process on one engine, interleaved within each run;
+per mode and set: decode tok/s (new tokens after the first over the time after prefill,
+summed over the set; median of ``--runs``), tau (mean tokens per verification step), the
+ratio to plain decoding in the same run, and the accepted drafted tokens per drafter. Every
+mode's output ids must equal plain greedy's on every prompt (``lossless``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+
+import edgert
+from bench import common
+
+SETS = {"chat": "prompts", "copy": "prompts_copy"}
+
+
+def run_once(engine, prompt: str, mode: str, new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    result = engine.generate(prompt, max_new_tokens=new_tokens, speculative=mode)
+    elapsed = time.perf_counter() - t0
+    return {"ids": result.output_ids, "decode_s": elapsed - result.stats["prefill_ms"] / 1e3,
+            "steps": result.stats["steps"],
+            "accepted_by": result.stats.get("accepted_by", {})}
+
+
+def measure_set(engine, prompts: list[dict], modes: list[str], new_tokens: int,
+                runs: int) -> dict:
+    rates = defaultdict(list)  # mode -> decode tok/s per run
+    ratios = defaultdict(list)  # mode -> ratio to plain per run
+    first: dict[str, list[dict]] = {}
+    for run in range(runs):
+        this_run = {}
+        for mode in modes:
+            results = [run_once(engine, p["prompt"], mode, new_tokens) for p in prompts]
+            tokens = sum(len(r["ids"]) - 1 for r in results)
+            this_run[mode] = tokens / sum(r["decode_s"] for r in results)
+            if run == 0:
+                first[mode] = results
+        for mode in modes:
+            rates[mode].append(this_run[mode])
+            ratios[mode].append(this_run[mode] / this_run["off"])
+    report = {}
+    for mode in modes:
+        results = first[mode]
+        accepted = defaultdict(int)
+        for r in results:
+            for name, count in r["accepted_by"].items():
+                accepted[name] += count
+        report[mode] = {
+            "decode_tok_s": common.median(rates[mode]),
+            "ratio_to_plain": common.median(ratios[mode]),
+            "tau": sum(len(r["ids"]) - 1 for r in results) / max(1, sum(r["steps"]
+                                                                        for r in results)),
+            "accepted_by": dict(accepted),
+            "lossless": sum(r["ids"] == p["ids"] for r, p in zip(results, first["off"])),
+            "prompts": len(results),
+        }
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--modes", default="off,medusa,lookup,medusa+lookup")
+    ap.add_argument("--limit", type=int, default=None, help="the first N prompts of each set")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    modes = args.modes.split(",")
+    if modes[0] != "off":
+        modes = ["off"] + [m for m in modes if m != "off"]
+    engine = edgert.load(args.artifact)
+    engine.generate("warm up", max_new_tokens=8, speculative="off")
+    record = {"bench": "speculative", "artifact": str(args.artifact),
+              "machine": common.machine(), "new_tokens": args.new_tokens, "runs": args.runs,
+              "command": "python -m bench.speculative " + " ".join(sys.argv[1:]),
+              "sets": {}}
+    rows = []
+    for name, file in SETS.items():
+        prompts = common.load_prompts(args.limit, file)
+        report = measure_set(engine, prompts, modes, args.new_tokens, args.runs)
+        record["sets"][name] = report
+        for mode, r in report.items():
+            rows.append({"set": name, "mode": mode, "decode tok/s": r["decode_tok_s"],
+                         "x plain": r["ratio_to_plain"], "tau": r["tau"],
+                         "accepted by": ", ".join(f"{k} {v}" for k, v in r["accepted_by"].items())
+                         or "-", "lossless": f"{r['lossless']}/{r['prompts']}"})
+    common.emit(record, rows, ["set", "mode", "decode tok/s", "x plain", "tau", "accepted by",
+                               "lossless"], args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Drafters and the per-step verification tree: pure data over token ids (no backend)."""
