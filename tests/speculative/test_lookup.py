@@ -30,7 +30,7 @@ def test_copy_from_the_prompt():
 
 
 def test_the_longest_suffix_wins_then_the_latest_occurrence():
-    lookup = PromptLookup(LookupParams(max_ngram=2, num_tokens=2))
+    lookup = PromptLookup(LookupParams(max_ngram=2, min_ngram=1, num_tokens=2))
     lookup.reset([1, 2, 7, 3, 2, 8, 1, 2])
     # 2-gram "1 2" occurred at 0 (followed by 7 3); 1-gram "2" latest at 4 (followed by 8 1)
     assert lookup.propose() == [7, 3]
