@@ -28,7 +28,7 @@ from bench import common
 MODES = {
     "plain greedy": {"medusa": False},
     "medusa greedy": {"medusa": True},
-    "medusa typical": {"medusa": True, "temperature": 0.7, "seed": 0},
+    "medusa typical": {"medusa": True, "temperature": 0.7, "seed": 0, "acceptance": "typical"},
 }
 
 RSS_CHILD = """

@@ -13,7 +13,7 @@ from edgert.errors import EdgertError
 
 # packages of the extras -> the extra that installs them (`pip install edgert` runs artifacts)
 EXTRA_OF = {"torch": "export", "onnx": "export", "gguf": "export", "safetensors": "export",
-            "tvm": "tvm", "tvm_ffi": "tvm"}
+            "tvm": "tvm", "tvm_ffi": "tvm", "starlette": "serve", "uvicorn": "serve"}
 
 
 def friendly_errors(func):
@@ -227,10 +227,14 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
                    "output), or a combination such as medusa+lookup [default: the artifact's: "
                    "Medusa when it has heads].")
 @click.option("--no-medusa", is_flag=True, help="Same as --speculative off.")
+@click.option("--acceptance", type=click.Choice(["rejection", "typical"]), default="rejection",
+              show_default=True,
+              help="When sampling: rejection keeps speculative output distributed as plain "
+                   "sampling; typical accepts more (Medusa's typical acceptance).")
 @friendly_errors
 def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
         top_k: int, seed: int | None, raw: bool, as_json: bool, backend: str, device: str,
-        threads: int, speculative: str | None, no_medusa: bool) -> None:
+        threads: int, speculative: str | None, no_medusa: bool, acceptance: str) -> None:
     """Generate text from ARTIFACT for one prompt (Medusa decoding when it has heads)."""
     from edgert.runtime.engine import load
 
@@ -239,7 +243,7 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
     engine = load(artifact, backend=backend, device=device, threads=threads)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   top_k=top_k, seed=seed, chat=not raw,
-                  speculative="off" if no_medusa else speculative)
+                  speculative="off" if no_medusa else speculative, acceptance=acceptance)
     if as_json:
         click.echo(json.dumps(engine.generate(prompt, **kwargs).to_dict()))
         return
@@ -251,6 +255,32 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
     spec = f", {mode} {stats['mean_accepted']:.2f} tokens/step" if mode != "off" else ""
     click.echo(f"[{stats['new_tokens']} tokens, prefill {stats['prefill_ms']:.0f} ms, "
                f"decode {stats['decode_tokens_per_s']:.1f} tok/s{spec}]", err=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--parallel", type=int, default=1, show_default=True,
+              help="Sequence slots (only 1 for now: requests take turns).")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'.")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Requests waiting for a slot before the server answers 429.")
+@click.option("--backend", default="ort", show_default=True, help="ort or tvm.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="Intra-op threads (0 = the runtime's default).")
+@friendly_errors
+def serve(artifact: Path, host: str, port: int, parallel: int, api_key: str | None,
+          max_queue: int, backend: str, threads: int) -> None:
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /v1/completions, /v1/models, /health, /metrics)."""
+    import logging
+
+    from edgert.serve.server import serve_artifact
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    serve_artifact(artifact, host, port, parallel=parallel, api_key=api_key,
+                   max_queue=max_queue, backend=backend, threads=threads)
 
 
 @main.command("eval-heads")

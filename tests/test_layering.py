@@ -9,7 +9,7 @@ Layers, lowest first (docs: README "Layout"):
     speculative                       drafters and per-step token trees (reads medusa)
     export, passes                    producers (neither imports the other)
     runtime                           consumer of artifacts only
-    train                             tools above the Engine
+    train, serve                      tools above the Engine (training, the HTTP server)
     cli                               the command line
 
 Every import of an ``edgert`` module counts, at module level or inside a function (a lazy
@@ -25,7 +25,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edgert"
 RANK = {"errors": 0, "__about__": 0, "model": 1, "artifact": 2, "dhsa": 3, "medusa": 3,
-        "speculative": 4, "export": 4, "passes": 4, "runtime": 5, "train": 6, "cli": 7}
+        "speculative": 4, "export": 4, "passes": 4, "runtime": 5, "train": 6, "serve": 6, "cli": 7}
 
 
 def layer_of(module: str) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 from edgert.medusa.tree_buffers import TreeBuffers
 from edgert.runtime.backends import Backend, StepInputs, StepOutputs
 from edgert.runtime.kv_cache import KVCacheBase
-from edgert.runtime.sampling import SamplingParams, select_token
+from edgert.runtime.sampling import SamplingParams, probabilities, select_token
 
 DEFAULT_TYPICAL_THRESHOLD = 0.09
 DEFAULT_TYPICAL_ALPHA = 0.3
@@ -73,7 +73,8 @@ def accept_typical(tree: TreeBuffers, tokens: np.ndarray, logits: np.ndarray,
                    threshold: float = DEFAULT_TYPICAL_THRESHOLD,
                    alpha: float = DEFAULT_TYPICAL_ALPHA) -> Acceptance:
     """Typical acceptance: keep a candidate when its probability under the backbone at its
-    parent exceeds min(threshold, alpha * exp(-entropy)); the next token is sampled."""
+    parent exceeds min(threshold, alpha * exp(-entropy)) and it survives the request's top-k
+    and top-p filters there; the next token is sampled."""
     scaled = logits / np.float32(max(params.temperature, 1e-6))  # [N+1,V] float32
     shifted = scaled - scaled.max(axis=-1, keepdims=True)
     expd = np.exp(shifted)
@@ -83,13 +84,51 @@ def accept_typical(tree: TreeBuffers, tokens: np.ndarray, logits: np.ndarray,
     paths = np.maximum(tree.retrieve, 0)
     parent, child = paths[:, :-1], paths[:, 1:]
     ok = expd[parent, tokens[child]] / z[parent] > limit[parent]
+    if params.top_k or params.top_p < 1.0:
+        kept = {int(r): probabilities(logits[r], params) > 0 for r in np.unique(parent)}
+        ok &= np.vectorize(lambda r, t: kept[int(r)][t], otypes=[bool])(parent, tokens[child])
     best, lengths = _longest(tree, ok)
     nodes = tree.retrieve[best, :lengths[best] + 1]
     return Acceptance(nodes, select_token(logits[nodes[-1]], params, rng))
 
 
-def accept(tree, tokens, logits, params, rng, threshold, alpha) -> Acceptance:
+def accept_rejection(tree: TreeBuffers, tokens: np.ndarray, logits: np.ndarray,
+                     params: SamplingParams, rng: np.random.Generator) -> Acceptance:
+    """Speculative sampling over a tree of fixed candidates: the output is distributed exactly
+    as sampling from the backbone's (temperature, top-k, top-p) distribution token by token.
+
+    At a node with distribution p, its children are tried in order: child c is accepted with
+    probability p[c]; on rejection p loses c and is renormalized (the residual of a draft
+    that put all its mass on c), and the next child is tried against it. When every child is
+    rejected (or at a leaf) the next token is sampled from what remains of p."""
+    children: list[list[int]] = [[] for _ in range(tree.size)]
+    for node in range(1, tree.size):
+        children[int(tree.parents[node])].append(node)
+    node, nodes = 0, [0]
+    while True:
+        p = probabilities(logits[node], params)
+        for child in children[node]:
+            token = int(tokens[child])
+            if rng.random() < p[token]:
+                nodes.append(child)
+                node = child
+                break
+            p[token] = 0.0
+            p /= p.sum()
+        else:
+            return Acceptance(np.array(nodes, dtype=np.int64),
+                              int(rng.choice(p.shape[-1], p=p)))
+
+
+ACCEPTANCE = ("rejection", "typical")
+
+
+def accept(tree, tokens, logits, params, rng, threshold, alpha,
+           acceptance: str = "rejection") -> Acceptance:
+    """Greedy acceptance at temperature 0; else ``acceptance``: "rejection" (exact) or
+    "typical" (Medusa's, with the thresholds)."""
     if params.greedy:
         return accept_greedy(tree, tokens, logits)
-    return accept_typical(tree, tokens, logits, params, rng, threshold, alpha)
-
+    if acceptance == "typical":
+        return accept_typical(tree, tokens, logits, params, rng, threshold, alpha)
+    return accept_rejection(tree, tokens, logits, params, rng)

@@ -235,14 +235,16 @@ def test_medusa_default_follows_the_tuned_prediction(tiny_dir, random_heads_dir,
 
     art = export_with(tiny_dir, random_heads_dir, tmp_path, "cpu")
     engine = edgert.load(art)
-    assert engine.medusa_by_default  # untuned tree: Medusa on
+    assert engine.medusa_by_default  # untuned tree: Medusa on, with prompt lookup
+    assert engine.generate("Hello", max_new_tokens=12).stats["speculative"] == "medusa+lookup"
     tree = dict(engine.manifest.tree)
     tree["tuned_for"] = {"predicted_tokens_per_s": 30.0, "plain_tokens_per_s": 35.0}
     update_manifest(art, {"tree": tree})
     slower = edgert.load(art)
     assert not slower.medusa_by_default
     result = slower.generate("Hello", max_new_tokens=12)
-    assert result.stats["mean_accepted"] == 1.0  # plain steps
+    assert result.stats["speculative"] == "lookup"  # no heads by default
+    assert set(result.stats["accepted_by"]) == {"lookup"}
     assert slower.generate("Hello", max_new_tokens=12, medusa=True).output_ids == \
         result.output_ids
 
@@ -341,3 +343,59 @@ def test_int8_activations_verify_chains_and_stay_lossless(int8_engine, monkeypat
             assert engine.generate(prompt, max_new_tokens=120,
                                    speculative=mode).output_ids == plain.output_ids, mode
     assert shapes and all(p == list(range(-1, len(p) - 1)) for p in shapes)
+
+
+def _first_two_tokens(tree, tokens, logits, params, acceptance, runs=20000):
+    """Empirical distribution of the first token a step emits, and of the second given the
+    first was candidate node 1's token."""
+    from edgert.runtime.speculative import accept
+
+    rng = np.random.default_rng(0)
+    first, second = np.zeros(V), np.zeros(V)
+    for _ in range(runs):
+        acc = accept(tree, tokens, logits, params, rng, 0.09, 0.3, acceptance)
+        emitted = [*tokens[acc.nodes[1:]].tolist(), acc.next_token]
+        first[emitted[0]] += 1
+        if emitted[0] == tokens[1]:
+            second[emitted[1]] += 1
+    return first / first.sum(), second / max(second.sum(), 1)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.9),
+                                    SamplingParams(temperature=1.2, top_k=4),
+                                    SamplingParams(temperature=0.8, top_p=0.7)], ids=str)
+def test_rejection_acceptance_samples_the_backbone_distribution(params):
+    """Over a branching tree, rejection acceptance emits tokens distributed as sampling from
+    the filtered backbone distribution: the first token as at the root, the second (after
+    node 1's token) as at node 1. 20,000 draws: the standard error of a frequency is <= 0.0036,
+    the tolerance 0.015 is four of them."""
+    from edgert.runtime.sampling import probabilities
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(TREE.size, V)).astype(np.float32) * 1.5
+    tokens = np.array([1, 7, 8, 3, 4, 3, 5])  # node 1 (7) and node 2 (8) are root's children
+    first, second = _first_two_tokens(TREE, tokens, logits, params, "rejection")
+    np.testing.assert_allclose(first, probabilities(logits[0], params), atol=0.015)
+    np.testing.assert_allclose(second, probabilities(logits[1], params), atol=0.015)
+
+
+def test_typical_acceptance_keeps_to_top_k():
+    """A candidate outside the top-k at its parent is never accepted, however likely the
+    typical threshold finds it."""
+    tree = build_tree_buffers(chain_tree(1), topk=1)
+    logits = np.zeros((2, V), dtype=np.float32)
+    logits[0, :3] = [3.0, 2.9, 2.8]  # candidate 2 is the third most likely
+    tokens = np.array([1, 2])
+    from edgert.runtime.speculative import accept_typical
+
+    params = SamplingParams(temperature=1.0, top_k=2)
+    acc = accept_typical(tree, tokens, logits, params, np.random.default_rng(0), 0.01, 1.0)
+    assert acc.nodes.tolist() == [0] and acc.next_token in (0, 1)
+    wide = accept_typical(tree, tokens, logits, SamplingParams(temperature=1.0),
+                          np.random.default_rng(0), 0.01, 1.0)
+    assert wide.nodes.tolist() == [0, 1]
+
+
+def test_unknown_acceptance_is_named(tiny_engine):
+    with pytest.raises(edgert.GenerationError, match="unknown acceptance 'greedy'"):
+        tiny_engine.generate("hi", temperature=0.5, acceptance="greedy")

@@ -1,0 +1,1 @@
+"""``edgert serve``: an OpenAI-compatible HTTP server over an Engine (needs ``edgert[serve]``)."""
