@@ -15,7 +15,8 @@ the same chat prompts (bench/prompts.json), greedy. A worker reports:
   token of the first prompt: interpreter start, imports, load, prefill;
 - ``decode tok/s``: median over the prompts of the decode rate (the first token excluded).
 
-The table shows medians over ``--runs`` runs. edgert runs plain and with Medusa (when the
+The table shows medians over ``--runs`` runs. edgert runs plain, with Medusa and with
+Medusa+lookup (the default speculative mode; both when the
 artifact has heads). ``edgert run`` itself is measured too, as a user starts it: the CLI
 process's peak RSS (``wait4``) and the time to its first byte of output, next to the
 artifact's ``kv_bytes`` (the acceptance line: peak <= kv_bytes + 300 MB).
@@ -52,25 +53,25 @@ def directory_mb(path: Path) -> float:
 
 
 # -- workers (one engine, one process) ----------------------------------------------------
-def edgert_worker(artifact: str, medusa: bool, prompts: list[str], new_tokens: int) -> dict:
+def edgert_worker(artifact: str, speculative: str, prompts: list[str], new_tokens: int) -> dict:
     import edgert
 
     engine = edgert.load(artifact)
     load_rss = common.status_mb("VmRSS")
     first = None
-    rates = []
-    for i, prompt in enumerate(prompts):
+    rates, taus = [], []
+    for prompt in prompts:
         stats: dict = {}
-        for _ in engine.stream(prompt, max_new_tokens=new_tokens, medusa=medusa, stats=stats):
+        for _ in engine.stream(prompt, max_new_tokens=new_tokens, speculative=speculative,
+                               stats=stats):
             if first is None:
                 first = since_process_start()
         rates.append(stats["decode_tokens_per_s"])
-        if i == 0 and medusa:
-            accepted = stats["mean_accepted"]
+        taus.append(stats["mean_accepted"])
     row = {"load_rss_mb": load_rss, "first_token_s": first, "decode_tok_s": common.median(rates),
            "peak_rss_mb": common.status_mb("VmHWM"), "kv_mb": engine.cache.nbytes / 2**20}
-    if medusa:
-        row["mean_accepted"] = accepted
+    if speculative != "off":
+        row["mean_accepted"] = common.median(taus)
     return row
 
 
@@ -174,10 +175,12 @@ def engines(args) -> list[tuple[str, str, str, Path]]:
     for spec in args.edgert:
         label, _, artifact = spec.partition("=")
         artifact = str(Path(artifact).resolve())
-        out.append((f"edgert {label}, plain", "edgert-plain", artifact, Path(artifact)))
+        out.append((f"edgert {label}, plain", "edgert-off", artifact, Path(artifact)))
         manifest = json.loads((Path(artifact) / "edgert.json").read_text())
         if manifest.get("medusa"):
             out.append((f"edgert {label}, Medusa", "edgert-medusa", artifact, Path(artifact)))
+            out.append((f"edgert {label}, Medusa+lookup", "edgert-medusa+lookup", artifact,
+                        Path(artifact)))
     if args.genai:
         from bench.peers import GenaiPeer
 
@@ -207,11 +210,11 @@ def main() -> None:
     if args.worker:
         kind, target = args.worker
         ids = json.loads(Path(args.ids).read_text())
-        workers = {"edgert-plain": lambda: edgert_worker(target, False, prompts,
-                                                         args.new_tokens),
-                   "edgert-medusa": lambda: edgert_worker(target, True, prompts,
-                                                          args.new_tokens),
-                   "genai": lambda: genai_worker(target, ids, args.new_tokens),
+        if kind.startswith("edgert-"):
+            print(json.dumps(edgert_worker(target, kind.removeprefix("edgert-"), prompts,
+                                           args.new_tokens)))
+            return
+        workers = {"genai": lambda: genai_worker(target, ids, args.new_tokens),
                    "llamacpp": lambda: llamacpp_worker(target, ids, args.new_tokens)}
         print(json.dumps(workers[kind]()))
         return
