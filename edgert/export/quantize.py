@@ -43,6 +43,9 @@ from edgert.model.loaded import LoadedModel
 WEIGHT_FORMATS = ("auto", "q4", "q8", "fp32")
 COMPUTE_MODES = {"fp32": 1, "int8": 4}  # --compute -> MatMulNBits accuracy_level
 MS_DOMAIN = "com.microsoft"
+# the Medusa heads' output-vocab projection (lm_head columns) and its token ids
+# (edgert.export.medusa_graph)
+SELECTED_VOCAB, SELECTED_VOCAB_IDS = "medusa_proj_t", "heads.vocab_ids"
 _LAYER_WEIGHT = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.MatMul\.B$")
 # GGUF storage types without an exact block form: requantized to this many bits
 _REQUANTIZE_BITS = {"Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q5_0": 8,
@@ -279,8 +282,24 @@ class _GraphQuantizer:
                                      **quantization_error(weight, self.blocks[initializer])}
         return initializer, self.blocks[initializer]
 
+    def _vocab_rows(self, initializer: str) -> tuple[str, BlockQuantized, str] | None:
+        """(the vocab weight's name, its blocks, the ids initializer) when ``initializer`` is
+        the Medusa heads' output-vocab projection, ``medusa_proj_t`` = lm_head_t[:, vocab_ids]:
+        it is read from the lm_head's own blocks, with no copy of those rows."""
+        if initializer != SELECTED_VOCAB or SELECTED_VOCAB_IDS not in self.inits:
+            return None
+        name = hf_weight_name("lm_head_t", self.config)
+        if name not in self.blocks:
+            return None
+        self.used.add(name)
+        return name, self.blocks[name], SELECTED_VOCAB_IDS
+
     def _rewrite(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         if node.op_type == "MatMul" and len(node.input) == 2:
+            selected = self._vocab_rows(node.input[1])
+            if selected is not None:
+                name, w, rows = selected
+                return self._matmul(node, name, w, rows=rows)
             found = self._weight(node.input[1])
             if found is not None:
                 return self._matmul(node, *found)
@@ -361,24 +380,30 @@ class _GraphQuantizer:
 
     # -- rewrites ---------------------------------------------------------------------------
     def _matmul(self, node: onnx.NodeProto, name: str, w: BlockQuantized,
-                bias: str | None = None) -> list[onnx.NodeProto]:
-        """``out = x @ W.T (+ bias)``."""
+                bias: str | None = None, rows: str | None = None) -> list[onnx.NodeProto]:
+        """``out = x @ W.T (+ bias)``; ``rows`` (an int64 initializer): W's rows ``rows``
+        only, gathered from W's own initializers (folded once when the session loads)."""
         n, k = w.shape
+        if rows is not None:
+            n = int(self.inits[rows].dims[0])
         x, out = node.input[0], node.output[0]
         prefix = node.name or out
         if w.bits == 8 and self.accuracy_level == COMPUTE_MODES["fp32"]:
             # no fp32-compute kernel for 8-bit weights in ORT: expand at load (folded once)
-            nodes, rows = self._dequantized_rows(name, w, None, prefix)
+            nodes, expanded = self._dequantized_rows(name, w, rows, prefix)
             t = f"{prefix}/weight_t"
-            nodes.append(helper.make_node("Transpose", [rows], [t], perm=[1, 0],
+            nodes.append(helper.make_node("Transpose", [expanded], [t], perm=[1, 0],
                                           name=f"{prefix}/Transpose"))
             if bias is None:
                 return nodes + [helper.make_node("MatMul", [x, t], [out], name=prefix)]
             return nodes + [helper.make_node("Gemm", [x, t, bias], [out], name=prefix)]
         nodes: list[onnx.NodeProto] = []
         b, scales = self._packed(name, w, nodes)
-        main = out if w.minimum is None else f"{prefix}/nbits_output"
         zero_points = self._zero_points(name, w) if w.zero_point is not None else ""
+        if rows is not None:
+            b, scales = (self._gather(t, rows, 0, nodes) for t in (b, scales))
+            zero_points = zero_points and self._gather(zero_points, rows, 0, nodes)
+        main = out if w.minimum is None else f"{prefix}/nbits_output"
         inputs = [x, b, scales, zero_points, "", bias or ""]  # bias is input 5
         while inputs[-1] == "":  # optional inputs left out at the end
             inputs.pop()
@@ -389,12 +414,23 @@ class _GraphQuantizer:
         if w.minimum is None:
             return nodes
         sums = self._blocksum(x, k, nodes)
-        table = self._correction(name, w, scales, nodes)
+        table = self._correction(name, w, self._as_float(f"{name}.scales", nodes), nodes)
+        if rows is not None:
+            table = self._gather(table, rows, 1, nodes)
         nodes += [helper.make_node("MatMul", [sums, table], [f"{prefix}/correction"],
                                    name=f"{prefix}Correction"),
                   helper.make_node("Add", [main, f"{prefix}/correction"], [out],
                                    name=f"{prefix}AddCorrection")]
         return nodes
+
+    def _gather(self, tensor: str, rows: str, axis: int, nodes: list[onnx.NodeProto]) -> str:
+        """``tensor``'s entries ``rows`` along ``axis`` (once per graph)."""
+        out = f"{tensor}/rows_{rows}_{axis}"
+        if out not in self.casts:
+            nodes.append(helper.make_node("Gather", [tensor, rows], [out], axis=axis,
+                                          name=f"{out}/Gather"))
+            self.casts.add(out)
+        return out
 
     def _blocksum(self, x: str, k: int, nodes: list[onnx.NodeProto]) -> str:
         if x in self.blocksums:

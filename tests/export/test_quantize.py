@@ -236,11 +236,28 @@ def heads_dir(tiny_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def vocab_heads_dir(tiny_dir, tmp_path_factory):
+    """Token-conditioned heads scoring 64 of the vocabulary (an output vocab: their
+    projection is lm_head columns)."""
+    from tests.tiny_model import save_random_heads
+
+    vocab = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:64]
+    path = tmp_path_factory.mktemp("quant_vocab_heads") / "heads"
+    save_random_heads(tiny_dir, path, seed=0, std=0.3, vocab_ids=vocab, output_vocab=64,
+                      condition="token")
+    return path
+
+
+@pytest.mark.parametrize("heads", ["heads_dir", "vocab_heads_dir"])
 @pytest.mark.parametrize("compute, atol", [("fp32", 0.05), ("int8", 0.15)])
-def test_medusa_heads_are_stored_8bit_and_score_as_fp32(loaded, heads_dir, tmp_path, compute,
-                                                       atol):
+def test_medusa_heads_are_stored_8bit_and_score_as_fp32(loaded, heads, tmp_path, compute,
+                                                       atol, request):
     """The heads' own matmuls (Gemm with bias, the projection MatMul) become 8-bit; their
-    top-k logits stay within the 8-bit rounding of the fp32 heads'."""
+    top-k logits stay within the 8-bit rounding of the fp32 heads'. An output-vocab
+    projection reads the lm_head's own blocks (gathered rows): no copy in medusa.onnx."""
+    heads_dir = request.getfixturevalue(heads)
+
     def export_heads(weights, name):
         out = tmp_path / name
         export_loaded(loaded, out, ExportOptions(max_context=128, dhsa=None, heads=heads_dir,
@@ -253,9 +270,38 @@ def test_medusa_heads_are_stored_8bit_and_score_as_fp32(loaded, heads_dir, tmp_p
     graph = onnx.load(str(quantized / "medusa.onnx"), load_external_data=False).graph
     assert not any(n.op_type == "Gemm" and n.input[1].startswith("heads.") for n in graph.node
                    if compute == "int8")
+    assert not any(i.name.startswith("medusa_proj_t") for i in graph.initializer)
+    if heads == "vocab_heads_dir":  # the projection gathers the lm_head's rows
+        assert any(n.op_type == "Gather" and n.input[0].startswith("model.embed_tokens.weight")
+                   and n.input[1] == "heads.vocab_ids" for n in graph.node)
     assert edgert.load(quantized).manifest.quantization["groups"]["medusa_heads"]["bits"] == 8
     hidden = np.random.default_rng(0).standard_normal((3, loaded.config.hidden_size))
     roots = np.array([5, 9, 200])
     want = edgert.load(reference).head_candidates(hidden, roots)[1]
     got = edgert.load(quantized).head_candidates(hidden, roots)[1]
     np.testing.assert_allclose(np.sort(got, axis=-1), np.sort(want, axis=-1), atol=atol)
+
+
+def test_output_vocab_heads_over_a_q4_1_lm_head(loaded, vocab_heads_dir, tmp_path):
+    """The gathered projection keeps the lm_head's Q4_1 form: its rows' correction (the
+    blocks' minimum) is gathered too."""
+    pytest.importorskip("gguf")
+    model = with_blocks(loaded, {"model.embed_tokens.weight": "Q4_1"})
+
+    def export_heads(weights, name):
+        out = tmp_path / name
+        export_loaded(model, out, ExportOptions(max_context=128, dhsa=None,
+                                                heads=vocab_heads_dir, medusa_topk=4,
+                                                weights=WeightOptions(weights, "fp32")),
+                      log=lambda m: None)
+        return out
+
+    quantized, reference = export_heads("auto", "q"), export_heads("fp32", "fp32")
+    graph = onnx.load(str(quantized / "medusa.onnx"), load_external_data=False).graph
+    assert any(n.op_type == "Gather" and n.input[0].endswith(".correction")
+               and n.input[1] == "heads.vocab_ids" for n in graph.node)
+    hidden = np.random.default_rng(0).standard_normal((3, loaded.config.hidden_size))
+    roots = np.array([5, 9, 200])
+    want = edgert.load(reference).head_candidates(hidden, roots)[1]
+    got = edgert.load(quantized).head_candidates(hidden, roots)[1]
+    np.testing.assert_allclose(np.sort(got, axis=-1), np.sort(want, axis=-1), atol=0.05)
