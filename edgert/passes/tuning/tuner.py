@@ -109,18 +109,53 @@ class RemoteDevice(_Device):
         return self.session.load_module(name)
 
 
-def measure(workload: Workload, knobs, target, device, inputs: list[list], number: int,
-            repeat: int) -> float:
-    """Median latency in ms (cold caches) of the kernel built with ``knobs``, summed over
-    the shapes."""
+# a candidate's output must match the untuned kernel's to this tolerance (relative to the
+# output's largest magnitude): schedules change the summation order, not the result
+CHECK_RTOL = 1e-4
+
+
+class WrongOutput(Exception):
+    """A candidate schedule computed something else than the untuned kernel."""
+
+
+def _load(workload: Workload, knobs, target, device):
     import tvm
 
-    func = workload.build(knobs)
-    lib = device.load(tvm.tirx.build(tvm.IRModule({"kernel": func}), target))
-    total = 0.0
+    return device.load(tvm.tirx.build(tvm.IRModule({"kernel": workload.build(knobs)}), target))
+
+
+def reference_outputs(workload: Workload, target, device, inputs: list[list]) -> list:
+    """The untuned kernel's output (the last argument) per measured shape."""
+    lib = _load(workload, workload.space[0], target, device)
+    outputs = []
     for args in inputs:
+        tensors = [device.tensor(a) for a in workload.prepare(workload.space[0], args)]
+        lib["kernel"](*tensors)
+        outputs.append(tensors[-1].numpy())
+    return outputs
+
+
+def check_output(got: np.ndarray, want: np.ndarray) -> None:
+    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+    diff = float(np.abs(got.astype(np.float64) - want).max()) if want.size else 0.0
+    if not np.isfinite(diff) or diff > CHECK_RTOL * scale:
+        raise WrongOutput(f"wrong output: max abs difference {diff:.3g} from the untuned "
+                          f"kernel's (tolerance {CHECK_RTOL * scale:.3g})")
+
+
+def measure(workload: Workload, knobs, target, device, inputs: list[list], number: int,
+            repeat: int, reference: list | None = None) -> float:
+    """Median latency in ms (cold caches) of the kernel built with ``knobs``, summed over
+    the shapes. With ``reference`` (``reference_outputs``), the kernel's output is checked
+    against it first: WrongOutput when it differs."""
+    lib = _load(workload, knobs, target, device)
+    total = 0.0
+    for i, args in enumerate(inputs):
         prepared = workload.prepare(knobs, args)
         tensors = [device.tensor(a) for a in prepared]
+        if reference is not None:
+            lib["kernel"](*tensors)
+            check_output(tensors[-1].numpy(), reference[i])
         runs = min(number * repeat, workload.max_runs or number * repeat)
         if all(isinstance(a, np.ndarray) for a in prepared):
             # weights are read from DRAM in a real step, not from a warm cache: flush the CPU
@@ -155,6 +190,12 @@ def tune(workloads: list[Workload], database: TuningDatabase, target,
         todo = [k for k in _order(workload, options.seed)[:options.trials]
                 if not database.measured(workload.name, workload.knobs_dict(k))]
         inputs = workload.inputs(rng) if todo else []
+        try:  # every candidate's output is checked against the untuned kernel's
+            reference = reference_outputs(workload, target, device, inputs) if todo else None
+        except Exception as exc:  # the untuned kernel itself fails here: nothing to compare
+            options.log(f"{workload.name}: the untuned kernel does not run "
+                        f"({str(exc).splitlines()[0][:160]}); skipped")
+            continue
         bar = tqdm(total=min(options.trials, len(workload.space)), desc=workload.name,
                    unit="trial", file=sys.stderr, leave=True,
                    initial=min(options.trials, len(workload.space)) - len(todo))
@@ -167,7 +208,10 @@ def tune(workloads: list[Workload], database: TuningDatabase, target,
                 return _summary(workloads, database, summary)
             try:
                 latency, error = measure(workload, knobs, target, device, inputs,
-                                         options.number, options.repeat), None
+                                         options.number, options.repeat, reference), None
+            except WrongOutput as exc:  # discarded: recorded with its error, never the best
+                latency, error = float("inf"), str(exc)
+                options.log(f"{workload.name} {workload.knobs_dict(knobs)}: {exc}; discarded")
             except Exception as exc:  # a setting that fails to build/run is recorded as such
                 latency, error = float("inf"), str(exc).splitlines()[0][:200]
             database.add(TuningRecord(workload.name, workload.kernel, "knobs",

@@ -69,3 +69,34 @@ def test_8bit_groups_of_an_fp32_compute_artifact_are_fp32_matmuls(tiny_artifact)
                                                                 "groups": groups})
         scope = TuneScope.from_manifest(quantized)
         assert scope.bits.get("vocab") == vocab_bits and scope.bits["q_proj"] == 4
+
+
+def test_a_wrong_candidate_is_discarded(scope, tmp_path):
+    """A candidate whose output differs from the untuned kernel's (here: a knob setting whose
+    packing is broken) is recorded with its error and never chosen, however fast."""
+    import numpy as np
+
+    from edgert.passes.tuning.database import TuningDatabase
+    from edgert.passes.tuning.tuner import TuneOptions, tune
+
+    workload = workloads_for(scope, ["matmul"])[0]
+    broken = workload.space[1]
+    real_prepare = workload.prepare
+
+    def prepare(knobs, args):
+        prepared = real_prepare(knobs, args)
+        if knobs == broken:  # a "schedule" that reads a zero weight: fast and wrong
+            prepared[1] = np.zeros_like(prepared[1])
+        return prepared
+
+    bad = dataclasses.replace(workload, prepare=prepare, space=workload.space[:3])
+    database = TuningDatabase.load(tmp_path)
+    logged = []
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    tune([bad], database, target, TuneOptions(trials=3, number=1, repeat=1,
+                                              log=logged.append))
+    records = {tuple(sorted(r.knobs.items())): r for r in database.trials(bad.name)}
+    wrong = records[tuple(sorted(bad.knobs_dict(broken).items()))]
+    assert wrong.error.startswith("wrong output") and wrong.latency_ms == float("inf")
+    assert database.best(bad.name).knobs != bad.knobs_dict(broken)
+    assert any("discarded" in line for line in logged)
