@@ -90,3 +90,12 @@ def test_bad_dhsa_parameters_are_one_line_errors(tiny_dir, tmp_path):
     assert_one_line_error(run_cli("export", str(tiny_dir), "-o", out, "--dhsa",
                                   "prefill_chunk=1000"), "multiple of")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny_artifact):
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "edgert.cli", "run", str(tiny_artifact),
+                           "--prompt", os.fsdecode(b"caf\xe9 au lait"), "--max-new-tokens", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, "not valid UTF-8")

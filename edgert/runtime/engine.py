@@ -186,6 +186,7 @@ class Engine:
 
     # -- prompt handling ------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
+        _check_text(prompt)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise GenerationError("the prompt is empty; pass some text")
@@ -441,6 +442,10 @@ class Engine:
                  alpha, ignore_eos=False, dhsa=None, speculative=None,
                  acceptance="rejection") -> Engine._Options:
         params = SamplingParams(temperature, top_p, top_k, seed)
+        for name, value in (("typical_threshold", threshold), ("typical_alpha", alpha)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 <= value <= 1):
+                raise GenerationError(f"{name} must be a number in [0, 1], got {value!r}")
         if acceptance not in ACCEPTANCE:
             raise GenerationError(f"unknown acceptance '{acceptance}'; choose "
                                   f"{' or '.join(ACCEPTANCE)}")
@@ -511,6 +516,22 @@ class Engine:
         tail = detok.flush()
         if tail:
             yield tail
+
+
+def _check_text(prompt) -> None:
+    """A prompt's text must be encodable UTF-8 (a command line's undecodable bytes arrive as
+    lone surrogates, which the tokenizer would reject with a TypeError)."""
+    texts = [prompt] if isinstance(prompt, str) else [
+        m.get("content") for m in prompt if isinstance(m, dict)] if isinstance(
+        prompt, list) else []
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise GenerationError(f"the prompt is not valid UTF-8 text (byte "
+                                      f"{exc.object[exc.start:exc.end]!r} at {exc.start}); "
+                                      "pass UTF-8 text") from None
 
 
 def load(path: str | Path, backend: str = "ort", device: str = "cpu", **kwargs) -> Engine:

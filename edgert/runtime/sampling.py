@@ -26,6 +26,10 @@ class SamplingParams:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool)
+                                      or not isinstance(self.seed, int) or self.seed < 0):
+            raise GenerationError(f"seed must be a non-negative integer or None, got "
+                                  f"{self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -41,13 +45,39 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
     if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = cumulative - probs[order] < params.top_p  # smallest set reaching top_p
+        kept = nucleus(probs, params.top_p)
         filtered = np.zeros_like(probs)
-        filtered[order[keep]] = probs[order[keep]]
+        filtered[kept] = probs[kept]
         probs = filtered / filtered.sum()
     return probs
+
+
+NUCLEUS_HEAD = 64  # candidates sorted first; quadrupled until their mass reaches top_p
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The smallest set of most likely tokens whose mass reaches ``top_p`` (ties in stable
+    order: the lower index first), as a full stable sort would pick it, in O(V): only the
+    ``m`` most likely tokens are sorted (``argpartition``), ``m`` growing until their mass
+    reaches ``top_p``. A set that would end inside a tie with tokens outside the sorted
+    head is decided by the full sort."""
+    v = probs.shape[-1]
+    m = NUCLEUS_HEAD
+    while m < v:
+        head = np.argpartition(-probs, m - 1)[:m]
+        order = head[np.lexsort((head, -probs[head]))]  # descending, ties by index
+        cumulative = np.cumsum(probs[order])
+        if cumulative[-1] >= top_p:
+            kept = order[cumulative - probs[order] < top_p]
+            boundary = probs[order[-1]]
+            if probs[kept[-1]] > boundary or np.count_nonzero(probs == boundary) == \
+                    np.count_nonzero(probs[order] == boundary):
+                return kept
+            break  # the set ends in a tie that reaches outside the head
+        m *= 4
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    return order[cumulative - probs[order] < top_p]
 
 
 def select_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

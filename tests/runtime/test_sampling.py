@@ -51,3 +51,27 @@ def test_invalid_params(kwargs):
 
     with pytest.raises(GenerationError):
         SamplingParams(**kwargs)
+
+
+def _full_sort_nucleus(probs, top_p):
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    return order[cumulative - probs[order] < top_p]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nucleus_picks_what_a_full_sort_picks(seed):
+    """The partial sort gives the full stable sort's set, ties included (rounded logits make
+    many), on small and vocabulary-sized rows."""
+    from edgert.runtime.sampling import nucleus
+
+    rng = np.random.default_rng(seed)
+    v = [7, 100, 5000][seed % 3]
+    logits = rng.normal(size=v) * [0.1, 1.0, 6.0][seed % 3]
+    if seed % 2:
+        logits = np.round(logits, 1)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    for top_p in (0.01, 0.5, 0.9, 0.999):
+        np.testing.assert_array_equal(np.sort(nucleus(probs, top_p)),
+                                      np.sort(_full_sort_nucleus(probs, top_p)))

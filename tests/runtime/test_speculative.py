@@ -399,3 +399,26 @@ def test_typical_acceptance_keeps_to_top_k():
 def test_unknown_acceptance_is_named(tiny_engine):
     with pytest.raises(edgert.GenerationError, match="unknown acceptance 'greedy'"):
         tiny_engine.generate("hi", temperature=0.5, acceptance="greedy")
+
+
+def test_top_k_1_under_speculation_is_greedy(medusa_engine):
+    """Sampling with top_k=1 keeps only the argmax: every speculative mode then emits plain
+    greedy's tokens, whatever the acceptance rule."""
+    for prompt in PROMPTS[:2]:
+        greedy = medusa_engine.generate(prompt, max_new_tokens=64, speculative="off")
+        for acceptance in ("rejection", "typical"):
+            sampled = medusa_engine.generate(prompt, max_new_tokens=64, temperature=0.9,
+                                             top_k=1, seed=5, speculative="medusa+lookup",
+                                             acceptance=acceptance)
+            assert sampled.output_ids == greedy.output_ids, acceptance
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"seed": "7"}, "seed must be a non-negative integer"),
+    ({"typical_threshold": 2.0}, "typical_threshold must be a number in"),
+    ({"typical_alpha": "x"}, "typical_alpha must be a number in"),
+])
+def test_bad_sampling_options_are_named(tiny_engine, kwargs, match):
+    with pytest.raises(edgert.GenerationError, match=match):
+        tiny_engine.generate("hi", temperature=0.5, **kwargs)
