@@ -51,6 +51,32 @@ def pack_weight(weight: np.ndarray, bn: int) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(k, n // bn, bn).transpose(1, 0, 2))
 
 
+def panel_macros(knobs: MatmulKnobs):
+    """TVMScript macros of a panel kernel's accumulators [mb, streams, bn] (this packed
+    matmul and ``quant_matmul``): ``zero(acc)``, and ``store(out, acc, vt, vr, b, m)``, which
+    writes them to the rows ``vr * mb ..`` of ``out`` [b, m, N] at the task's panels (rows past
+    ``b * m`` are dropped)."""
+    from tvm.script import tirx as T
+
+    bn, mb, streams = knobs.bn, knobs.mb, knobs.streams
+
+    @T.macro
+    def zero(acc):
+        for r, s in T.grid(mb, streams):
+            for c in T.vectorized(bn):
+                acc[r, s, c] = T.float32(0)
+
+    @T.macro
+    def store(out, acc, vt, vr, b, m):
+        for r, s in T.grid(mb, streams):
+            if vr * mb + r < b * m:
+                for c in T.vectorized(bn):
+                    out[(vr * mb + r) // m, (vr * mb + r) % m,
+                        (vt * streams + s) * bn + c] = acc[r, s, c]
+
+    return zero, store
+
+
 def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
     """out [b, m, N] = x [b, m, K] @ W, W given packed (see module docstring)."""
     from tvm.script import tirx as T
@@ -61,6 +87,7 @@ def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
     bn, mb, streams = knobs.bn, knobs.mb, knobs.streams
     panels = n_dim // bn
     tasks = panels // streams
+    zero, store = panel_macros(knobs)
 
     def row(r, b, m):  # a flat row index, clamped to the last row
         return T.min(r, b * m - 1)
@@ -82,9 +109,7 @@ def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
                             w[vt * streams:vt * streams + streams, 0:k_dim, 0:bn])
                     T.writes(out[0:b, 0:m, vt * streams * bn:vt * streams * bn + streams * bn])
                     acc = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
-                    for r, s in T.grid(mb, streams):
-                        for c in T.vectorized(bn):
-                            acc[r, s, c] = T.float32(0)
+                    zero(acc)
                     for kk in range(k_dim):
                         for r in T.unroll(mb):
                             for s in T.unroll(streams):
@@ -93,11 +118,7 @@ def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
                                     acc[r, s, c] = acc[r, s, c] + x[
                                         row(vr * mb + r, b, m) // m, row(vr * mb + r, b, m) % m,
                                         kk] * w[vt * streams + s, kk, c]
-                    for r, s in T.grid(mb, streams):
-                        if vr * mb + r < b * m:
-                            for c in T.vectorized(bn):
-                                out[(vr * mb + r) // m, (vr * mb + r) % m,
-                                    (vt * streams + s) * bn + c] = acc[r, s, c]
+                    store(out, acc, vt, vr, b, m)
 
     return packed_matmul
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgert.passes.tir.matmul import MatmulKnobs
+from edgert.passes.tir.matmul import MatmulKnobs, panel_macros
 
 BITS = (4, 8)
 GPU_PANEL = 32  # columns per GPU thread block (a warp)
@@ -161,6 +161,7 @@ def _cpu_kernel(k_dim, n_dim, bits, block, knobs, index_dtype):
     panels, blocks, values = n_dim // bn, k_dim // block, per_word(bits)
     words, words_per_block = k_dim // values, block // values
     tasks = panels // streams
+    zero, store = panel_macros(knobs)
 
     def row(r, b, m):  # a flat row index, clamped to the last row
         return T.min(r, b * m - 1)
@@ -189,9 +190,7 @@ def _cpu_kernel(k_dim, n_dim, bits, block, knobs, index_dtype):
                     acc = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
                     part = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
                     xsum = T.alloc_buffer((mb,), "float32", scope="local")
-                    for r, s in T.grid(mb, streams):
-                        for c in T.vectorized(bn):
-                            acc[r, s, c] = T.float32(0)
+                    zero(acc)
                     for kb in range(blocks):
                         for r in T.unroll(mb):
                             xsum[r] = T.float32(0)
@@ -219,11 +218,7 @@ def _cpu_kernel(k_dim, n_dim, bits, block, knobs, index_dtype):
                                     acc[r, s, c] = (acc[r, s, c]
                                                     + part[r, s, c] * scale[vt * streams + s, kb, c]
                                                     + xsum[r] * bias[vt * streams + s, kb, c])
-                    for r, s in T.grid(mb, streams):
-                        if vr * mb + r < b * m:
-                            for c in T.vectorized(bn):
-                                out[(vr * mb + r) // m, (vr * mb + r) % m,
-                                    (vt * streams + s) * bn + c] = acc[r, s, c]
+                    store(out, acc, vt, vr, b, m)
 
     return quant_matmul
 
