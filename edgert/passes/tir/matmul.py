@@ -51,11 +51,31 @@ def pack_weight(weight: np.ndarray, bn: int) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(k, n // bn, bn).transpose(1, 0, 2))
 
 
-def panel_macros(knobs: MatmulKnobs):
-    """TVMScript macros of a panel kernel's accumulators [mb, streams, bn] (this packed
-    matmul and ``quant_matmul``): ``zero(acc)``, and ``store(out, acc, vt, vr, b, m)``, which
-    writes them to the rows ``vr * mb ..`` of ``out`` [b, m, N] at the task's panels (rows past
-    ``b * m`` are dropped)."""
+def panel_loop(knobs: MatmulKnobs, tasks: int, body):
+    """The loop nest of a panel kernel (this packed matmul and ``quant_matmul``), a TVMScript
+    macro ``loop(b, m, *buffers)``: a parallel task per ``streams`` panels, row groups of
+    ``mb`` rows of x [b, m, K], one sblock each, calling the kernel's macro
+    ``body(vt, vr, b, m, *buffers)`` (the task, the row group)."""
+    from tvm.script import tirx as T
+
+    mb = knobs.mb
+
+    @T.macro
+    def loop(b, m, *buffers):
+        for task in T.parallel(tasks):
+            for rows in range((b * m + mb - 1) // mb):
+                with T.sblock("panels"):
+                    vt = T.axis.spatial(tasks, task)
+                    vr = T.axis.spatial((b * m + mb - 1) // mb, rows)
+                    body(vt, vr, b, m, *buffers)
+
+    return loop
+
+
+def panel_accumulators(knobs: MatmulKnobs):
+    """TVMScript macros of a panel kernel's accumulators [mb, streams, bn]: ``zero(acc)``,
+    and ``store(out, acc, vt, vr, b, m)``, which writes them to the row group's rows of
+    ``out`` [b, m, N] at the task's panels (rows past ``b * m`` are dropped)."""
     from tvm.script import tirx as T
 
     bn, mb, streams = knobs.bn, knobs.mb, knobs.streams
@@ -77,6 +97,14 @@ def panel_macros(knobs: MatmulKnobs):
     return zero, store
 
 
+def clamped_row(r, b, m):
+    """A flat row index of x [b, m, K], clamped to the last row (a PrimExpr; call while
+    parsing): the rows past b*m of the last partial group recompute the last one."""
+    from tvm.script import tirx as T
+
+    return T.min(r, b * m - 1)
+
+
 def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
     """out [b, m, N] = x [b, m, K] @ W, W given packed (see module docstring)."""
     from tvm.script import tirx as T
@@ -87,10 +115,25 @@ def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
     bn, mb, streams = knobs.bn, knobs.mb, knobs.streams
     panels = n_dim // bn
     tasks = panels // streams
-    zero, store = panel_macros(knobs)
+    zero, store = panel_accumulators(knobs)
+    row = clamped_row
 
-    def row(r, b, m):  # a flat row index, clamped to the last row
-        return T.min(r, b * m - 1)
+    @T.macro
+    def body(vt, vr, b, m, x, w, out):
+        T.reads(x[0:b, 0:m, 0:k_dim], w[vt * streams:vt * streams + streams, 0:k_dim, 0:bn])
+        T.writes(out[0:b, 0:m, vt * streams * bn:vt * streams * bn + streams * bn])
+        acc = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
+        zero(acc)
+        for kk in range(k_dim):
+            for r in T.unroll(mb):
+                for s in T.unroll(streams):
+                    for c in T.vectorized(bn):
+                        acc[r, s, c] = acc[r, s, c] + x[
+                            row(vr * mb + r, b, m) // m, row(vr * mb + r, b, m) % m,
+                            kk] * w[vt * streams + s, kk, c]
+        store(out, acc, vt, vr, b, m)
+
+    loop = panel_loop(knobs, tasks, body)
 
     @T.prim_func(private=True, s_tir=True)
     def packed_matmul(var_x: T.handle, var_w: T.handle, var_out: T.handle):
@@ -100,25 +143,7 @@ def packed_matmul_tir(k_dim: int, n_dim: int, knobs: MatmulKnobs = DEFAULT):
         x = T.match_buffer(var_x, (b, m, k_dim), "float32")
         w = T.match_buffer(var_w, (panels, k_dim, bn), "float32")
         out = T.match_buffer(var_out, (b, m, n_dim), "float32")
-        for task in T.parallel(tasks):
-            for rows in range((b * m + mb - 1) // mb):
-                with T.sblock("panels"):
-                    vt = T.axis.spatial(tasks, task)
-                    vr = T.axis.spatial((b * m + mb - 1) // mb, rows)
-                    T.reads(x[0:b, 0:m, 0:k_dim],
-                            w[vt * streams:vt * streams + streams, 0:k_dim, 0:bn])
-                    T.writes(out[0:b, 0:m, vt * streams * bn:vt * streams * bn + streams * bn])
-                    acc = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
-                    zero(acc)
-                    for kk in range(k_dim):
-                        for r in T.unroll(mb):
-                            for s in T.unroll(streams):
-                                for c in T.vectorized(bn):
-                                    # rows past b*m (the last partial group) recompute the last
-                                    acc[r, s, c] = acc[r, s, c] + x[
-                                        row(vr * mb + r, b, m) // m, row(vr * mb + r, b, m) % m,
-                                        kk] * w[vt * streams + s, kk, c]
-                    store(out, acc, vt, vr, b, m)
+        loop(b, m, x, w, out)
 
     return packed_matmul
 

@@ -34,7 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgert.passes.tir.matmul import MatmulKnobs, panel_macros
+from edgert.passes.tir.matmul import (
+    MatmulKnobs,
+    clamped_row,
+    panel_accumulators,
+    panel_loop,
+)
 
 BITS = (4, 8)
 GPU_PANEL = 32  # columns per GPU thread block (a warp)
@@ -161,10 +166,49 @@ def _cpu_kernel(k_dim, n_dim, bits, block, knobs, index_dtype):
     panels, blocks, values = n_dim // bn, k_dim // block, per_word(bits)
     words, words_per_block = k_dim // values, block // values
     tasks = panels // streams
-    zero, store = panel_macros(knobs)
+    zero, store = panel_accumulators(knobs)
+    row = clamped_row
 
-    def row(r, b, m):  # a flat row index, clamped to the last row
-        return T.min(r, b * m - 1)
+    def first(vt):  # the task's first panel (a PrimExpr, built while parsing)
+        return vt * streams
+
+    @T.macro
+    def body(vt, vr, b, m, x, w, scale, bias, out):
+        T.reads(x[0:b, 0:m, 0:k_dim], w[first(vt):first(vt) + streams, 0:words, 0:bn],
+                scale[first(vt):first(vt) + streams, 0:blocks, 0:bn],
+                bias[first(vt):first(vt) + streams, 0:blocks, 0:bn])
+        T.writes(out[0:b, 0:m, first(vt) * bn:(first(vt) + streams) * bn])
+        acc = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
+        part = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
+        xsum = T.alloc_buffer((mb,), "float32", scope="local")
+        zero(acc)
+        for kb in range(blocks):
+            for r in T.unroll(mb):
+                xsum[r] = T.float32(0)
+                for s in T.unroll(streams):
+                    for c in T.vectorized(bn):
+                        part[r, s, c] = T.float32(0)
+            for kw in range(words_per_block):
+                for j in T.unroll(values):
+                    for r in T.unroll(mb):
+                        xsum[r] = xsum[r] + x[row(vr * mb + r, b, m) // m,
+                                              row(vr * mb + r, b, m) % m,
+                                              kb * block + kw * values + j]
+                        for s in T.unroll(streams):
+                            for c in T.vectorized(bn):
+                                part[r, s, c] = part[r, s, c] + x[
+                                    row(vr * mb + r, b, m) // m, row(vr * mb + r, b, m) % m,
+                                    kb * block + kw * values + j] * unpack(
+                                    w[vt * streams + s, kb * words_per_block + kw, c], bits, j)
+            for r in T.unroll(mb):
+                for s in T.unroll(streams):
+                    for c in T.vectorized(bn):
+                        acc[r, s, c] = (acc[r, s, c]
+                                        + part[r, s, c] * scale[vt * streams + s, kb, c]
+                                        + xsum[r] * bias[vt * streams + s, kb, c])
+        store(out, acc, vt, vr, b, m)
+
+    loop = panel_loop(knobs, tasks, body)
 
     @T.prim_func(private=True, s_tir=True)
     def quant_matmul(var_x: T.handle, var_w: T.handle, var_scale: T.handle, var_bias: T.handle,
@@ -177,48 +221,7 @@ def _cpu_kernel(k_dim, n_dim, bits, block, knobs, index_dtype):
         scale = T.match_buffer(var_scale, (panels, blocks, bn), "float32")
         bias = T.match_buffer(var_bias, (panels, blocks, bn), "float32")
         out = T.match_buffer(var_out, (b, m, n_dim), "float32")
-        for task in T.parallel(tasks):
-            for rows in range((b * m + mb - 1) // mb):
-                with T.sblock("panels"):
-                    vt = T.axis.spatial(tasks, task)
-                    vr = T.axis.spatial((b * m + mb - 1) // mb, rows)
-                    T.reads(x[0:b, 0:m, 0:k_dim],
-                            w[vt * streams:vt * streams + streams, 0:words, 0:bn],
-                            scale[vt * streams:vt * streams + streams, 0:blocks, 0:bn],
-                            bias[vt * streams:vt * streams + streams, 0:blocks, 0:bn])
-                    T.writes(out[0:b, 0:m, vt * streams * bn:vt * streams * bn + streams * bn])
-                    acc = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
-                    part = T.alloc_buffer((mb, streams, bn), "float32", scope="local")
-                    xsum = T.alloc_buffer((mb,), "float32", scope="local")
-                    zero(acc)
-                    for kb in range(blocks):
-                        for r in T.unroll(mb):
-                            xsum[r] = T.float32(0)
-                            for s in T.unroll(streams):
-                                for c in T.vectorized(bn):
-                                    part[r, s, c] = T.float32(0)
-                        for kw in range(words_per_block):
-                            for j in T.unroll(values):
-                                for r in T.unroll(mb):
-                                    # rows past b*m (the last partial group) recompute the last
-                                    xsum[r] = xsum[r] + x[
-                                        row(vr * mb + r, b, m) // m, row(vr * mb + r, b, m) % m,
-                                        kb * block + kw * values + j]
-                                    for s in T.unroll(streams):
-                                        for c in T.vectorized(bn):
-                                            part[r, s, c] = part[r, s, c] + x[
-                                                row(vr * mb + r, b, m) // m,
-                                                row(vr * mb + r, b, m) % m,
-                                                kb * block + kw * values + j] * unpack(
-                                                w[vt * streams + s, kb * words_per_block + kw, c],
-                                                bits, j)
-                        for r in T.unroll(mb):
-                            for s in T.unroll(streams):
-                                for c in T.vectorized(bn):
-                                    acc[r, s, c] = (acc[r, s, c]
-                                                    + part[r, s, c] * scale[vt * streams + s, kb, c]
-                                                    + xsum[r] * bias[vt * streams + s, kb, c])
-                    store(out, acc, vt, vr, b, m)
+        loop(b, m, x, w, scale, bias, out)
 
     return quant_matmul
 
