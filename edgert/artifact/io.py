@@ -15,19 +15,62 @@ from edgert.artifact.manifest import MANIFEST_NAME, Manifest, sha256_file
 from edgert.errors import ArtifactError, ConfigError, EdgertError
 
 
+def _owner_gone(pid: int, since: float) -> bool:
+    """Whether process ``pid`` (which made a directory last modified at ``since``) is gone:
+    no such process, or one started after that directory (the pid was reused)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() > since + 1.0
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return True
+    except psutil.Error:  # no access: assume it is alive
+        return False
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>-*`` and ``.<name>.old-<pid>`` directories next to ``target``
+    that a killed write left (their process is gone); returns what was removed. Others' files
+    and live writers' directories are left alone."""
+    target = Path(target).resolve()
+    removed = []
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in siblings:
+        for kind in ("tmp", "old"):
+            prefix = f".{target.name}.{kind}-"
+            if not (entry.name.startswith(prefix) and entry.is_dir()):
+                continue
+            pid = entry.name[len(prefix):].split("-", 1)[0]
+            try:
+                gone = pid.isdigit() and _owner_gone(int(pid), entry.stat().st_mtime)
+            except OSError:
+                continue
+            if gone:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; rename it to ``target`` on success.
 
-    On any error (or a kill) the temporary directory is removed or left as ``.<name>.tmp-*``,
-    which never loads: ``target`` either does not exist or is a complete artifact.
+    On any error the temporary directory is removed; a kill leaves it as
+    ``.<name>.tmp-<pid>-*``, which never loads (``target`` either does not exist or is a
+    complete artifact) and which the next write of ``target`` (or a load) removes once its
+    process is gone.
     """
     target = target.resolve()
     if target.exists() and not overwrite:
         raise EdgertError(f"{target} already exists; pass --force to replace it or choose "
                           "another output directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-",
+                                dir=target.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp made it 0700
@@ -163,6 +206,7 @@ def load_manifest(path: Path, verify: bool | str = True) -> Manifest:
     if verify not in (True, False, "quick", "full"):
         raise ConfigError(f"verify must be True, False, 'quick' or 'full', got {verify!r}")
     manifest = read_manifest(path)
+    remove_stale_temporaries(Path(path))  # of a killed export or compile into this path
     if verify:
         verify_files(Path(path), manifest, full=verify == "full")
     return manifest

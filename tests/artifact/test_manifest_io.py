@@ -186,3 +186,30 @@ def test_interrupted_export_leaves_nothing_that_loads(tiny_dir, tmp_path):
     assert leftovers, "the partial export should be in a temporary directory"
     with pytest.raises(ArtifactError):
         edgert.load(tmp_path / leftovers[0])
+    # the next export into the same place removes what the killed one left, and succeeds
+    from edgert.export.exporter import ExportOptions, export_model
+
+    export_model(str(tiny_dir), out, ExportOptions(max_context=64), log=lambda m: None)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".killed.tmp-")]
+    assert edgert.load(out).generate("hi", max_new_tokens=2).output_ids
+
+
+def test_stale_temporaries_of_live_or_foreign_writers_stay(tmp_path):
+    """Only directories of this artifact whose process is gone are removed: a live writer's
+    (this process) and other names stay."""
+    from edgert.artifact.io import remove_stale_temporaries
+
+    target = tmp_path / "art"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
+    dead = int(done.stdout)
+    stale = tmp_path / f".art.tmp-{dead}-x1"
+    live = tmp_path / f".art.tmp-{os.getpid()}-x2"
+    other = tmp_path / f".other.tmp-{dead}-x3"
+    old = tmp_path / f".art.old-{dead}"
+    for d in (stale, live, other, old):
+        d.mkdir()
+        (d / "model.onnx.data").write_bytes(b"x" * 100)
+    assert sorted(p.name for p in remove_stale_temporaries(target)) == sorted(
+        [stale.name, old.name])
+    assert live.exists() and other.exists() and not stale.exists() and not old.exists()
