@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     import edgert
     from edgert.dhsa import reference
-    from edgert.export.llama import LlamaDecoder
+    from edgert.export.decoder import Decoder
     from edgert.model.sources import load_model
 
     engine = edgert.load(args.artifact, verify=False)
@@ -139,7 +139,7 @@ def main() -> None:
         parser.error(f"{args.artifact} has no DHSA parameters (exported with --no-dhsa)")
     settings = [parse_setting(s, engine.dhsa) for s in (args.setting or DEFAULT_SETTINGS)]
     loaded = load_model(engine.manifest.source["path"])
-    model = LlamaDecoder(loaded.config)
+    model = Decoder(loaded.config)
     model.load_hf_state_dict(loaded.state_dict)
     model.eval()
     n_layers = loaded.config.num_hidden_layers

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.errors import ArtifactError, ConfigError
-from edgert.model.config import LlamaConfig, reject_unknown_fields
+from edgert.model.config import DecoderConfig, reject_unknown_fields
 
 FORMAT = "edgert-artifact"
 FORMAT_VERSION = 1
@@ -112,7 +112,7 @@ class Manifest:
     format_version: int
     edgert_version: str
     architecture: str
-    config: LlamaConfig
+    config: DecoderConfig
     dtype: str
     quantization: dict[str, Any] | None  # export.quantize.summarize; None: fp32 weights
     kv_cache: KVCacheSpec
@@ -145,7 +145,7 @@ class Manifest:
                 f"(supports {FORMAT_VERSION}); re-export it with `edgert export`")
         data = _strict(cls, data, "manifest")
         try:
-            data["config"] = LlamaConfig.from_dict(data["config"])
+            data["config"] = DecoderConfig.from_dict(data["config"])
             data["kv_cache"] = KVCacheSpec.from_dict(data["kv_cache"])
             data["graphs"] = {k: GraphSpec.from_dict(v) for k, v in data["graphs"].items()}
             data["tokenizer"] = TokenizerSpec.from_dict(data["tokenizer"])

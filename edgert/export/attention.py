@@ -35,14 +35,19 @@ def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     return x.view(1, x.shape[1], heads, head_dim).transpose(1, 2)  # [1,heads,q,D]
 
 
-def dense_attention(query, keys, values, bias, num_heads, num_kv_heads, head_dim):
-    """softmax(q K^T / sqrt(D) + bias) V with GQA head repetition; returns [1,q,Hq*D]."""
+def dense_attention(query, keys, values, bias, num_heads, num_kv_heads, head_dim,
+                    softcap: float = 0.0):
+    """softmax(cap(q K^T / sqrt(D)) + bias) V with GQA head repetition, cap(s) =
+    c*tanh(s/c) when ``softcap`` c > 0; returns [1,q,Hq*D]."""
     q = _split_heads(query, num_heads, head_dim)
     group = num_heads // num_kv_heads
     if group > 1:
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, keys.transpose(2, 3)) * (1.0 / math.sqrt(head_dim)) + bias
+    scores = torch.matmul(q, keys.transpose(2, 3)) * (1.0 / math.sqrt(head_dim))
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + bias
     out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [1,Hq,q,D]
     return out.transpose(1, 2).reshape(1, query.shape[1], num_heads * head_dim)
 
@@ -53,7 +58,7 @@ class PortableCore(AttentionCore):
         v = _split_heads(value, self.hkv, self.d)
         keys = torch.cat([past_k, k], dim=2)
         values = torch.cat([past_v, v], dim=2)
-        out = dense_attention(query, keys, values, bias, self.h, self.hkv, self.d)
+        out = dense_attention(query, keys, values, bias, self.h, self.hkv, self.d, self.softcap)
         return out, k, v
 
 
@@ -63,7 +68,7 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, past_k, past_v, seqlens_k, total_len, bias,
-                num_heads, num_kv_heads, head_dim):
+                num_heads, num_kv_heads, head_dim, softcap):
         q_len = query.shape[1]
         total = int(total_len)
         past = total - q_len
@@ -73,19 +78,20 @@ class _GroupQueryAttention(torch.autograd.Function):
         present_v[:, :, past:total] = _split_heads(value, num_kv_heads, head_dim)
         causal = torch.triu(torch.full((q_len, total), -torch.inf), diagonal=past + 1)
         out = dense_attention(query, present_k[:, :, :total], present_v[:, :, :total],
-                              bias + causal, num_heads, num_kv_heads, head_dim)
+                              bias + causal, num_heads, num_kv_heads, head_dim, softcap)
         return out, present_k, present_v
 
     @staticmethod
     def symbolic(g, query, key, value, past_k, past_v, seqlens_k, total_len, bias,
-                 num_heads, num_kv_heads, head_dim):
+                 num_heads, num_kv_heads, head_dim, softcap):
         # The TorchScript exporter cannot emit empty optional inputs; the bias goes in slot 7
         # here and fix_contrib_optional_inputs() moves it to slot 10 (after cos, sin, position_ids).
+        capped = {"softcap_f": softcap} if softcap else {}
         out, present_k, present_v = g.op(
             "com.microsoft::GroupQueryAttention",
             query, key, value, past_k, past_v, seqlens_k, total_len, bias,
             num_heads_i=num_heads, kv_num_heads_i=num_kv_heads, do_rotary_i=0,
-            outputs=3,
+            outputs=3, **capped,
         )
         out.setType(query.type())
         present_k.setType(past_k.type())
@@ -116,7 +122,8 @@ class GQACore(AttentionCore):
     def forward(self, query, key, value, past_k, past_v, ctx):
         seqlens_k, total_len, bias = ctx
         return _GroupQueryAttention.apply(query, key, value, past_k, past_v, seqlens_k,
-                                          total_len, bias, self.h, self.hkv, self.d)
+                                          total_len, bias, self.h, self.hkv, self.d,
+                                          self.softcap)
 
 
 class _TreeBias(torch.autograd.Function):

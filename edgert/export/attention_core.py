@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 
 
 class AttentionCore(nn.Module):
-    """``h`` query heads, ``hkv`` KV heads of ``d`` channels, for layer ``layer_index``."""
+    """``h`` query heads, ``hkv`` KV heads of ``d`` channels, for layer ``layer_index``;
+    ``softcap``: the scores' soft limit (0: none)."""
 
-    def __init__(self, config: LlamaConfig, layer_index: int = 0) -> None:
+    def __init__(self, config: DecoderConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.h, self.hkv, self.d = (config.num_attention_heads, config.num_key_value_heads,
                                     config.head_dim)
         self.group = self.h // self.hkv
+        self.softcap = float(config.attn_logit_softcapping)
         self.layer_index = layer_index

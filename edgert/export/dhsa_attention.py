@@ -52,7 +52,7 @@ from torch import nn
 
 from edgert.dhsa.params import BOUNDARY_EPS, DHSAParams
 from edgert.export.attention_core import AttentionCore
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 
 NEG_INF = float("-inf")
 
@@ -116,7 +116,7 @@ class _BlockMHA(torch.autograd.Function):
 
 
 class DHSACore(AttentionCore):
-    def __init__(self, config: LlamaConfig, layer_index: int = 0,
+    def __init__(self, config: DecoderConfig, layer_index: int = 0,
                  dhsa: DHSAParams | None = None) -> None:
         super().__init__(config, layer_index)
         base = dhsa or DHSAParams()

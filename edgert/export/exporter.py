@@ -23,13 +23,13 @@ from edgert.artifact.manifest import (
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import ConfigError
 from edgert.export.graph_specs import decode_graph_spec
-from edgert.export.llama import LlamaDecoder
+from edgert.export.decoder import Decoder
 from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
 from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
 from edgert.export.quantize import WeightOptions, plan_quantization, quantize_graph, summarize
 from edgert.medusa.tree_buffers import build_tree_buffers
 from edgert.medusa.tree_presets import resolve_tree
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 from edgert.model.loaded import LoadedModel
 from edgert.model.medusa_heads import MedusaHeads, load_heads
 from edgert.model.sources import REGISTERED_MODELS, load_model
@@ -69,19 +69,20 @@ def _available_memory() -> int:
         return 1 << 40
 
 
-def choose_capacity(config: LlamaConfig, requested: int | None,
+def choose_capacity(config: DecoderConfig, requested: int | None,
                     log: Callable[[str], None]) -> int:
     """KV capacity: the request, else the model maximum lowered to fit memory (said in log)."""
     if requested is not None:
         if requested < 2:
             raise ConfigError(f"--max-context must be at least 2, got {requested}")
-        if requested > config.max_position_embeddings:
+        if requested > config.max_context:
+            window = (f" (its sliding-attention window: edgert serves no context past it)"
+                      if config.max_context < config.max_position_embeddings else "")
             raise ConfigError(
                 f"--max-context {requested} exceeds the model's maximum context "
-                f"{config.max_position_embeddings}; pass a value <= "
-                f"{config.max_position_embeddings}")
+                f"{config.max_context}{window}; pass a value <= {config.max_context}")
         return requested
-    capacity = config.max_position_embeddings
+    capacity = config.max_context
     per_token = KVCacheSpec(1, config.num_hidden_layers, config.num_key_value_heads,
                             config.head_dim).bytes
     budget = int(_available_memory() * KV_MEMORY_FRACTION)
@@ -133,8 +134,8 @@ def _medusa_manifest(heads: MedusaHeads, topk: int, path: str) -> dict:
             "training": cfg.training}
 
 
-def _build_decoder(loaded: LoadedModel, variant: str, **core_options) -> LlamaDecoder:
-    decoder = LlamaDecoder(loaded.config, attention=variant, **core_options)
+def _build_decoder(loaded: LoadedModel, variant: str, **core_options) -> Decoder:
+    decoder = Decoder(loaded.config, attention=variant, **core_options)
     with torch.no_grad():
         decoder.load_hf_state_dict(loaded.state_dict)
     return decoder.eval()
@@ -165,6 +166,10 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         graphs[file] = trace_decoder(_build_decoder(loaded, variant))
     graph_specs = {v: decode_graph_spec(f, v, config) for v, f in GRAPH_FILES.items()}
     dhsa = options.dhsa
+    if dhsa is not None and config.attn_logit_softcapping:
+        log("note: no DHSA prefill graph: DHSA does not implement attention soft-capping "
+            "(prefill runs dense)")
+        dhsa = None
     if dhsa is not None and capacity <= dhsa.min_context:
         log(f"note: no DHSA prefill graph: the KV capacity {capacity} is not above DHSA's "
             f"min_context {dhsa.min_context}")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from edgert.artifact.manifest import GraphSpec, TensorSpec
 from edgert.export.attention import ATTENTION_VARIANTS
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 
 
-def _head_outputs(config: LlamaConfig) -> list[TensorSpec]:
+def _head_outputs(config: DecoderConfig) -> list[TensorSpec]:
     return [
         TensorSpec("logits", [1, "n", config.vocab_size], "float32", "next-token logits"),
         TensorSpec("hidden", [1, "n", config.hidden_size], "float32",
@@ -15,7 +15,7 @@ def _head_outputs(config: LlamaConfig) -> list[TensorSpec]:
     ]
 
 
-def decode_graph_spec(file: str, variant_name: str, config: LlamaConfig) -> GraphSpec:
+def decode_graph_spec(file: str, variant_name: str, config: DecoderConfig) -> GraphSpec:
     variant = ATTENTION_VARIANTS[variant_name]
     hkv, d = config.num_key_value_heads, config.head_dim
     cache_len = "capacity" if variant.shared_cache else "past"
@@ -56,7 +56,7 @@ def decode_graph_spec(file: str, variant_name: str, config: LlamaConfig) -> Grap
                      inputs=inputs, outputs=outputs)
 
 
-def _prefill_graph_spec(file: str, variant_name: str, config: LlamaConfig,
+def _prefill_graph_spec(file: str, variant_name: str, config: DecoderConfig,
                         common: list[TensorSpec]) -> GraphSpec:
     """A prefill-call graph (DHSA): q prompt tokens after the P cached ones, no tree mask
     (causal inside); the cache buffers are read and written in place."""

@@ -18,7 +18,7 @@ from onnx import external_data_helper
 
 from edgert.errors import EdgertError
 from edgert.export.attention import fix_contrib_optional_inputs
-from edgert.export.llama import LlamaDecoder
+from edgert.export.decoder import Decoder
 
 OPSET = 17
 EXTERNAL_THRESHOLD = 1024
@@ -33,7 +33,7 @@ class GraphIO:
     outputs: tuple[str, ...]
 
 
-def decoder_io_names(model: LlamaDecoder) -> GraphIO:
+def decoder_io_names(model: Decoder) -> GraphIO:
     n = model.config.num_hidden_layers
     past = [f"past_{kind}_{i}" for i in range(n) for kind in ("key", "value")]
     present = [f"present_{kind}_{i}" for i in range(n) for kind in ("key", "value")]
@@ -44,7 +44,7 @@ def decoder_io_names(model: LlamaDecoder) -> GraphIO:
     )
 
 
-def example_inputs(model: LlamaDecoder, q: int = 3, past: int = 2) -> tuple[torch.Tensor, ...]:
+def example_inputs(model: Decoder, q: int = 3, past: int = 2) -> tuple[torch.Tensor, ...]:
     cfg = model.config
     if model.attention.prefill_only:
         q, past = model.example_length, model.example_past
@@ -59,7 +59,7 @@ def example_inputs(model: LlamaDecoder, q: int = 3, past: int = 2) -> tuple[torc
     return (ids, pos, mask, logits_index, *extra, *([kv] * (2 * cfg.num_hidden_layers)))
 
 
-def _dynamic_axes(model: LlamaDecoder, names: GraphIO) -> dict[str, dict[int, str]]:
+def _dynamic_axes(model: Decoder, names: GraphIO) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {
         "input_ids": {1: "q"},
         "position_ids": {1: "q"},
@@ -100,7 +100,7 @@ def _readable_initializer_names(model: onnx.ModelProto) -> None:
         node.input[:] = [renames.get(name, name) for name in node.input]
 
 
-def trace_decoder(model: LlamaDecoder) -> onnx.ModelProto:
+def trace_decoder(model: Decoder) -> onnx.ModelProto:
     """Export one decode step of ``model`` (its attention variant) to an in-memory ONNX model."""
     names = decoder_io_names(model)
     buffer = io.BytesIO()

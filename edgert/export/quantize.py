@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgert.errors import ConfigError
 from edgert.model.block_quant import BLOCK, BlockQuantized, quantization_error, quantize_rtn
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 from edgert.model.loaded import LoadedModel
 
 WEIGHT_FORMATS = ("auto", "q4", "q8", "fp32")
@@ -75,7 +75,7 @@ class WeightOptions:
         return COMPUTE_MODES[self.compute]
 
 
-def hf_weight_name(initializer: str, config: LlamaConfig) -> str | None:
+def hf_weight_name(initializer: str, config: DecoderConfig) -> str | None:
     """The transformers weight an exported initializer is (its transpose), or None."""
     if initializer == "lm_head_t":
         return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
@@ -163,7 +163,7 @@ class _GraphQuantizer:
     """Rewrites one graph's weight MatMuls and tied-embedding Gather (see the module doc)."""
 
     def __init__(self, graph: onnx.GraphProto, blocks: dict[str, BlockQuantized],
-                 config: LlamaConfig, accuracy_level: int, own_bits: int | None = None) -> None:
+                 config: DecoderConfig, accuracy_level: int, own_bits: int | None = None) -> None:
         self.graph = graph
         self.blocks = dict(blocks)
         self.own_bits = own_bits  # quantize this graph's own weights (Medusa heads) too
@@ -531,7 +531,7 @@ OWN_WEIGHT_BITS = 8  # the Medusa heads' own weights: trained in fp32, stored 8-
 
 
 def quantize_graph(model: onnx.ModelProto, blocks: dict[str, BlockQuantized],
-                   config: LlamaConfig, options: WeightOptions,
+                   config: DecoderConfig, options: WeightOptions,
                    own_weights: bool = False) -> tuple[set[str], dict[str, dict]]:
     """Rewrite ``model``'s weight matmuls (and tied embedding) onto ``blocks``, in place;
     returns the HF weights it now reads quantized, and a report row per weight of its own it

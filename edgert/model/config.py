@@ -1,8 +1,13 @@
 """Typed model configuration, as stored in the artifact manifest.
 
-``LlamaConfig.from_dict`` is strict (it reads edgert's own manifest and rejects unknown or
-inconsistent fields); ``LlamaConfig.from_hf`` reads a Hugging Face ``config.json`` and keeps
-only the fields the Llama family defines.
+One config describes every supported decoder family (Llama, Mistral, Qwen2/2.5, Qwen3,
+Gemma 2): the Llama fields plus structural switches whose defaults are plain Llama. The
+architecture registry (``edgert.model.architectures``) sets the switches per family; the
+exported decoder reads only the switches, never a family name.
+
+``DecoderConfig.from_dict`` is strict (it reads edgert's own manifest and rejects unknown or
+inconsistent fields); ``DecoderConfig.from_hf`` reads the fields every family shares from a
+Hugging Face ``config.json``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import Any
 
 from edgert.errors import ConfigError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "frequency_factors")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 def reject_unknown_fields(cls, data: dict[str, Any], what: str) -> None:
@@ -27,8 +33,9 @@ def reject_unknown_fields(cls, data: dict[str, Any], what: str) -> None:
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
-    """Hyper-parameters of a Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, ...)."""
+class DecoderConfig:
+    """Hyper-parameters of a decoder; the fields after ``eos_token_id`` are the structural
+    switches of the non-Llama families (defaults: Llama)."""
 
     vocab_size: int
     hidden_size: int
@@ -44,6 +51,21 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = field(default_factory=tuple)
+    attention_bias: bool = False  # q/k/v projections have a bias (Qwen2)
+    attention_output_bias: bool = False  # o_proj has a bias (Llama's attention_bias=True)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3)
+    hidden_act: str = "silu"  # the gate activation: silu, or gelu_tanh (Gemma)
+    norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + weight): 1.0 in Gemma
+    sandwich_norms: bool = False  # Gemma 2: a norm after attention, and around the MLP
+    embedding_multiplier: float = 1.0  # token embeddings times this (Gemma: sqrt(hidden))
+    query_scale: float = 0.0  # attention scores' scale; 0: 1/sqrt(head_dim)
+    attn_logit_softcapping: float = 0.0  # scores -> c*tanh(scores/c); 0: none (Gemma 2)
+    final_logit_softcapping: float = 0.0  # logits -> c*tanh(logits/c); 0: none (Gemma 2)
+    # the attention window of sliding-window layers (Mistral, Gemma 2); 0: every layer
+    # attends to the whole context. edgert caps the context at the window (max_context), so
+    # every layer attends exactly as the model does.
+    sliding_window: int = 0
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -74,12 +96,37 @@ class LlamaConfig:
             raise ConfigError(
                 f"rope_scaling type '{rope_type}' is not supported; supported: "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        if rope_type == "frequency_factors" and len(self.rope_scaling.get("factors", ())) != \
+                self.head_dim // 2:
+            raise ConfigError(f"rope_scaling 'frequency_factors' needs head_dim/2 = "
+                              f"{self.head_dim // 2} factors")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"hidden_act '{self.hidden_act}' is not supported; supported: "
+                              f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+        non_negative = ("query_scale", "attn_logit_softcapping", "final_logit_softcapping",
+                        "sliding_window")
+        for name in non_negative:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"config field '{name}' must be a number >= 0, got {value!r}")
+        if not (self.embedding_multiplier > 0 and math.isfinite(self.embedding_multiplier)):
+            raise ConfigError("config field 'embedding_multiplier' must be a positive number, "
+                              f"got {self.embedding_multiplier!r}")
 
     @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"
         return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+    @property
+    def max_context(self) -> int:
+        """The longest context edgert serves: the model's maximum, capped at the sliding
+        window when some layers slide (within it, windowed and full attention agree)."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
 
     @property
     def kv_dim(self) -> int:
@@ -91,7 +138,7 @@ class LlamaConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
+    def from_dict(cls, data: dict[str, Any]) -> DecoderConfig:
         """Build from edgert's own manifest form; unknown fields are an error."""
         reject_unknown_fields(cls, data, "model config")
         missing_marker = dataclasses.MISSING
@@ -103,8 +150,9 @@ class LlamaConfig:
         return cls(**data)
 
     @classmethod
-    def from_hf(cls, data: dict[str, Any]) -> LlamaConfig:
-        """Read a Hugging Face ``config.json`` dict (transformers 4.x or 5.x layout)."""
+    def from_hf(cls, data: dict[str, Any], **switches: Any) -> DecoderConfig:
+        """Read a Hugging Face ``config.json`` dict (transformers 4.x or 5.x layout): the
+        fields every family shares; ``switches``, the family's structural fields."""
         rope_params = data.get("rope_parameters") or {}
         rope_scaling = data.get("rope_scaling") or None
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
@@ -131,7 +179,8 @@ class LlamaConfig:
                 rope_scaling=dict(rope_scaling) if rope_scaling else None,
                 bos_token_id=data.get("bos_token_id"),
                 eos_token_id=eos_ids,
+                **switches,
             )
         except KeyError as exc:
-            raise ConfigError(f"config.json is missing '{exc.args[0]}', which a Llama-family "
-                              "model needs") from None
+            raise ConfigError(f"config.json is missing '{exc.args[0]}', which a "
+                              "decoder model needs") from None

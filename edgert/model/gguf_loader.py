@@ -1,4 +1,4 @@
-"""GGUF file -> fp32 weights (and the exact blocks of its Q4_0/Q4_1/Q8_0 tensors), Llama
+"""GGUF file -> fp32 weights (and the exact blocks of its Q4_0/Q4_1/Q8_0 tensors), decoder
 config and tokenizer (no transformers needed)."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import torch
 from edgert.errors import ModelSourceError
 from edgert.model.architectures import Architecture, get_architecture
 from edgert.model.block_quant import GGUF_EXACT, BlockQuantized, from_gguf
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 from edgert.model.loaded import LoadedModel, TokenizerBundle
 
-# llama.cpp tensor names -> transformers Llama names ("{i}" = layer index)
+# llama.cpp tensor names -> transformers Llama names ("{i}" = layer index); a family's
+# extra or different names come from its registry entry (Architecture.gguf_layer_names)
 _LAYER_NAMES = {
     "attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
@@ -51,22 +52,33 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _config_from_gguf(reader) -> tuple[Architecture, LlamaConfig]:
+def _rope_scaling(reader, p: str) -> dict | None:
+    """linear scaling from the metadata; Llama 3.1's frequency-dependent scaling, which
+    llama.cpp stores as a ``rope_freqs`` tensor of per-pair divisors."""
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        return {"rope_type": "frequency_factors",
+                "factors": [float(x) for x in np.asarray(freqs.data, dtype=np.float64)]}
+    if _field(reader, p + "rope.scaling.type") == "linear":
+        return {"rope_type": "linear", "factor": float(_field(reader, p + "rope.scaling.factor"))}
+    return None
+
+
+def _config_from_gguf(reader) -> tuple[Architecture, DecoderConfig]:
     name = str(_field(reader, "general.architecture", "unknown"))
     arch = get_architecture(name)
     p = f"{name}."
     n_heads = int(_field(reader, p + "attention.head_count"))
     hidden = int(_field(reader, p + "embedding_length"))
+    head_dim = int(_field(reader, p + "attention.key_length",
+                          _field(reader, p + "rope.dimension_count", hidden // n_heads)))
     tokens = reader.fields["tokenizer.ggml.tokens"]
     vocab = int(_field(reader, p + "vocab_size", len(tokens.data)))
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    rope_scaling = None
-    scaling_type = _field(reader, p + "rope.scaling.type")
-    if scaling_type == "linear":
-        factor = float(_field(reader, p + "rope.scaling.factor"))
-        rope_scaling = {"rope_type": "linear", "factor": factor}
-    config = arch.config_class(
+    switches = arch.gguf_switches(lambda key, default=None: _field(reader, p + key, default),
+                                  hidden, head_dim)
+    config = DecoderConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(_field(reader, p + "feed_forward_length")),
@@ -76,37 +88,39 @@ def _config_from_gguf(reader) -> tuple[Architecture, LlamaConfig]:
         max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
         rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
         rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        head_dim=int(_field(reader, p + "rope.dimension_count", hidden // n_heads)),
+        head_dim=head_dim,
         tie_word_embeddings=not has_output,
-        rope_scaling=rope_scaling,
+        rope_scaling=_rope_scaling(reader, p),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=(int(eos),) if eos is not None else (),
+        **switches,
     )
     return arch, config
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: Architecture) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if gguf_name.startswith("blk."):
         _, idx, rest = gguf_name.split(".", 2)
-        if rest in _LAYER_NAMES:
-            return _LAYER_NAMES[rest].format(i=idx)
+        layer_names = {**_LAYER_NAMES, **arch.gguf_layer_names}
+        if rest in layer_names:
+            return layer_names[rest].format(i=idx)
     return None
 
 
-def _qk_heads(hf_name: str, config: LlamaConfig, arch: Architecture) -> int | None:
+def _qk_heads(hf_name: str, config: DecoderConfig, arch: Architecture) -> int | None:
     """Heads of a q/k projection that llama.cpp stored with permuted rows, else None."""
     if not arch.gguf_permuted_qk:
         return None
-    if hf_name.endswith("q_proj.weight"):
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
         return config.num_attention_heads
-    if hf_name.endswith("k_proj.weight"):
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
         return config.num_key_value_heads
     return None
 
 
-def _weights_from_gguf(reader, config: LlamaConfig, arch: Architecture) -> tuple[
+def _weights_from_gguf(reader, config: DecoderConfig, arch: Architecture) -> tuple[
         dict[str, torch.Tensor], dict[str, BlockQuantized], dict[str, str]]:
     """(fp32 state dict, exact blocks of the Q4_0/Q4_1/Q8_0 tensors, storage type by name),
     all in transformers' names and row order."""
@@ -116,7 +130,7 @@ def _weights_from_gguf(reader, config: LlamaConfig, arch: Architecture) -> tuple
     blocks: dict[str, BlockQuantized] = {}
     types: dict[str, str] = {}
     for tensor in reader.tensors:
-        hf_name = _hf_name(tensor.name)
+        hf_name = _hf_name(tensor.name, arch)
         if hf_name is None:
             continue
         shape = [int(d) for d in reversed(tensor.shape)]

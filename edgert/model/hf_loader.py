@@ -82,7 +82,7 @@ def load_hf_dir(directory: Path) -> LoadedModel:
     data = _read_json(directory / "config.json")
     arch_name = _architecture_name(data)
     arch = get_architecture(arch_name)
-    config = arch.config_class.from_hf(data)
+    config = arch.config_from_hf(data)
     return LoadedModel(
         architecture=arch.name,
         config=config,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgert.model.block_quant import BlockQuantized
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LoadedModel:
     """
 
     architecture: str
-    config: LlamaConfig
+    config: DecoderConfig
     state_dict: dict[str, torch.Tensor]
     tokenizer: TokenizerBundle
     source: dict[str, str] = field(default_factory=dict)

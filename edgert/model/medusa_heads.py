@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from edgert.errors import ConfigError, ModelSourceError
-from edgert.model.config import LlamaConfig, reject_unknown_fields
+from edgert.model.config import DecoderConfig, reject_unknown_fields
 
 HEADS_CONFIG = "heads.json"
 HEADS_WEIGHTS = "heads.safetensors"
@@ -78,7 +78,7 @@ class MedusaConfig:
         reject_unknown_fields(cls, data, f"Medusa heads ({HEADS_CONFIG})")
         return cls(**data)
 
-    def check_backbone(self, backbone: LlamaConfig, where: str = "heads") -> None:
+    def check_backbone(self, backbone: DecoderConfig, where: str = "heads") -> None:
         """Refuse heads trained for another hidden size or vocabulary."""
         if self.hidden_size != backbone.hidden_size or self.vocab_size != backbone.vocab_size:
             raise ModelSourceError(
@@ -180,7 +180,7 @@ def save_heads(heads: MedusaHeads, directory: Path) -> None:
     (directory / HEADS_CONFIG).write_text(json.dumps(heads.config.to_dict(), indent=2) + "\n")
 
 
-def load_heads(directory: Path, backbone: LlamaConfig | None = None) -> MedusaHeads:
+def load_heads(directory: Path, backbone: DecoderConfig | None = None) -> MedusaHeads:
     """Load heads saved by :func:`save_heads`; with ``backbone``, check they fit it."""
     from safetensors.torch import load_file
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 
 
 def _llama3_scale(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
@@ -25,7 +25,7 @@ def _llama3_scale(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
-def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+def inverse_frequencies(config: DecoderConfig) -> np.ndarray:
     """``inv_freq`` of shape [head_dim // 2], float64, with the config's scaling applied."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
@@ -34,4 +34,6 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
         inv_freq = inv_freq / float(config.rope_scaling["factor"])
     elif rope_type == "llama3":
         inv_freq = _llama3_scale(inv_freq, config.rope_scaling)
+    elif rope_type == "frequency_factors":  # GGUF's rope_freqs tensor: one divisor per pair
+        inv_freq = inv_freq / np.asarray(config.rope_scaling["factors"], dtype=np.float64)
     return inv_freq

@@ -36,14 +36,18 @@ from edgert.passes.tir.tree_attention import (
 )
 
 
-def core_pattern():
-    """softmax attention over repeated K/V, from the query reshape to the output reshape."""
+def core_pattern(softcap: bool = False):
+    """softmax attention over repeated K/V, from the query reshape to the output reshape;
+    ``softcap``: the scaled scores pass through c*tanh(./c) before the bias."""
     query = wildcard()
     keys = wildcard()
     values = wildcard()
     q = is_op("relax.permute_dims")(is_op("relax.reshape")(query, wildcard()))
     scores = is_op("relax.matmul")(q, is_op("relax.permute_dims")(keys))
     scaled = is_op("relax.multiply")(scores, wildcard())
+    if softcap:
+        tanh = is_op("relax.tanh")(is_op("relax.divide")(scaled, wildcard()))
+        scaled = is_op("relax.multiply")(tanh, wildcard())
     probs = is_op("relax.nn.softmax")(is_op("relax.add")(scaled, wildcard()))
     out = is_op("relax.matmul")(probs, values)
     root = is_op("relax.reshape")(is_op("relax.permute_dims")(out), wildcard())
@@ -93,18 +97,21 @@ class FuseTreeAttention:
     num_heads, num_kv_heads, head_dim : the model's attention shape.
     gpu : emit the GPU loop mapping of the kernels (thread blocks) instead of the CPU one.
     knobs : the tree-attention kernel's schedule (the tuning database's best, or untuned).
+    softcap : the model's attention soft-capping (0: none), matched and applied in-kernel.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 gpu: bool = False, knobs: TreeAttentionKnobs = DEFAULT_KNOBS) -> None:
+                 gpu: bool = False, knobs: TreeAttentionKnobs = DEFAULT_KNOBS,
+                 softcap: float = 0.0) -> None:
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
         self.gpu = gpu
         self.knobs = knobs
+        self.softcap = softcap
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         bb = relax.BlockBuilder(mod)
-        attn = bb.add_func(tree_attention_tir(self.h, self.hkv, self.d, self.gpu, self.knobs),
-                           "edgert_tree_attention")
+        attn = bb.add_func(tree_attention_tir(self.h, self.hkv, self.d, self.gpu, self.knobs,
+                                              self.softcap), "edgert_tree_attention")
         append = bb.add_func(kv_append_tir(self.hkv, self.d, self.gpu), "edgert_kv_append")
         mod = bb.get()
         func = mod["main"]
@@ -120,7 +127,7 @@ class FuseTreeAttention:
         tree_order = relax.Var("tree_order", relax.TensorType([q_len, 2], "int32"))
         past_shape = relax.Var("past", relax.ShapeType([past]))
         bindings = _Bindings(func)
-        root, query, keys, values = core_pattern()
+        root, query, keys, values = core_pattern(bool(self.softcap))
         rewritten = []
 
         def rewrite(expr, matched):

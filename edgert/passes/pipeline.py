@@ -31,7 +31,7 @@ from tvm import relax
 
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import EdgertError
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 from edgert.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from edgert.passes.fuse_dhsa_prefill import FuseDHSAPrefill
 from edgert.passes.fuse_parallel_matmuls import FuseParallelMatmuls
@@ -47,7 +47,7 @@ from edgert.passes.tuning.tunable import get_tunable
 class CompileContext:
     """What the passes of one build need to know."""
 
-    config: LlamaConfig
+    config: DecoderConfig
     gpu: bool = False  # emit GPU loop mappings (thread blocks); else CPU
     tuning: TuningDatabase = field(default_factory=TuningDatabase)
     dhsa: DHSAParams | None = None  # the artifact's DHSA parameters: also build prefill_dhsa
@@ -74,7 +74,8 @@ def _edgert_passes(ctx: CompileContext) -> list:
         passes.append(FuseDHSAPrefill(*shape, ctx.dhsa, gpu=ctx.gpu, knobs=knobs,
                                       dhsa_knobs=ctx.knobs("dhsa_attention", *shape),
                                       index_dtype="int32" if ctx.int32_only else "int64"))
-    passes.append(FuseTreeAttention(*shape, gpu=ctx.gpu, knobs=knobs))
+    passes.append(FuseTreeAttention(*shape, gpu=ctx.gpu, knobs=knobs,
+                                    softcap=ctx.config.attn_logit_softcapping))
     if not ctx.gpu:  # q/k/v and gate/up: one wider weight stream, fewer thread-pool launches
         passes.append(FuseParallelMatmuls())
     return passes + _weight_passes(ctx)

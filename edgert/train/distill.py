@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from edgert.errors import ConfigError
+from edgert.model.config import DecoderConfig
 from edgert.model.loaded import LoadedModel
 
 IGNORE = -100
@@ -64,6 +65,14 @@ def build_hf_model(loaded: LoadedModel):
     from transformers import LlamaForCausalLM
 
     cfg = loaded.config
+    llama_only = {"attention_bias", "attention_output_bias", "mlp_bias", "qk_norm",
+                  "hidden_act", "norm_weight_offset", "sandwich_norms", "embedding_multiplier",
+                  "query_scale", "attn_logit_softcapping", "final_logit_softcapping"}
+    plain = DecoderConfig(**{k: v for k, v in cfg.to_dict().items() if k not in llama_only})
+    if plain != cfg or cfg.rope_type == "frequency_factors":
+        raise ConfigError(f"self-distillation runs the backbone as a transformers Llama; a "
+                          f"{loaded.architecture} model's layers differ from it (train heads "
+                          "for Llama-family models, or Mistral)")
     hf_config = HFConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,

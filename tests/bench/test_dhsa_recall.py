@@ -7,8 +7,8 @@ import torch
 
 from bench import dhsa_recall
 from edgert.dhsa.params import DHSAParams
-from edgert.export.llama import LlamaDecoder
-from edgert.model.config import LlamaConfig
+from edgert.export.decoder import Decoder
+from edgert.model.config import DecoderConfig
 
 PARAMS = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8, probe_stride=8,
                     min_context=64, early_layers=0, prefill_chunk=64)
@@ -56,11 +56,11 @@ def test_recall_is_the_selected_share_of_dense_attention():
 def test_recording_core_attends_as_the_model_does():
     """The bench's dense forward swaps every attention core for one that records q/k: the
     model's logits stay those of its own (portable) core, and the q/k have the right shapes."""
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=16,
+    config = DecoderConfig(vocab_size=32, hidden_size=32, intermediate_size=16,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64)
     torch.manual_seed(0)
-    model = LlamaDecoder(config).eval()
+    model = Decoder(config).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
     t = 20

@@ -18,12 +18,12 @@ from edgert.dhsa import reference
 from edgert.dhsa.params import DHSAParams
 from edgert.export.attention import fix_contrib_optional_inputs
 from edgert.export.dhsa_attention import DHSACore
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 
 ATOL = 2e-6  # float32 reordering only: the same keys are selected
 SMALL = DHSAParams(block_size=16, budget=48, local=16, sink=4, dense_tail=8, probe_stride=8,
                    min_context=64, early_layers=0)
-CFG = LlamaConfig(vocab_size=10, hidden_size=64, intermediate_size=16, num_hidden_layers=1,
+CFG = DecoderConfig(vocab_size=10, hidden_size=64, intermediate_size=16, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 

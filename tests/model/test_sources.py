@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from edgert.errors import ConfigError, ModelSourceError
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 from edgert.model.gguf_loader import load_gguf, unpermute_qk
 from edgert.model.sources import load_model
 
 
 def test_rope_theta_read_from_rope_parameters():
-    cfg = LlamaConfig.from_hf({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+    cfg = DecoderConfig.from_hf({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
                                "num_hidden_layers": 1, "num_attention_heads": 2,
                                "rope_parameters": {"rope_theta": 100000.0,
                                                    "rope_type": "default"}})
@@ -25,7 +25,7 @@ def test_rope_theta_read_from_rope_parameters():
 
 
 def test_llama3_rope_scaling_accepted():
-    cfg = LlamaConfig.from_hf({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+    cfg = DecoderConfig.from_hf({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
                                "num_hidden_layers": 1, "num_attention_heads": 2,
                                "rope_theta": 500000.0,
                                "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
@@ -45,7 +45,7 @@ def test_llama3_inverse_frequencies_match_transformers():
     hf = HFConfig(hidden_size=64, num_attention_heads=2, rope_theta=500000.0,
                   rope_scaling=scaling, max_position_embeddings=512)
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
-    ours = inverse_frequencies(LlamaConfig.from_hf(hf.to_dict()))
+    ours = inverse_frequencies(DecoderConfig.from_hf(hf.to_dict()))
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6)
 
 
@@ -58,12 +58,12 @@ def test_inconsistent_config_refused(field, value, match):
             "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 32}
     data[field] = value
     with pytest.raises(ConfigError, match=match):
-        LlamaConfig.from_dict(data)
+        DecoderConfig.from_dict(data)
 
 
 def test_unknown_config_field_refused():
     with pytest.raises(ConfigError, match="bogus"):
-        LlamaConfig.from_dict({"vocab_size": 10, "bogus": 1})
+        DecoderConfig.from_dict({"vocab_size": 10, "bogus": 1})
 
 
 def test_unsupported_architecture_lists_supported(tiny_dir, tmp_path):
@@ -72,7 +72,7 @@ def test_unsupported_architecture_lists_supported(tiny_dir, tmp_path):
     cfg = json.loads((other / "config.json").read_text())
     cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelSourceError, match="not supported; supported: llama"):
+    with pytest.raises(ModelSourceError, match="not supported; supported: gemma2, llama, mistral, qwen2, qwen3"):
         load_model(str(other))
 
 

@@ -32,14 +32,18 @@ import numpy as np
 from edgert.passes.tir.common import MASKED, flat_axes, loop_mapping, softmax_state, vector_loop
 
 
-def tree_attention_reference(q, k_cache, v_cache, order, past: int) -> np.ndarray:
-    """NumPy reference: q [n,Hq,D], caches [Hkv,C,D] (new entries at [past, past+n))."""
+def tree_attention_reference(q, k_cache, v_cache, order, past: int,
+                             softcap: float = 0.0) -> np.ndarray:
+    """NumPy reference: q [n,Hq,D], caches [Hkv,C,D] (new entries at [past, past+n));
+    ``softcap`` c > 0: scores -> c*tanh(scores/c) before the mask (Gemma 2)."""
     n, hq, d = q.shape
     group = hq // k_cache.shape[0]
     total = past + n
     keys = np.repeat(k_cache[:, :total], group, axis=0)  # [Hq,T,D]
     values = np.repeat(v_cache[:, :total], group, axis=0)
     scores = np.einsum("ihd,htd->hit", q, keys) / math.sqrt(d)
+    if softcap:
+        scores = np.tanh(scores / softcap) * softcap
     pre, end = order[:, 0], order[:, 1]
     tree_ok = (pre[None, :] <= pre[:, None]) & (pre[:, None] < end[None, :])  # [i, j]
     ok = np.concatenate([np.ones((n, past), bool), tree_ok], axis=1)
@@ -96,12 +100,13 @@ def tree_attention_search_space(num_heads: int, num_kv_heads: int,
 
 
 def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bool = False,
-                       knobs: TreeAttentionKnobs = DEFAULT_KNOBS):
+                       knobs: TreeAttentionKnobs = DEFAULT_KNOBS, softcap: float = 0.0):
     """The kernel as TIR. One task per (query, ``heads_per_task`` heads of a KV group) (GPU:
     blocks x threads; CPU: parallel tasks); keys in tiles of ``key_tile``: the tile's scores,
     then one rescale of the running max/sum/accumulator (online softmax), so no score matrix
     is materialised. Marked scheduled: dlight's generic rules cannot schedule fused
-    attention; ``knobs`` are the schedule."""
+    attention; ``knobs`` are the schedule. ``softcap`` c > 0 soft-limits each score to
+    c*tanh(score/c) (Gemma 2)."""
     from tvm.script import tirx as T
 
     knobs.check(num_heads, num_kv_heads, head_dim)
@@ -118,6 +123,11 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
 
     def key(jt, t):  # the key index of slot t of tile jt (an expression: no int64 local)
         return jt * tile + t
+
+    def capped(score):
+        if not softcap:
+            return score
+        return T.tanh(score * T.float32(1.0 / softcap)) * T.float32(softcap)
 
     def node(j, past, n):
         # TIR's `and`/`or` do not short-circuit: the clamped index keeps the tree lookup in
@@ -172,7 +182,7 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
                                     score[g, t] = T.float32(0)
                                     for lane in range(lanes):
                                         score[g, t] = score[g, t] + part[g, lane]
-                                    score[g, t] = score[g, t] * T.float32(scale)
+                                    score[g, t] = capped(score[g, t] * T.float32(scale))
                             else:
                                 for g in range(hpt):
                                     score[g, t] = T.float32(MASKED)

@@ -21,7 +21,7 @@ import numpy as np
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import EdgertError
 from edgert.medusa.tree_order import causal_order, tree_order_from_parents
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 from edgert.passes.fuse_parallel_matmuls import decoder_matmul_shapes
 from edgert.passes.tir.dhsa_attention import DEFAULT_KNOBS as DHSA_DEFAULT
 from edgert.passes.tir.dhsa_attention import (
@@ -88,7 +88,7 @@ class TuneScope:
     """What decides an artifact's workloads: the model, the KV capacity, DHSA, and the bits of
     each block-quantized weight group (``manifest.quantization``; empty: fp32 weights)."""
 
-    config: LlamaConfig
+    config: DecoderConfig
     context: int
     dhsa: DHSAParams | None = None
     bits: dict[str, int] = dataclasses.field(default_factory=dict)

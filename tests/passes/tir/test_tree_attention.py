@@ -73,6 +73,30 @@ def test_tree_attention_kernel_matches_numpy(tree_kernel, past, parents):
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("knobs", [TreeAttentionKnobs(), TreeAttentionKnobs(2, 3, 4)], ids=str)
+def test_soft_capped_tree_attention_matches_numpy(knobs):
+    """Gemma 2's c*tanh(score/c), with c small enough that it changes every weight."""
+    from edgert.passes.tir.tree_attention import tree_attention_tir
+
+    mod = tvm.IRModule({"edgert_tree_attention": tree_attention_tir(HQ, HKV, D, knobs=knobs,
+                                                                    softcap=1.5)})
+    kernel = tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_tree_attention"]
+    rng = np.random.default_rng(7)
+    parents, past, cap = [-1, 0, 0, 1, 2, 3], 5, 16
+    n = len(parents)
+    q = (3 * rng.standard_normal((n, HQ, D))).astype(np.float32)
+    kc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+    vc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+    order = tree_order_from_parents(np.array(parents))
+    out = tvm.runtime.tensor(np.zeros((n, HQ, D), np.float32))
+    kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(kc), tvm.runtime.tensor(vc),
+           tvm.runtime.tensor(order), past, out)
+    expected = tree_attention_reference(q, kc, vc, order, past, softcap=1.5)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+    uncapped = tree_attention_reference(q, kc, vc, order, past)
+    assert np.abs(expected - uncapped).max() > 1e-2  # the cap is not a no-op here
+
+
 def test_knobs_that_do_not_fit_are_refused():
     from edgert.passes.tir.tree_attention import tree_attention_tir
 

@@ -1,24 +1,29 @@
-"""Export-friendly Llama decoder: edgert's own definition, not transformers' modeling code.
+"""Export-friendly decoder: edgert's own definition, not transformers' modeling code.
 
-One call processes ``q`` new tokens against a cached prefix of ``P`` tokens::
+One definition serves every supported family (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2):
+the typed config's switches (``edgert.model.config``) add projection biases, per-head q/k
+norms, Gemma's norms, activation, embedding multiplier and soft-capping. One call processes
+``q`` new tokens against a cached prefix of ``P`` tokens::
 
-    input_ids [1,q] ──embed──> x [1,q,H]
+    input_ids [1,q] ──embed──> x [1,q,H]                (x embedding_multiplier)
     position_ids [1,q] ──> cos/sin [1,q,1,D]           (rotary, from positions: tree depth aware)
     tree_mask [1,1,q,q] (additive, 0 / -1e9)            (causal for prefill, ancestry for trees)
     for each layer i:
-        x ─rmsnorm─> q,k,v ─rope─> core(q, k, v, past_key_i, past_value_i, ctx)
+        x ─rmsnorm─> q,k,v (─q/k norm─) ─rope─> core(q, k, v, past_key_i, past_value_i, ctx)
           -> attn, present_key_i, present_value_i
-        x += o_proj(attn);  x += mlp(rmsnorm(x))
-    hidden = rmsnorm(x)[:, logits_index]  ──lm_head──> logits [1,n,V]
+        x += o_proj(attn);  x += mlp(rmsnorm(x))        (Gemma 2: a norm after each as well)
+    hidden = rmsnorm(x)[:, logits_index]  ──lm_head──> logits [1,n,V]   (soft-capped: Gemma 2)
 
 The attention core (``/layers.i/self_attn/core``) comes from ``edgert.export.attention``:
 ``portable`` (standard ops, for TVM) or ``ort_gqa`` (ONNX Runtime GroupQueryAttention over the
-runtime's fixed-capacity cache, read and written in place).
+runtime's fixed-capacity cache, read and written in place). A query scale other than
+1/sqrt(D) is one multiply of the projected queries, so every core keeps its 1/sqrt(D).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,21 +31,40 @@ from torch import nn
 
 from edgert.artifact.manifest import GraphKey
 from edgert.export.attention import ATTENTION_VARIANTS, AttentionVariant
-from edgert.model.config import LlamaConfig
+from edgert.model.config import DecoderConfig
 from edgert.model.rope import inverse_frequencies
 
 MASK_VALUE = -1e9
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x / rms(x) * (offset + weight): offset 0 in Llama, 1 in Gemma."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(variance + self.eps) * self.weight
+        scale = self.weight + self.offset if self.offset else self.weight
+        return x * torch.rsqrt(variance + self.eps) * scale
+
+
+def norm(config: DecoderConfig, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, config.norm_weight_offset)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): Gemma 2's soft limit on logits; identity when cap is 0."""
+    return torch.tanh(x / cap) * cap if cap else x
+
+
+ACTIVATIONS = {
+    "silu": nn.functional.silu,
+    "gelu_tanh": functools.partial(nn.functional.gelu, approximate="tanh"),
+}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,17 +109,31 @@ class _FusedRotary(torch.autograd.Function):
 class Attention(nn.Module):
     """Projections + rotary around an attention core chosen from ``ATTENTION_CORES``."""
 
-    def __init__(self, config: LlamaConfig, core: nn.Module) -> None:
+    def __init__(self, config: DecoderConfig, core: nn.Module) -> None:
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = d
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.attention_output_bias)
+        if config.qk_norm:
+            self.q_norm = norm(config, d)
+            self.k_norm = norm(config, d)
+        # the cores scale scores by 1/sqrt(D); another scale multiplies the queries instead
+        self.query_multiplier = (config.query_scale * math.sqrt(d)
+                                 if config.query_scale else 1.0)
         self.core = core
+
+    def _head_norm(self, name: str, x: torch.Tensor, heads: int) -> torch.Tensor:
+        head_norm = getattr(self, name, None)
+        if head_norm is None:
+            return x
+        q = x.shape[1]
+        return head_norm(x.view(1, q, heads, self.head_dim)).reshape(1, q, heads * self.head_dim)
 
     def _rope(self, x, heads, rotary: Rotary):
         # x [1,q,heads*D] -> rotated, same layout (BSH): the layout attention kernels take
@@ -106,40 +144,58 @@ class Attention(nn.Module):
             1, x.shape[1], heads * self.head_dim)
 
     def forward(self, x, rotary: Rotary, past_k, past_v, ctx):
-        query = self._rope(self.q_proj(x), self.num_heads, rotary)
-        key = self._rope(self.k_proj(x), self.num_kv_heads, rotary)
+        query = self._head_norm("q_norm", self.q_proj(x), self.num_heads)
+        if self.query_multiplier != 1.0:
+            query = query * self.query_multiplier
+        query = self._rope(query, self.num_heads, rotary)
+        key = self._rope(self._head_norm("k_norm", self.k_proj(x), self.num_kv_heads),
+                         self.num_kv_heads, rotary)
         value = self.v_proj(x)
         out, present_k, present_v = self.core(query, key, value, past_k, past_v, ctx)
         return self.o_proj(out), present_k, present_v
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, make_core) -> None:
+    """Pre-norm residual block. Names follow transformers: with ``sandwich_norms`` (Gemma 2)
+    ``post_attention_layernorm`` normalizes the attention output and two more norms wrap the
+    MLP; otherwise it is the MLP's input norm."""
+
+    def __init__(self, config: DecoderConfig, make_core) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.sandwich = config.sandwich_norms
+        self.input_layernorm = norm(config)
         self.self_attn = Attention(config, make_core(config))
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm(config)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm(config)
+            self.post_feedforward_layernorm = norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, rotary: Rotary, past_k, past_v, ctx):
         attn, k, v = self.self_attn(self.input_layernorm(x), rotary, past_k, past_v, ctx)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + attn
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
 
 
-class LlamaDecoder(nn.Module):
+class Decoder(nn.Module):
     """The decode-step graph. Parameter names follow transformers' Llama state dict.
 
     The output projection is kept transposed, ``lm_head_t`` [H,V], so the exported MatMul reads
@@ -147,7 +203,7 @@ class LlamaDecoder(nn.Module):
     Gather along axis 1 of that same tensor, so the 576 x 49152 matrix is stored once.
     """
 
-    def __init__(self, config: LlamaConfig, attention: str = GraphKey.PORTABLE,
+    def __init__(self, config: DecoderConfig, attention: str = GraphKey.PORTABLE,
                  **core_options) -> None:
         super().__init__()
         self.config = config
@@ -165,15 +221,18 @@ class LlamaDecoder(nn.Module):
             DecoderLayer(config, functools.partial(self.attention.core, layer_index=i,
                                                    **core_options))
             for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = norm(config)
         inv_freq = torch.tensor(inverse_frequencies(config), dtype=torch.float32)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.config.tie_word_embeddings:
             # [H,V] gathered along V -> [H,q] -> [1,q,H]
-            return self.lm_head_t.index_select(1, input_ids.reshape(-1)).t().unsqueeze(0)
-        return self.embed_tokens(input_ids)
+            x = self.lm_head_t.index_select(1, input_ids.reshape(-1)).t().unsqueeze(0)
+        else:
+            x = self.embed_tokens(input_ids)
+        multiplier = self.config.embedding_multiplier
+        return x * multiplier if multiplier != 1.0 else x
 
     def rotary(self, position_ids: torch.Tensor) -> Rotary:
         freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [1,q,D/2]
@@ -197,11 +256,11 @@ class LlamaDecoder(nn.Module):
             x, k, v = layer(x, rotary, past[2 * i], past[2 * i + 1], ctx)
             presents += [k, v]
         hidden = self.norm(x).index_select(1, logits_index)
-        logits = torch.matmul(hidden, self.lm_head_t)
+        logits = softcap(torch.matmul(hidden, self.lm_head_t), self.config.final_logit_softcapping)
         return (logits, hidden, *presents, *self.attention.context_outputs(ctx))
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a transformers-style Llama state dict (``model.`` prefixes accepted)."""
+        """Load a transformers-style state dict (``model.`` prefixes accepted)."""
         renamed = {name.removeprefix("model."): t for name, t in state.items()}
         if self.config.tie_word_embeddings:
             renamed.pop("lm_head.weight", None)
@@ -217,5 +276,6 @@ class LlamaDecoder(nn.Module):
             from edgert.errors import ModelSourceError
 
             raise ModelSourceError(
-                f"weights do not match the Llama config: missing {missing[:4]}, "
-                f"unexpected {unexpected[:4]}; is this a Llama-family checkpoint?")
+                f"weights do not match the model config: missing "
+                f"{missing[:4]}, unexpected {unexpected[:4]}; do the weights belong to this "
+                "config.json?")
