@@ -9,6 +9,9 @@ import pytest
 from tests.tiny_model import build_tiny_llama_dir
 
 TINY_CAPACITY = 768
+# skips whose reason names this are machines missing the GPU launcher's packages (PoCL,
+# lavapipe, pyopencl, wgpu): listed in a banner at the end of the run, never silent
+GPU_DEPS_COMMAND = "make gpu-deps"
 
 # ONNX Runtime's optimized-graph cache (runtime/backends/ort_cache.py): a fresh one per run,
 # never the user's ~/.cache (subprocesses inherit it)
@@ -72,3 +75,33 @@ def tiny_engine(tiny_artifact):
     import edgert
 
     return edgert.load(tiny_artifact)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """A loud banner listing the tests skipped for missing GPU launcher packages (the tests
+    under tests/passes/gpu_launch execute edgert's kernels on PoCL and wgpu/lavapipe)."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = _skip_reason(report)
+        if GPU_DEPS_COMMAND in reason:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if not reasons:
+        return
+    total = sum(reasons.values())
+    write = terminalreporter.write_line
+    terminalreporter.write_sep("!", f"{total} GPU KERNEL TESTS SKIPPED: missing packages",
+                               red=True, bold=True)
+    for reason, count in sorted(reasons.items()):
+        write(f"  {count:4d} x {reason}", red=True)
+    write(f"  These tests execute edgert's kernels on OpenCL (PoCL) and WebGPU (lavapipe); "
+          f"install what they need with `{GPU_DEPS_COMMAND}` (as root, or run the sudo "
+          "command it prints).", red=True, bold=True)
+    terminalreporter.write_sep("!", red=True, bold=True)
+
+
+def _skip_reason(report) -> str:
+    """The reason of a skipped test's report (pytest keeps (path, line, "Skipped: why"))."""
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)

@@ -269,7 +269,8 @@ class Decoder(nn.Module):
                 renamed["lm_head_t"] = embed.t().contiguous()
         elif "lm_head.weight" in renamed:
             renamed["lm_head_t"] = renamed.pop("lm_head.weight").t().contiguous()
-        missing, unexpected = self.load_state_dict(renamed, strict=False)
+        # assign: the parameters are the loaded tensors themselves, not a second copy
+        missing, unexpected = self.load_state_dict(renamed, strict=False, assign=True)
         missing = [m for m in missing if m != "inv_freq"]
         unexpected = [u for u in unexpected if not u.endswith("rotary_emb.inv_freq")]
         if missing or unexpected:

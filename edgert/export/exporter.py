@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from edgert.model.sources import REGISTERED_MODELS, load_model
 GRAPH_FILES = {GraphKey.PORTABLE: "model.onnx", GraphKey.ORT_GQA: "model.ort.onnx"}
 DHSA_FILE = "model.dhsa.onnx"
 WEIGHTS_FILE = "model.onnx.data"
+TRACE_DIR = ".trace"  # inside the export's temporary directory: the traced graphs' weights
 TOKENIZER_FILE = "tokenizer.json"
 KV_MEMORY_FRACTION = 0.25  # the cache may take at most this share of available memory
 
@@ -156,45 +158,29 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
 
 def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = ExportOptions(),
                   log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Export an already-loaded model to ``output`` (written atomically)."""
+    """Export an already-loaded model to ``output`` (written atomically). The graphs are
+    traced inside the temporary directory (``TRACE_DIR``, removed before the rename), so a
+    killed export leaves only the temporary directory, which the next write removes."""
     config = loaded.config
     capacity = choose_capacity(config, options.max_context, log)
     heads = resolve_heads(loaded, options)
-    graphs = {}
-    for variant, file in GRAPH_FILES.items():
-        log(f"exporting {file} ({variant} attention)...")
-        graphs[file] = trace_decoder(_build_decoder(loaded, variant))
-    graph_specs = {v: decode_graph_spec(f, v, config) for v, f in GRAPH_FILES.items()}
-    dhsa = options.dhsa
-    if dhsa is not None and config.attn_logit_softcapping:
-        log("note: no DHSA prefill graph: DHSA does not implement attention soft-capping "
-            "(prefill runs dense)")
-        dhsa = None
-    if dhsa is not None and capacity <= dhsa.min_context:
-        log(f"note: no DHSA prefill graph: the KV capacity {capacity} is not above DHSA's "
-            f"min_context {dhsa.min_context}")
-        dhsa = None
-    if dhsa is not None:
-        log(f"exporting {DHSA_FILE} (DHSA prefill, budget {dhsa.budget})...")
-        graphs[DHSA_FILE] = trace_decoder(_build_decoder(loaded, GraphKey.DHSA, dhsa=dhsa))
-        graph_specs[GraphKey.DHSA] = decode_graph_spec(DHSA_FILE, GraphKey.DHSA, config)
-    medusa = tree = None
-    if heads is not None:
-        if not 1 <= options.medusa_topk <= config.vocab_size:
-            raise ConfigError(f"--medusa-topk must be in [1, {config.vocab_size}], got "
-                              f"{options.medusa_topk}")
-        log(f"exporting {MEDUSA_FILE} ({heads.config.num_heads} Medusa heads)...")
-        untied = None if config.tie_word_embeddings else loaded.embedding()
-        graphs[MEDUSA_FILE] = trace_medusa(heads, loaded.lm_head_t(), options.medusa_topk,
-                                           untied)
-        graph_specs[GraphKey.MEDUSA] = medusa_graph_spec(heads, options.medusa_topk)
-        medusa = _medusa_manifest(heads, options.medusa_topk,
-                                  str(options.heads or "registered model's heads"))
-        tree = resolve_export_tree(loaded, heads, options)
-    quantization = _quantize_graphs(graphs, loaded, options.weights, log)
-    eos_ids = _eos_ids(loaded)
+    if heads is not None and not 1 <= options.medusa_topk <= config.vocab_size:
+        raise ConfigError(f"--medusa-topk must be in [1, {config.vocab_size}], got "
+                          f"{options.medusa_topk}")
+    dhsa = _dhsa_for(config, capacity, options.dhsa, log)
     with atomic_directory(output, overwrite=options.overwrite) as tmp:
+        graphs, graph_specs = _trace_graphs(loaded, heads, dhsa, options, tmp / TRACE_DIR, log)
+        medusa = tree = None
+        if heads is not None:
+            medusa = _medusa_manifest(heads, options.medusa_topk,
+                                      str(options.heads or "registered model's heads"))
+            tree = resolve_export_tree(loaded, heads, options)
+        quantization = _quantize_graphs(graphs, loaded, options.weights, log)
+        eos_ids = _eos_ids(loaded)
+        log("writing the weights...")
         written = save_graphs_sharing_weights(graphs, tmp, WEIGHTS_FILE)
+        del graphs
+        shutil.rmtree(tmp / TRACE_DIR)
         (tmp / TOKENIZER_FILE).write_text(loaded.tokenizer.tokenizer_json)
         written.append(TOKENIZER_FILE)
         log("hashing files...")
@@ -228,6 +214,43 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         write_manifest(tmp, manifest.to_dict())
     log(f"wrote {output}")
     return output
+
+
+def _dhsa_for(config: DecoderConfig, capacity: int, dhsa: DHSAParams | None,
+              log: Callable[[str], None]) -> DHSAParams | None:
+    """The DHSA prefill graph's parameters, or None (with the reason in ``log``)."""
+    if dhsa is not None and config.attn_logit_softcapping:
+        log("note: no DHSA prefill graph: DHSA does not implement attention soft-capping "
+            "(prefill runs dense)")
+        return None
+    if dhsa is not None and capacity <= dhsa.min_context:
+        log(f"note: no DHSA prefill graph: the KV capacity {capacity} is not above DHSA's "
+            f"min_context {dhsa.min_context}")
+        return None
+    return dhsa
+
+
+def _trace_graphs(loaded: LoadedModel, heads: MedusaHeads | None, dhsa: DHSAParams | None,
+                  options: ExportOptions, workdir: Path, log: Callable[[str], None]
+                  ) -> tuple[dict, dict]:
+    """Every graph of the artifact (file name -> ONNX model) and its manifest spec, the
+    decode graphs traced one at a time into ``workdir``."""
+    config = loaded.config
+    graphs, graph_specs = {}, {}
+    variants = list(GRAPH_FILES.items()) + ([(GraphKey.DHSA, DHSA_FILE)] if dhsa else [])
+    for variant, file in variants:
+        log(f"exporting {file} ({variant} attention)...")
+        core_options = {"dhsa": dhsa} if variant == GraphKey.DHSA else {}
+        graphs[file] = trace_decoder(_build_decoder(loaded, variant, **core_options),
+                                     workdir / variant)
+        graph_specs[variant] = decode_graph_spec(file, variant, config)
+    if heads is not None:
+        log(f"exporting {MEDUSA_FILE} ({heads.config.num_heads} Medusa heads)...")
+        untied = None if config.tie_word_embeddings else loaded.embedding()
+        graphs[MEDUSA_FILE] = trace_medusa(heads, loaded.lm_head_t(), options.medusa_topk,
+                                           untied)
+        graph_specs[GraphKey.MEDUSA] = medusa_graph_spec(heads, options.medusa_topk)
+    return graphs, graph_specs
 
 
 def _quantize_graphs(graphs: dict, loaded: LoadedModel, options: WeightOptions,

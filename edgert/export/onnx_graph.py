@@ -3,11 +3,17 @@
 ``model.onnx`` (portable, standard ops) and ``model.ort.onnx`` (ONNX Runtime GQA) come from the
 same weights; initializers are renamed after the node that reads them
 (``layers.3.self_attn.q_proj.MatMul.B``) and both graphs point into one ``model.onnx.data``.
+
+Memory stays bounded by about two copies of the fp32 weights, whatever the model's size
+(protobuf cannot hold a message over 2 GiB, and three in-memory graphs of a 1B model would
+not fit a laptop): each graph is traced to a file in a work directory, its weights written
+there by torch, and loaded back as structure only (``TracedGraph``: initializers that point
+into those files). ``save_graphs_sharing_weights`` then streams every large tensor, one at a
+time, into the one shared data file.
 """
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +27,9 @@ from edgert.export.attention import fix_contrib_optional_inputs
 from edgert.export.decoder import Decoder
 
 OPSET = 17
-EXTERNAL_THRESHOLD = 1024
-MAX_INLINE_BYTES = 1 << 30  # protobuf's 2 GiB limit, with margin
+EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
+ALIGNMENT = 4096  # of each tensor's offset in the data file (page-aligned: mmap-friendly)
+COPY_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -100,17 +107,19 @@ def _readable_initializer_names(model: onnx.ModelProto) -> None:
         node.input[:] = [renames.get(name, name) for name in node.input]
 
 
-def trace_decoder(model: Decoder) -> onnx.ModelProto:
-    """Export one decode step of ``model`` (its attention variant) to an in-memory ONNX model."""
+def trace_decoder(model: Decoder, workdir: Path) -> onnx.ModelProto:
+    """Export one decode step of ``model`` (its attention variant) to ``workdir``; returns the
+    graph with its large initializers still in ``workdir``'s files (absolute locations)."""
     names = decoder_io_names(model)
-    buffer = io.BytesIO()
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "graph.onnx"
     model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             example_inputs(model),
-            buffer,
+            str(path),
             input_names=list(names.inputs),
             output_names=list(names.outputs),
             dynamic_axes=_dynamic_axes(model, names),
@@ -119,48 +128,109 @@ def trace_decoder(model: Decoder) -> onnx.ModelProto:
             dynamo=False,
             custom_opsets={"com.microsoft": 1},
         )
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = onnx.load_model(str(path), load_external_data=False)
+    for init in proto.graph.initializer:
+        if external_data_helper.uses_external_data(init):
+            info = external_data_helper.ExternalDataInfo(init)
+            _set_external(init, str((workdir / info.location).resolve()), info.offset or 0,
+                          info.length)
     _readable_initializer_names(proto)
     fix_contrib_optional_inputs(proto.graph)
     proto.producer_name = "edgert"
     return proto
 
 
+def _set_external(init: onnx.TensorProto, location: str, offset: int,
+                  length: int | None) -> None:
+    init.ClearField("raw_data")
+    init.ClearField("float_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    del init.external_data[:]
+    entries = {"location": location, "offset": str(offset)}
+    if length is not None:
+        entries["length"] = str(length)
+    for key, value in entries.items():
+        init.external_data.add(key=key, value=value)
+
+
+def _tensor_bytes(init: onnx.TensorProto) -> int:
+    if external_data_helper.uses_external_data(init):
+        info = external_data_helper.ExternalDataInfo(init)
+        if info.length is not None:
+            return int(info.length)
+        return Path(info.location).stat().st_size - int(info.offset or 0)
+    if init.HasField("raw_data"):
+        return len(init.raw_data)
+    return init.ByteSize()
+
+
+class _SharedDataFile:
+    """Appends tensors to one data file, page-aligned, once per name: a tensor another graph
+    already wrote (same name, dtype and shape) is referenced, not written again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "wb")
+        self.written: dict[str, onnx.TensorProto] = {}  # name -> a reference to it
+
+    def close(self) -> None:
+        self.file.close()
+
+    def place(self, init: onnx.TensorProto, graph: str) -> None:
+        """Point ``init`` into the data file, writing its bytes unless already there."""
+        ref = self.written.get(init.name)
+        if ref is not None:
+            if ref.data_type != init.data_type or list(ref.dims) != list(init.dims):
+                raise EdgertError(f"graph {graph}: initializer {init.name} differs from the one "
+                                  "already saved; the graphs were exported from other weights")
+            init.CopyFrom(ref)
+            return
+        offset = -self.file.tell() % ALIGNMENT + self.file.tell()
+        self.file.seek(offset)
+        length = self._write_bytes(init)
+        _set_external(init, self.path.name, offset, length)
+        self.written[init.name] = onnx.TensorProto()
+        self.written[init.name].CopyFrom(init)
+
+    def _write_bytes(self, init: onnx.TensorProto) -> int:
+        if not external_data_helper.uses_external_data(init):
+            if not init.HasField("raw_data"):  # typed fields (float_data, ...): to raw bytes
+                init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init),
+                                                           init.name))
+            self.file.write(init.raw_data)
+            return len(init.raw_data)
+        info = external_data_helper.ExternalDataInfo(init)
+        length = _tensor_bytes(init)
+        with open(info.location, "rb") as source:
+            source.seek(int(info.offset or 0))
+            left = length
+            while left:
+                chunk = source.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise EdgertError(f"{info.location} ended early while saving {init.name}")
+                self.file.write(chunk)
+                left -= len(chunk)
+        return length
+
+
 def save_graphs_sharing_weights(graphs: dict[str, onnx.ModelProto], directory: Path,
                                 data_name: str) -> list[str]:
     """Save several graphs whose large initializers are the same tensors into one data file.
 
-    The first graph writes ``data_name``; later graphs reference the same offsets, which is
-    checked tensor by tensor (name, dtype, shape); tensors only a later graph has stay inside
-    that graph's file. Returns the file names written.
+    Every initializer of at least ``EXTERNAL_THRESHOLD`` bytes goes to ``data_name``, once
+    per name (graphs that share a weight share its bytes; a later graph's tensor of the same
+    name must have the same dtype and shape); the tensors stream from the traced graphs'
+    work files one at a time. Returns the file names written.
     """
-    first_name, first = next(iter(graphs.items()))
-    onnx.save_model(first, str(directory / first_name), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=data_name,
-                    size_threshold=EXTERNAL_THRESHOLD)
-    saved = onnx.load_model(str(directory / first_name), load_external_data=False)
-    external = {init.name: init for init in saved.graph.initializer
-                if external_data_helper.uses_external_data(init)}
-    written = [first_name, data_name]
-    for name, graph in list(graphs.items())[1:]:
-        inline_bytes = 0
-        for init in graph.graph.initializer:
-            ref = external.get(init.name)
-            if ref is None:  # a tensor of this graph only (e.g. Medusa head blocks): inline
-                inline_bytes += init.ByteSize()
-                continue
-            if ref.data_type != init.data_type or list(ref.dims) != list(init.dims):
-                raise EdgertError(f"graph {name}: initializer {init.name} differs from "
-                                  f"{first_name}'s; the graphs were exported from other weights")
-            init.ClearField("raw_data")
-            init.ClearField("float_data")
-            init.data_location = onnx.TensorProto.EXTERNAL
-            del init.external_data[:]
-            init.external_data.extend(ref.external_data)
-        if inline_bytes > MAX_INLINE_BYTES:
-            raise EdgertError(f"graph {name} carries {inline_bytes / 2**20:.0f} MiB of weights "
-                              f"of its own (limit {MAX_INLINE_BYTES / 2**20:.0f} MiB); use heads "
-                              "with a shared projection")
-        onnx.save_model(graph, str(directory / name))
-        written.append(name)
+    data = _SharedDataFile(directory / data_name)
+    written = [data_name]
+    try:
+        for name, graph in graphs.items():
+            for init in graph.graph.initializer:
+                if _tensor_bytes(init) >= EXTERNAL_THRESHOLD:
+                    data.place(init, name)
+            onnx.save_model(graph, str(directory / name))
+            written.append(name)
+    finally:
+        data.close()
     return written

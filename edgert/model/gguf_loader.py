@@ -151,9 +151,50 @@ def _weights_from_gguf(reader, config: DecoderConfig, arch: Architecture) -> tup
     return state, blocks, types
 
 
+# llama.cpp's ``tokenizer.ggml.pre`` names -> the split regex of that byte-level BPE (the
+# same pattern the model's own tokenizer.json applies before its byte-level mapping);
+# GPT2_SPLIT: ByteLevel's built-in GPT-2 pattern
+GPT2_SPLIT = None
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[str, tuple[str | None, bool]] = {
+    # name: (split regex, digits split one by one first)
+    "default": (GPT2_SPLIT, False),
+    "gpt-2": (GPT2_SPLIT, False),
+    "smollm": (GPT2_SPLIT, True),
+    "starcoder": (GPT2_SPLIT, True),
+    "llama-bpe": (LLAMA3_SPLIT, False),
+    "llama3": (LLAMA3_SPLIT, False),
+    "qwen2": (QWEN2_SPLIT, False),
+}
+
+
+def _pre_tokenizer(name: str | None):
+    from tokenizers import Regex, pre_tokenizers
+
+    key = name or "default"
+    if key not in PRE_TOKENIZERS:
+        raise ModelSourceError(
+            f"GGUF pre-tokenizer '{key}' is not supported (known: "
+            f"{', '.join(sorted(PRE_TOKENIZERS))}); export from the model's Hugging Face "
+            "directory, whose tokenizer.json says how it splits text")
+    split, digits = PRE_TOKENIZERS[key]
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    return pre_tokenizers.Sequence(steps)
+
+
 def tokenizer_from_gguf(reader) -> TokenizerBundle:
-    """Build a `tokenizers` byte-level BPE from the GGUF vocabulary and merges."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    """Build a `tokenizers` byte-level BPE from the GGUF vocabulary, merges and pre-tokenizer
+    name."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     model_kind = _field(reader, "tokenizer.ggml.model")
     if model_kind != "gpt2":
@@ -165,11 +206,7 @@ def tokenizer_from_gguf(reader) -> TokenizerBundle:
     merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if _field(reader, "tokenizer.ggml.pre") in ("smollm", "starcoder"):
-        # SmolLM's tokenizer splits every digit on its own before the GPT-2 regex
-        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    tokenizer.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre"))
     tokenizer.decoder = decoders.ByteLevel()
     specials = [AddedToken(tok, special=True, normalized=False)
                 for tok, kind in zip(tokens, types) if kind == _CONTROL_TOKEN]

@@ -135,7 +135,10 @@ def test_unknown_manifest_field(artifact_copy):
         edgert.load(artifact_copy)
 
 
-def test_corrupt_graph_without_verification(artifact_copy):
+def test_corrupt_graph_without_verification(artifact_copy, monkeypatch):
+    # no session cache: an earlier load of the same (hash-named) graph would be served from
+    # it, never reading the damaged file
+    monkeypatch.setenv("EDGERT_ORT_CACHE", "0")
     (artifact_copy / "model.ort.onnx").write_bytes(b"garbage")
     with pytest.raises(ArtifactError, match="re-export"):
         edgert.load(artifact_copy, verify=False)

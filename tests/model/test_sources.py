@@ -159,3 +159,61 @@ def test_not_a_gguf(tmp_path):
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(ModelSourceError, match="not a readable GGUF"):
         load_model(str(bad))
+
+
+# differs from the GPT-2 split with the tiny vocabulary (newline runs before indentation)
+PRE_TOKENIZER_TEXT = "IT'S 1999!\n\n\n    def f():\n  x = 10 + 200, isn't it?"
+
+
+def _gguf_with_tokenizer(path, hf_tokenizer, pre: str):
+    import gguf
+
+    tok = json.loads(hf_tokenizer.to_str())
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["content"] for t in tok["added_tokens"]}
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m
+                             for m in tok["model"]["merges"]])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return gguf.GGUFReader(str(path))
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_gguf_pre_tokenizer_splits_like_the_models_own(pre, tmp_path):
+    """A GGUF's ``tokenizer.ggml.pre`` picks the split regex the model's tokenizer.json uses
+    (Qwen2: digits one by one; Llama 3: up to three digits); built the way those
+    tokenizer.json files are (Split, then ByteLevel without its own regex), the same BPE
+    encodes text identically from both."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    from edgert.model.gguf_loader import LLAMA3_SPLIT, QWEN2_SPLIT, tokenizer_from_gguf
+    from tests.tiny_model import build_tokenizer
+
+    split = {"qwen2": QWEN2_SPLIT, "llama-bpe": LLAMA3_SPLIT}[pre]
+    hf = build_tokenizer()
+    gpt2_ids = hf.encode(PRE_TOKENIZER_TEXT).ids
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    reader = _gguf_with_tokenizer(tmp_path / "tok.gguf", hf, pre)
+    ours = Tokenizer.from_str(tokenizer_from_gguf(reader).tokenizer_json)
+    expected = hf.encode(PRE_TOKENIZER_TEXT).ids
+    assert ours.encode(PRE_TOKENIZER_TEXT).ids == expected
+    assert expected != gpt2_ids  # the split matters on this text
+    assert ours.decode(expected) == PRE_TOKENIZER_TEXT
+
+
+def test_unknown_gguf_pre_tokenizer_refused(tmp_path):
+    from edgert.model.gguf_loader import tokenizer_from_gguf
+    from tests.tiny_model import build_tokenizer
+
+    reader = _gguf_with_tokenizer(tmp_path / "tok.gguf", build_tokenizer(), "mystery-bpe")
+    with pytest.raises(ModelSourceError, match="pre-tokenizer 'mystery-bpe'.*Hugging Face"):
+        tokenizer_from_gguf(reader)

@@ -16,6 +16,7 @@ import functools
 import operator
 
 MASKED = -1e30  # online-softmax start and the score of a masked key: finite, so no inf - inf
+NEGATIVE_INFINITY_BITS = 0xFF800000  # float32 -inf
 GPU_LANES = 64  # threads per GPU block of a flat stage (the DHSA kernels)
 DOT_LANES = 8  # partial sums of a q.k dot product (when head_dim is a multiple)
 
@@ -113,6 +114,24 @@ def flat_axes(item, *extents):
         axes.append(T.axis.spatial(extent, value % extent if i else value))
     T.where(item < functools.reduce(operator.mul, extents))
     return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def negative_infinity():
+    """float32 -inf as a PrimExpr every target prints validly (call while parsing).
+
+    TVM prints a float -inf constant as ``-inff`` in WGSL, which has no infinity literal (naga
+    rejects the shader); a reinterpret of its bits prints as ``bitcast<f32>(4286578688u)``
+    (OpenCL/CUDA: a pointer cast, Metal: ``as_type<float>``, llvm: a constant), the same value
+    everywhere.
+
+    Returns
+    -------
+    PrimExpr
+        ``T.reinterpret("float32", T.uint32(0xFF800000))``.
+    """
+    from tvm.script import tirx as T
+
+    return T.reinterpret("float32", T.uint32(NEGATIVE_INFINITY_BITS))
 
 
 def index_type(index_dtype: str):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgert.passes.tir.common import loop_mapping
+from edgert.passes.tir.common import loop_mapping, negative_infinity
 
 GPU_LANES = 256  # WebGPU's default maximum threads per workgroup
 NO_INDEX = np.iinfo(np.int32).max  # the index of an empty slot: any element beats it
@@ -40,26 +40,27 @@ def topk_tir(k: int, gpu: bool = False, index_dtype: str = "int64", lanes: int |
     rows_loop, lane_loop = loop_mapping(gpu)
     scratch = "shared" if gpu else ""
 
-    def beats(val, idx, best, where, i):
-        return T.Or(val > best[i], T.And(val == best[i], idx < where[i]))
+    # the lists' names are WGSL identifiers too: not `where`, a reserved word in WGSL
+    def beats(val, idx, best, best_at, i):
+        return T.Or(val > best[i], T.And(val == best[i], idx < best_at[i]))
 
     @T.macro
-    def insert(best, where, val, idx):
+    def insert(best, best_at, val, idx):
         for s in range(k):
             i = k - 1 - s
-            if T.And(i > 0, beats(val, idx, best, where, T.max(i - 1, 0))):
+            if T.And(i > 0, beats(val, idx, best, best_at, T.max(i - 1, 0))):
                 best[i] = best[T.max(i - 1, 0)]
-                where[i] = where[T.max(i - 1, 0)]
+                best_at[i] = best_at[T.max(i - 1, 0)]
             else:
-                if beats(val, idx, best, where, i):
+                if beats(val, idx, best, best_at, i):
                     best[i] = val
-                    where[i] = idx
+                    best_at[i] = idx
 
     @T.macro
-    def clear(best, where):
+    def clear(best, best_at):
         for s in range(k):
-            best[s] = T.float32(-np.inf)
-            where[s] = NO_INDEX
+            best[s] = negative_infinity()
+            best_at[s] = NO_INDEX
 
     @T.prim_func(private=True, s_tir=True)
     def topk(var_x: T.handle, var_values: T.handle, var_indices: T.handle):
@@ -77,29 +78,29 @@ def topk_tir(k: int, gpu: bool = False, index_dtype: str = "int64", lanes: int |
                 cand_val = T.alloc_buffer((lanes, k), "float32", scope=scratch or "global")
                 cand_idx = T.alloc_buffer((lanes, k), "int32", scope=scratch or "global")
                 best = T.alloc_buffer((k,), "float32", scope="local")
-                where = T.alloc_buffer((k,), "int32", scope="local")
+                best_at = T.alloc_buffer((k,), "int32", scope="local")
                 # a candidate read into registers first (a shared-memory load may not sit in
                 # an if condition: TVM's barrier insertion cannot place it)
                 cand = T.alloc_buffer((1,), "float32", scope="local")
                 cand_at = T.alloc_buffer((1,), "int32", scope="local")
                 for lane in lane_loop(lanes):
-                    clear(best, where)
+                    clear(best, best_at)
                     for j in range(T.ceildiv(v, lanes)):
                         if j * lanes + lane < v:
-                            insert(best, where, x[vr, j * lanes + lane],
+                            insert(best, best_at, x[vr, j * lanes + lane],
                                    T.Cast("int32", j * lanes + lane))
                     for s in range(k):
                         cand_val[lane, s] = best[s]
-                        cand_idx[lane, s] = where[s]
+                        cand_idx[lane, s] = best_at[s]
                 for lane in lane_loop(lanes):
                     if lane == 0:
-                        clear(best, where)
+                        clear(best, best_at)
                         for o, s in T.grid(lanes, k):
                             cand[0] = cand_val[o, s]
                             cand_at[0] = cand_idx[o, s]
-                            insert(best, where, cand[0], cand_at[0])
+                            insert(best, best_at, cand[0], cand_at[0])
                         for s in range(k):
                             values[vr, s] = best[s]
-                            indices[vr, s] = T.Cast(index_dtype, where[s])
+                            indices[vr, s] = T.Cast(index_dtype, best_at[s])
 
     return topk.with_attr("global_symbol", "edgert_topk")
