@@ -262,7 +262,9 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--parallel", type=int, default=1, show_default=True,
-              help="Sequence slots (only 1 for now: requests take turns).")
+              help="Sequence slots: 1 decodes one request at a time with speculative "
+                   "decoding; N > 1 decodes up to N requests together (batched, ort "
+                   "backend), in the same fixed KV cache.")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'.")
 @click.option("--max-queue", type=int, default=16, show_default=True,
               help="Requests waiting for a slot before the server answers 429.")

@@ -31,6 +31,11 @@ class GraphKey(StrEnum):
     MEDUSA = "medusa"  # medusa.onnx: the Medusa heads' top-k
 
 
+# the last axis of the ORT graph's ``tree_mask`` when it also takes a bias over the cached
+# entries (several sequences sharing one cache); older graphs name it "q" (new tokens only)
+WHOLE_BIAS_AXIS = "mask_len"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One graph input or output: name, symbolic shape, dtype and what it means."""

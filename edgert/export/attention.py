@@ -127,12 +127,16 @@ class GQACore(AttentionCore):
 
 
 class _TreeBias(torch.autograd.Function):
-    """[1,1,q,T] additive bias: zeros over the T-q cached columns, then the tree mask."""
+    """[1,1,q,T] additive bias: zeros over the first T-w columns, then the [1,1,q,w] mask.
+
+    w = q: the tree mask over the new tokens (every cached entry visible); w = T: a whole
+    bias, cached entries included (several sequences sharing the cache: each row sees only
+    its own sequence's entries)."""
 
     @staticmethod
     def forward(ctx, tree_mask, total_len):
-        q_len = tree_mask.shape[2]
-        past = torch.zeros((1, 1, q_len, int(total_len) - q_len), dtype=tree_mask.dtype)
+        q_len, width = tree_mask.shape[2], tree_mask.shape[3]
+        past = torch.zeros((1, 1, q_len, int(total_len) - width), dtype=tree_mask.dtype)
         return torch.cat([past, tree_mask], dim=3)
 
     @staticmethod
@@ -140,11 +144,14 @@ class _TreeBias(torch.autograd.Function):
         def const(values):
             return g.op("Constant", value_t=torch.tensor(values, dtype=torch.int64))
 
-        q_len = g.op("Slice", g.op("Shape", tree_mask), const([2]), const([3]))
+        shape = g.op("Shape", tree_mask)
+        q_len = g.op("Slice", shape, const([2]), const([3]))
+        width = g.op("Slice", shape, const([3]), const([4]))
         total = g.op("Reshape", g.op("Cast", total_len, to_i=7), const([1]))  # int64 [1]
-        past = g.op("Sub", total, q_len)
-        shape = g.op("Concat", const([1, 1]), q_len, past, axis_i=0)
-        zeros = g.op("ConstantOfShape", shape, value_t=torch.tensor([0.0], dtype=torch.float32))
+        past = g.op("Sub", total, width)
+        zeros_shape = g.op("Concat", const([1, 1]), q_len, past, axis_i=0)
+        zeros = g.op("ConstantOfShape", zeros_shape,
+                     value_t=torch.tensor([0.0], dtype=torch.float32))
         return g.op("Concat", zeros, tree_mask, axis_i=3)
 
 

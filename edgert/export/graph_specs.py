@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgert.artifact.manifest import GraphSpec, TensorSpec
+from edgert.artifact.manifest import WHOLE_BIAS_AXIS, GraphSpec, TensorSpec
 from edgert.export.attention import ATTENTION_VARIANTS
 from edgert.model.config import DecoderConfig
 
@@ -33,6 +33,11 @@ def decode_graph_spec(file: str, variant_name: str, config: DecoderConfig) -> Gr
     if variant.prefill_only:
         return _prefill_graph_spec(file, variant_name, config, inputs)
     if variant.shared_cache:
+        inputs[2] = TensorSpec(
+            "tree_mask", [1, 1, "q", WHOLE_BIAS_AXIS], "float32",
+            "additive mask, 0 where a new token may attend and -1e9 elsewhere: [q, q] over the "
+            "new tokens (causal for prefill, ancestors for a tree; every cached entry visible), "
+            "or [q, prefix + q] over the cached entries too (sequences sharing the cache)")
         inputs += [
             TensorSpec("seqlens_k", [1], "int32", "prefix length + q - 1"),
             TensorSpec("total_sequence_length", [], "int32", "prefix length + q"),

@@ -22,6 +22,7 @@ import onnx
 import torch
 from onnx import external_data_helper
 
+from edgert.artifact.manifest import WHOLE_BIAS_AXIS
 from edgert.errors import EdgertError
 from edgert.export.attention import fix_contrib_optional_inputs
 from edgert.export.decoder import Decoder
@@ -70,7 +71,8 @@ def _dynamic_axes(model: Decoder, names: GraphIO) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {
         "input_ids": {1: "q"},
         "position_ids": {1: "q"},
-        "tree_mask": {2: "q", 3: "q"},
+        # ORT graph: the last axis is q (a tree mask) or T (a whole bias: shared cache)
+        "tree_mask": {2: "q", 3: WHOLE_BIAS_AXIS if model.attention.shared_cache else "q"},
         "logits_index": {0: "n"},
         "logits": {1: "n"},
         "hidden": {1: "n"},

@@ -119,6 +119,16 @@ class KVCache(KVCacheBase):
         """past_key_0, past_value_0, past_key_1, ... in graph order."""
         return [buf for i in range(self.spec.num_layers) for buf in (self.keys[i], self.values[i])]
 
+    def compact(self, keep: np.ndarray) -> None:
+        """Keep the entries at ``keep`` (ascending indices below ``length``), moved to
+        ``[0, len(keep))``; the rest are dropped (parallel slots: finished sequences')."""
+        keep = np.ascontiguousarray(keep, dtype=np.int64)
+        if len(keep) and (keep[0] < 0 or keep[-1] >= self.length or np.any(np.diff(keep) <= 0)):
+            raise ValueError(f"compact needs ascending indices below {self.length}")
+        if not np.array_equal(keep, np.arange(len(keep))):
+            self._storage[:, :, :, :, :len(keep)] = self._storage[:, :, :, :, keep]
+        self.length = len(keep)
+
     def _move(self, offsets: np.ndarray) -> None:
         # [L,2,1,Hkv,n,D] gather of only the accepted entries
         src = self.length + offsets

@@ -1,9 +1,12 @@
 """The OpenAI-compatible server: Starlette routes over one Engine (see docs/serve.md).
 
-Generation runs in a worker thread per request (the Engine is synchronous); streamed pieces
-reach the response through an asyncio queue. Requests beyond the engine's slot wait, up to
-``max_queue`` of them; more get 429. A client that disconnects sets its request's cancel flag:
-the worker closes the engine's generator, which frees the slot at once.
+With one slot (``parallel=1``) each request runs in a worker thread of its own over the
+Engine's speculative decoding loop; with ``parallel`` > 1 the requests join one
+:class:`edgert.runtime.batch.BatchWorker`, which decodes up to ``parallel`` sequences
+together, one forward per step over the shared cache. Either way streamed pieces reach the
+response through an asyncio queue. Requests beyond the slots wait, up to ``max_queue`` of
+them; more get 429. A client that disconnects closes its generation, which frees its slot at
+once.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from edgert.errors import EdgertError
+from edgert.runtime.batch import BatchSequence, BatchWorker, supports_batching
+from edgert.runtime.sampling import SamplingParams
+from edgert.runtime.tokenizer import StreamDecoder
 from edgert.serve.api_requests import APIError, GenerationRequest, parse_chat, parse_completion
 from edgert.serve.stop import StopMatcher
 
@@ -70,6 +76,7 @@ class Service:
     def __init__(self, load: Callable[[], Any], options: ServeOptions) -> None:
         self.options = options
         self.engine = None
+        self.worker: BatchWorker | None = None  # parallel > 1: the batched decode loop
         self.load_error: str | None = None
         self.metrics = Metrics()
         self.in_flight = 0  # generating + waiting
@@ -78,7 +85,13 @@ class Service:
 
     def _load(self, load: Callable[[], Any]) -> None:
         try:
-            self.engine = load()
+            engine = load()
+            if self.options.parallel > 1:
+                reason = supports_batching(engine)
+                if reason is not None:
+                    raise EdgertError(f"--parallel {self.options.parallel}: {reason}")
+                self.worker = BatchWorker(engine, self.options.parallel)
+            self.engine = engine
         except EdgertError as exc:
             self.load_error = str(exc)
             log.error("loading failed: %s", exc)
@@ -114,14 +127,21 @@ class Service:
             self.in_flight -= 1
 
     @property
+    def busy(self) -> int:
+        if self.worker is not None:
+            return self.worker.busy
+        return int(self.engine.slot.busy) if self.engine is not None else 0
+
+    @property
     def waiting(self) -> int:
-        busy = int(self.engine.slot.busy) if self.engine is not None else 0
-        return max(0, self.in_flight - busy)
+        return max(0, self.in_flight - self.busy)
 
 
 class Generation:
-    """One request's worker thread: engine.stream -> stop sequences -> an asyncio queue of
-    ("text", piece) items, then ("end", finish_reason) or ("error", APIError)."""
+    """One request's generation: tokens -> text pieces -> stop sequences -> an asyncio queue
+    of ("text", piece) items, then ("end", finish_reason) or ("error", APIError). Runs on a
+    thread of its own over ``Engine.stream`` (one slot), or as a sequence of the service's
+    batch worker (parallel slots)."""
 
     def __init__(self, service: Service, req: GenerationRequest, max_tokens: int,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -129,7 +149,17 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
         self.stats: dict[str, Any] = {}
-        threading.Thread(target=self._run, daemon=True).start()
+        self._sequence: BatchSequence | None = None
+        if service.worker is not None:
+            self._submit()
+        else:
+            threading.Thread(target=self._run, daemon=True).start()
+
+    def close(self) -> None:
+        """The response is over (sent, or the client left): stop generating for it."""
+        self.cancel.set()
+        if self._sequence is not None and not self._sequence.done:
+            self.service.worker.cancel(self._sequence)
 
     def _put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -164,6 +194,42 @@ class Generation:
             pieces.close()  # frees the engine's slot now, also on a stop or a disconnect
         self._put(("end", finish))
 
+    def _submit(self) -> None:
+        """Join the batch worker: its thread calls back per token and at the end."""
+        engine, req = self.service.engine, self.req
+        stop, detok = StopMatcher(req.stop), StreamDecoder(engine.tokenizer)
+        started = time.perf_counter()
+
+        def on_token(token: int) -> None:
+            self.stats["new_tokens"] = len(seq.output)
+            if stop.stopped:
+                return
+            out = stop.push(detok.push(token))
+            if out:
+                self._put(("text", out))
+            if stop.stopped:
+                self.service.worker.cancel(seq)
+
+        def on_end(reason: str) -> None:
+            if reason.startswith("error"):
+                self._put(("error", APIError(500, f"generation failed ({reason})",
+                                             kind="server_error")))
+                return
+            if not stop.stopped:
+                out = stop.push(detok.flush())
+                tail = out + ("" if stop.stopped else stop.flush())
+                if tail:
+                    self._put(("text", tail))
+            elapsed = time.perf_counter() - started
+            self.stats["decode_tokens_per_s"] = len(seq.output) / elapsed if elapsed else 0.0
+            self._put(("end", "stop" if stop.stopped else reason))
+
+        params = SamplingParams(req.temperature, req.top_p, 0, req.seed)
+        seq = BatchSequence(engine.encode(req.prompt, req.chat), self.max_tokens, params,
+                            on_token=on_token, on_end=on_end)
+        self._sequence = seq
+        self.service.worker.submit(seq)
+
 
 def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
@@ -189,8 +255,7 @@ def build_app(service: Service) -> Starlette:
              "owned_by": "edgert"}]})
 
     async def metrics(request: Request) -> Response:
-        busy = int(service.engine.slot.busy) if service.engine is not None else 0
-        return PlainTextResponse(service.metrics.text(service.waiting, busy,
+        return PlainTextResponse(service.metrics.text(service.waiting, service.busy,
                                                       service.options.parallel))
 
     async def chat(request: Request) -> Response:
@@ -247,7 +312,7 @@ def build_app(service: Service) -> Starlette:
                 else:
                     return JSONResponse(shape.whole("".join(text), value, finish(value)))
         finally:
-            gen.cancel.set()
+            gen.close()
             service.release()
 
     async def _sse(request: Request, gen: Generation, shape, req: GenerationRequest, finish):
@@ -273,7 +338,7 @@ def build_app(service: Service) -> Starlette:
                     yield "data: [DONE]\n\n"
                     return
         finally:
-            gen.cancel.set()
+            gen.close()
             service.release()
 
     async def not_found(request: Request) -> Response:

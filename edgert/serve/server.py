@@ -14,9 +14,8 @@ def make_service(artifact: Path, parallel: int = 1, api_key: str | None = None,
     until it is ready)."""
     from edgert.runtime.engine import load
 
-    if parallel != 1:
-        raise ConfigError(f"--parallel {parallel}: this edgert runs one sequence at a time "
-                          "(requests take turns in the queue); use --parallel 1")
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"--parallel must be a positive integer, got {parallel!r}")
     if max_queue < 0:
         raise ConfigError(f"--max-queue must be >= 0, got {max_queue}")
     artifact = Path(artifact)

@@ -46,9 +46,11 @@ def wait_ready(url: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def url(tiny_artifact):
-    with running(make_service(tiny_artifact, max_queue=8)) as base:
+@pytest.fixture(scope="module", params=[1, 4], ids=["one-slot", "four-slots"])
+def url(tiny_artifact, request):
+    """The server with one slot (speculative decoding, requests in turn) and with four
+    (batched decoding): every test below holds for both."""
+    with running(make_service(tiny_artifact, max_queue=8, parallel=request.param)) as base:
         wait_ready(base)
         yield base
 
@@ -230,6 +232,56 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slot(tiny_artifact):
             assert reply.status_code == 429 and time.time() < deadline
             time.sleep(0.1)
         assert "edgert_slots_busy 0" in httpx.get(f"{base}/metrics").text
+
+
+def test_parallel_slots_full_is_429_and_a_disconnect_frees_a_slot(tiny_artifact):
+    """Two slots, no queue: two open streams fill them, a third request is 429; when one
+    client leaves, its slot frees at once (steps slowed to 200 ms so nothing ends by itself)."""
+    service = Service(lambda: edgert.load(tiny_artifact),
+                      ServeOptions(model="t", max_queue=0, parallel=2))
+    with running(service) as base:
+        wait_ready(base)
+        step = service.worker.decoder.step
+
+        def slow_step():
+            time.sleep(0.2)
+            return step()
+
+        service.worker.decoder.step = slow_step
+        first = _open_stream(base, max_tokens=300)  # two fit the 768-token cache together
+        second = _open_stream(base, max_tokens=300)
+        busy = httpx.post(f"{base}/v1/chat/completions",
+                          json={"messages": MESSAGES, "max_tokens": 4})
+        assert busy.status_code == 429
+        deadline = time.time() + 3  # the second joins at the worker's next step
+        while "edgert_slots_busy 2" not in httpx.get(f"{base}/metrics").text:
+            assert time.time() < deadline, "the second stream never got a slot"
+            time.sleep(0.05)
+        client, response, _ = first
+        response.close()
+        client.close()
+        deadline = time.time() + 3
+        while True:
+            reply = httpx.post(f"{base}/v1/chat/completions",
+                               json={"messages": MESSAGES, "max_tokens": 2, "temperature": 0})
+            if reply.status_code == 200:
+                break
+            assert reply.status_code == 429 and time.time() < deadline
+            time.sleep(0.1)
+        second[1].close()
+        second[0].close()
+
+
+def test_parallel_needs_a_batching_backend(tiny_artifact):
+    service = Service(lambda: edgert.load(tiny_artifact, backend="ort"),
+                      ServeOptions(model="t", parallel=2))
+    deadline = time.time() + 30
+    while service.engine is None and service.load_error is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert service.worker is not None and service.load_error is None
+    with pytest.raises(edgert.EdgertError, match="positive integer"):
+        make_service(tiny_artifact, parallel=0)
 
 
 def test_interleaved_streams_in_one_thread_are_refused(tiny_engine):

@@ -1,0 +1,324 @@
+"""Parallel sequence slots: several sequences decoding together over the one fixed KV cache.
+
+Decoding is memory-bandwidth bound: a forward of four rows reads the weights once, as a
+forward of one row does, so S sequences advance together at little more than the cost of
+one: each step is one forward holding one row per decoding sequence, plus chunks of the
+prompts still being read (chunked prefill: a new request joins without stalling the others).
+
+The sequences share the cache as one timeline. Every forward appends its rows at
+``[length, length + q)``; a sequence owns the entries of its own tokens, and a whole-cache
+bias (the ORT graph's ``tree_mask`` given as ``[q, length + q]``) lets each row attend only
+to those and to its own earlier rows. A finished or cancelled sequence leaves holes; when the
+next step does not fit, the live entries move to the front (one gather per buffer). Admission
+reserves each sequence's prompt + ``max_new_tokens``, so a compaction always makes room.
+Memory stays what the artifact allocated at load: no per-slot cache.
+
+:class:`BatchDecoder` is the synchronous core (``step()`` runs one forward);
+:class:`BatchWorker` runs it on a thread for a server, with callbacks per token.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgert.artifact.manifest import WHOLE_BIAS_AXIS, GraphKey
+from edgert.errors import CapacityError, GenerationError
+from edgert.runtime.backends import StepInputs
+from edgert.runtime.kv_cache import KVCache
+from edgert.runtime.sampling import SamplingParams, select_token
+from edgert.runtime.steps import MASK_VALUE
+
+DEFAULT_PREFILL_BUDGET = 256  # prompt tokens per step, over all joining sequences
+
+
+@dataclass(eq=False)
+class BatchSequence:
+    """One request in the batch: its prompt, limits and sampling, and its progress.
+
+    ``on_token(token)`` and ``on_end(finish_reason)`` are called from the thread that runs
+    :meth:`BatchDecoder.step` (finish reasons: "stop" at EOS, "length", "cancelled")."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    ignore_eos: bool = False
+    on_token: Callable[[int], None] = lambda token: None
+    on_end: Callable[[str], None] = lambda reason: None
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    entries: list[int] = field(default_factory=list)  # cache indices of its fed tokens
+    fed: int = 0  # prompt tokens already in the cache
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise GenerationError("the prompt encodes to no tokens; pass some text")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got "
+                                  f"{self.max_new_tokens!r}")
+        self.rng = np.random.default_rng(self.params.seed)
+
+    @property
+    def reserved(self) -> int:
+        """Cache entries this sequence may come to hold."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_rows(self, budget: int) -> tuple[list[int], int, bool]:
+        """(tokens to feed, position of the first, whether the last row's logits pick the
+        next token) for the next step; ``budget``: prompt tokens this step may still take."""
+        if self.fed < len(self.prompt_ids):
+            take = min(len(self.prompt_ids) - self.fed, budget)
+            tokens = self.prompt_ids[self.fed:self.fed + take]
+            return tokens, self.fed, self.fed + take == len(self.prompt_ids)
+        position = len(self.prompt_ids) + len(self.output) - 1
+        return [self.output[-1]], position, True
+
+
+@dataclass
+class _Rows:
+    """The rows one sequence contributes to a step."""
+
+    seq: BatchSequence
+    start: int  # first row in the step
+    tokens: list[int]
+    position: int  # of its first token in the sequence
+    samples: bool  # its last row's logits choose its next token
+
+
+def supports_batching(engine) -> str | None:
+    """None when ``engine`` can run parallel slots, else why not (one line, with the fix)."""
+    if engine.backend_name != "ort" or not isinstance(engine.cache, KVCache):
+        return ("parallel slots run on the ONNX Runtime backend with the cache in host memory "
+                f"(this engine: {engine.backend_name} on {engine.device})")
+    graph = engine.manifest.graphs.get(GraphKey.ORT_GQA)
+    mask = next((t for t in graph.inputs if t.name == "tree_mask"), None) if graph else None
+    if mask is None or mask.shape[-1] != WHOLE_BIAS_AXIS:
+        return ("this artifact's ONNX Runtime graph takes no whole-cache attention bias "
+                "(exported by an older edgert); re-export it for parallel slots")
+    return None
+
+
+class BatchDecoder:
+    """Up to ``slots`` sequences decoded together; :meth:`step` runs one forward."""
+
+    def __init__(self, engine, slots: int,
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET) -> None:
+        reason = supports_batching(engine)
+        if reason is not None:
+            raise GenerationError(reason)
+        if slots < 1 or prefill_budget < 1:
+            raise GenerationError(f"slots and prefill_budget must be >= 1, got {slots}, "
+                                  f"{prefill_budget}")
+        self.engine, self.slots, self.prefill_budget = engine, slots, prefill_budget
+        self.backend, self.cache = engine.backend, engine.cache
+        self.active: list[BatchSequence] = []
+        self.compactions = 0
+
+    @property
+    def reserved(self) -> int:
+        return sum(seq.reserved for seq in self.active)
+
+    def check(self, seq: BatchSequence) -> None:
+        """Refuse a sequence that could never fit, whatever else runs."""
+        if seq.reserved > self.cache.capacity:
+            raise CapacityError(
+                f"prompt ({len(seq.prompt_ids)} tokens) + max_new_tokens "
+                f"({seq.max_new_tokens}) = {seq.reserved} exceeds the KV capacity "
+                f"{self.cache.capacity}; lower max_new_tokens or shorten the prompt")
+
+    def can_admit(self, seq: BatchSequence) -> bool:
+        return (len(self.active) < self.slots
+                and self.reserved + seq.reserved <= self.cache.capacity)
+
+    def admit(self, seq: BatchSequence) -> None:
+        self.check(seq)
+        if not self.can_admit(seq):
+            raise GenerationError("no free slot or cache room for this sequence; wait for one "
+                                  "to finish (can_admit)")
+        if not self.active:
+            self.cache.reset()  # nothing live: start the timeline over
+        self.active.append(seq)
+
+    def cancel(self, seq: BatchSequence) -> None:
+        """Drop ``seq`` (its entries become holes); ``on_end("cancelled")`` if still running."""
+        if seq in self.active:
+            self.active.remove(seq)
+            if not seq.done:
+                seq.finish_reason = "cancelled"
+                seq.on_end("cancelled")
+
+    def step(self) -> list[tuple[BatchSequence, int]]:
+        """One forward over every active sequence's next rows; returns the tokens it chose
+        (sequence, token), after calling their callbacks. Finished sequences leave."""
+        plan = self._plan()
+        if not plan:
+            return []
+        q = sum(len(rows.tokens) for rows in plan)
+        # int8-activation artifacts: a lone row runs as two (see steps.decode_one), so a
+        # sequence decoding alone gets the tokens Engine.generate gets
+        pad = q == 1 and self.engine.decode_rows == 2
+        if self.cache.length + q + pad > self.cache.capacity:
+            self._compact()
+        pad = pad and self.cache.length + 2 <= self.cache.capacity
+        past = self.cache.length
+        inputs, rows_out = self._inputs(plan, q, past, pad)
+        out = self.backend.forward(inputs)
+        self.cache.advance(q)
+        for rows in plan:
+            rows.seq.entries.extend(range(past + rows.start, past + rows.start + len(rows.tokens)))
+            if rows.seq.fed < len(rows.seq.prompt_ids):
+                rows.seq.fed += len(rows.tokens)
+        chosen = []
+        for rows, logits in zip(rows_out, out.logits):
+            token = select_token(logits, rows.seq.params, rows.seq.rng)
+            chosen.append((rows.seq, token))
+            self._emit(rows.seq, token)
+        self.active = [seq for seq in self.active if not seq.done]
+        return chosen
+
+    def _plan(self) -> list[_Rows]:
+        plan, start, budget = [], 0, self.prefill_budget
+        for seq in self.active:
+            tokens, position, samples = seq.next_rows(budget)
+            if not tokens:
+                continue  # a prompt waiting for prefill budget
+            if seq.fed < len(seq.prompt_ids):
+                budget -= len(tokens)
+            plan.append(_Rows(seq, start, tokens, position, samples))
+            start += len(tokens)
+        return plan
+
+    def _inputs(self, plan: list[_Rows], q: int, past: int, pad: bool
+                ) -> tuple[StepInputs, list[_Rows]]:
+        """The step's inputs; ``pad`` adds an uncommitted copy of a lone row."""
+        width = q + pad
+        ids = np.empty(width, dtype=np.int64)
+        positions = np.empty(width, dtype=np.int64)
+        bias = np.full((width, past + width), MASK_VALUE, dtype=np.float32)
+        logits_rows, sampled = [], []
+        for rows in plan:
+            n = len(rows.tokens)
+            block = slice(rows.start, rows.start + n)
+            ids[block] = rows.tokens
+            positions[block] = np.arange(rows.position, rows.position + n)
+            if rows.seq.entries:
+                bias[block, rows.seq.entries] = 0.0
+            own = np.triu(np.full((n, n), MASK_VALUE, dtype=np.float32), k=1)
+            bias[block, past + rows.start:past + rows.start + n] = own
+            if rows.samples:
+                logits_rows.append(rows.start + n - 1)
+                sampled.append(rows)
+        if pad:
+            ids[1], positions[1] = ids[0], positions[0] + 1
+            bias[1] = bias[0]
+            bias[1, past + 1] = 0.0
+        return StepInputs(ids[None], positions[None], bias[None, None],
+                          np.array(logits_rows, dtype=np.int64), past), sampled
+
+    def _emit(self, seq: BatchSequence, token: int) -> None:
+        seq.output.append(token)
+        seq.on_token(token)
+        if token in self.engine.eos_ids and not seq.ignore_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= seq.max_new_tokens:
+            seq.finish_reason = "length"
+        if seq.done:
+            seq.on_end(seq.finish_reason)
+
+    def _compact(self) -> None:
+        """Move every live entry to the front of the cache, in timeline order."""
+        live = sorted((index, seq, k) for seq in self.active
+                      for k, index in enumerate(seq.entries))
+        keep = np.array([index for index, _, _ in live], dtype=np.int64)
+        self.cache.compact(keep)
+        for new_index, (_, seq, k) in enumerate(live):
+            seq.entries[k] = new_index
+        self.compactions += 1
+
+
+class BatchWorker:
+    """A thread that admits submitted sequences (first come, first served) and steps the
+    :class:`BatchDecoder` while any is active. It holds the engine's slot while it works,
+    so a direct ``Engine.generate`` from another thread waits instead of sharing the cache."""
+
+    def __init__(self, engine, slots: int,
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET) -> None:
+        self.decoder = BatchDecoder(engine, slots, prefill_budget)
+        self.engine = engine
+        self._waiting: deque[BatchSequence] = deque()
+        self._cancelled: set[int] = set()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="edgert-batch")
+        self._thread.start()
+
+    @property
+    def busy(self) -> int:
+        return len(self.decoder.active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, seq: BatchSequence) -> None:
+        self.decoder.check(seq)
+        with self._wake:
+            self._waiting.append(seq)
+            self._wake.notify()
+
+    def cancel(self, seq: BatchSequence) -> None:
+        """Stop ``seq`` before its next step (its slot frees at once)."""
+        with self._wake:
+            self._cancelled.add(id(seq))
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self._waiting and not self.decoder.active:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+            with self.engine.slot.hold():
+                while self._work_once():
+                    pass
+
+    def _work_once(self) -> bool:
+        """Cancel, admit, step; False when nothing is left to do."""
+        with self._wake:
+            for seq in [s for s in self._waiting if id(s) in self._cancelled]:
+                self._waiting.remove(seq)
+                seq.finish_reason = "cancelled"
+                seq.on_end("cancelled")
+            for seq in list(self.decoder.active):
+                if id(seq) in self._cancelled:
+                    self.decoder.cancel(seq)
+            self._cancelled.clear()
+            while self._waiting and self.decoder.can_admit(self._waiting[0]):
+                self.decoder.admit(self._waiting.popleft())
+            if not self.decoder.active:
+                return False
+        try:
+            self.decoder.step()
+        except Exception as exc:  # a failed forward ends every active request, with why
+            for seq in list(self.decoder.active):
+                seq.finish_reason = "error"
+                seq.on_end(f"error: {exc}")
+            self.decoder.active.clear()
+        self.steps += 1
+        return True
