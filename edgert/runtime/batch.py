@@ -31,6 +31,7 @@ from edgert.errors import CapacityError, GenerationError
 from edgert.runtime.backends import StepInputs
 from edgert.runtime.kv_cache import KVCache
 from edgert.runtime.sampling import SamplingParams, select_token
+from edgert.runtime.structured import JsonPolicy
 from edgert.runtime.steps import MASK_VALUE
 
 DEFAULT_PREFILL_BUDGET = 256  # prompt tokens per step, over all joining sequences
@@ -49,10 +50,12 @@ class BatchSequence:
     ignore_eos: bool = False
     on_token: Callable[[int], None] = lambda token: None
     on_end: Callable[[str], None] = lambda reason: None
+    policy: JsonPolicy | None = None  # structured output: chooses (and forces) its tokens
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     entries: list[int] = field(default_factory=list)  # cache indices of its fed tokens
     fed: int = 0  # prompt tokens already in the cache
+    out_fed: int = 0  # output tokens already in the cache
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -64,7 +67,8 @@ class BatchSequence:
 
     @property
     def reserved(self) -> int:
-        """Cache entries this sequence may come to hold."""
+        """Cache entries this sequence may come to hold (output past ``max_new_tokens`` is
+        never emitted, so never fed)."""
         return len(self.prompt_ids) + self.max_new_tokens
 
     @property
@@ -78,8 +82,7 @@ class BatchSequence:
             take = min(len(self.prompt_ids) - self.fed, budget)
             tokens = self.prompt_ids[self.fed:self.fed + take]
             return tokens, self.fed, self.fed + take == len(self.prompt_ids)
-        position = len(self.prompt_ids) + len(self.output) - 1
-        return [self.output[-1]], position, True
+        return self.output[self.out_fed:], len(self.prompt_ids) + self.out_fed, True
 
 
 @dataclass
@@ -176,11 +179,23 @@ class BatchDecoder:
             rows.seq.entries.extend(range(past + rows.start, past + rows.start + len(rows.tokens)))
             if rows.seq.fed < len(rows.seq.prompt_ids):
                 rows.seq.fed += len(rows.tokens)
+            else:
+                rows.seq.out_fed += len(rows.tokens)
         chosen = []
         for rows, logits in zip(rows_out, out.logits):
-            token = select_token(logits, rows.seq.params, rows.seq.rng)
-            chosen.append((rows.seq, token))
-            self._emit(rows.seq, token)
+            seq = rows.seq
+            if seq.policy is None:
+                tokens = [select_token(logits, seq.params, seq.rng)]
+            else:
+                tokens = seq.policy.step(logits, seq.params, seq.rng)
+            for token in tokens:
+                if seq.done:
+                    break
+                chosen.append((seq, token))
+                self._emit(seq, token)
+            if seq.policy is not None and seq.policy.done and not seq.done:
+                seq.finish_reason = "stop"  # the JSON is complete
+                seq.on_end("stop")
         self.active = [seq for seq in self.active if not seq.done]
         return chosen
 

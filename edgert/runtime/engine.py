@@ -26,6 +26,7 @@ from edgert.runtime.speculative import (
     verify_tree,
 )
 from edgert.runtime.steps import decode_one, forward_block, prefill, prefill_sparse
+from edgert.runtime.structured import JsonPolicy, VocabMasks, check_schema
 from edgert.runtime.tokenizer import Messages, StreamDecoder, Tokenizer
 from edgert.speculative.lookup import LookupParams, PromptLookup
 from edgert.speculative.token_tree import DRAFTERS, TokenTree, TokenTreeBuilder, source_bit
@@ -95,6 +96,20 @@ class Engine:
         self.tree: TreeBuffers | None = None
         if self.backend.has_heads and self.manifest.tree:
             self.set_tree(self.manifest.tree["choices"])
+        self._vocab_masks: VocabMasks | None = None
+
+    @property
+    def vocab_masks(self) -> VocabMasks:
+        """The token classes structured output masks with (computed on first use)."""
+        if self._vocab_masks is None:
+            self._vocab_masks = VocabMasks(self.tokenizer, self.manifest.config.vocab_size)
+        return self._vocab_masks
+
+    def json_policy(self, schema: dict) -> JsonPolicy:
+        """A fresh structured-output policy for one request whose reply must validate
+        against ``schema`` (SchemaError names an unsupported keyword)."""
+        check_schema(schema)
+        return JsonPolicy(schema, self.vocab_masks)
 
     def set_tree(self, choices) -> None:
         """Use another Medusa tree (list of top-k rank paths) from now on."""
@@ -226,6 +241,7 @@ class Engine:
         dhsa: bool | None = None
         lookup: LookupParams = field(default_factory=LookupParams)
         acceptance: str = "rejection"
+        json_schema: dict | None = None  # structured output: the reply validates against it
 
     def _generate_ids(self, prompt_ids: list[int], opts: Engine._Options,
                       stats: dict[str, Any]) -> Iterator[int]:
@@ -247,10 +263,14 @@ class Engine:
         t1 = time.perf_counter()
         stats["prefill_ms"] = (t1 - t0) * 1e3
         stats["prefill"] = "dhsa" if sparse else "dense"
-        first = select_token(out.logits[-1], opts.params, rng)
         stats["speculative"] = "+".join(opts.drafters) or "off"
-        loop = (self._speculative_tokens(out, prompt_ids, first, opts, rng, stats)
-                if opts.drafters else self._plain_tokens(first, opts.params, rng, stats))
+        if opts.json_schema is not None:
+            loop = self._structured_tokens(out, self.json_policy(opts.json_schema),
+                                           opts.params, rng, stats)
+        else:
+            first = select_token(out.logits[-1], opts.params, rng)
+            loop = (self._speculative_tokens(out, prompt_ids, first, opts, rng, stats)
+                    if opts.drafters else self._plain_tokens(first, opts.params, rng, stats))
         new = 0
         for token in loop:
             new += 1
@@ -262,6 +282,8 @@ class Engine:
             if new >= opts.max_new_tokens:
                 stats["finish_reason"] = "length"
                 break
+        else:  # the loop ended by itself: structured output is complete
+            stats["finish_reason"] = "stop"
         elapsed = time.perf_counter() - t1
         # the first token comes from prefill; the rest from decode forwards
         stats["decode_tokens_per_s"] = (new - 1) / elapsed if new > 1 and elapsed > 0 else 0.0
@@ -294,6 +316,19 @@ class Engine:
             stats["steps"] += 1
             token = select_token(out.logits[-1], params, rng)
             yield token
+
+    def _structured_tokens(self, out: StepOutputs, policy: JsonPolicy, params: SamplingParams,
+                           rng: np.random.Generator, stats: dict[str, Any]) -> Iterator[int]:
+        """JSON-schema output: each forward reads what the policy appended (a choice and the
+        forced tokens after it) and gives the logits of the next choice."""
+        while True:
+            tokens = policy.step(out.logits[-1], params, rng)
+            yield from tokens
+            if policy.done:
+                return
+            out = forward_block(self.backend, self.cache, tokens)
+            self.cache.advance(len(tokens))
+            stats["steps"] += 1
 
     def _speculative_tokens(self, out, prompt_ids: list[int], token: int,
                             opts: Engine._Options, rng: np.random.Generator,
@@ -440,7 +475,7 @@ class Engine:
 
     def _options(self, max_new_tokens, temperature, top_p, top_k, seed, medusa, threshold,
                  alpha, ignore_eos=False, dhsa=None, speculative=None,
-                 acceptance="rejection") -> Engine._Options:
+                 acceptance="rejection", json_schema=None) -> Engine._Options:
         params = SamplingParams(temperature, top_p, top_k, seed)
         for name, value in (("typical_threshold", threshold), ("typical_alpha", alpha)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
@@ -449,8 +484,15 @@ class Engine:
         if acceptance not in ACCEPTANCE:
             raise GenerationError(f"unknown acceptance '{acceptance}'; choose "
                                   f"{' or '.join(ACCEPTANCE)}")
+        if json_schema is not None:
+            check_schema(json_schema)
+            if speculative not in (None, "off") or medusa:
+                raise GenerationError("structured output (json_schema) decodes without "
+                                      "speculation; drop speculative/medusa")
+            speculative, medusa = "off", None
         return Engine._Options(max_new_tokens, params, self.drafters_for(speculative, medusa),
-                               threshold, alpha, ignore_eos, dhsa, acceptance=acceptance)
+                               threshold, alpha, ignore_eos, dhsa, acceptance=acceptance,
+                               json_schema=json_schema)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -458,7 +500,8 @@ class Engine:
                  typical_threshold: float = DEFAULT_TYPICAL_THRESHOLD,
                  typical_alpha: float = DEFAULT_TYPICAL_ALPHA,
                  ignore_eos: bool = False, dhsa: bool | None = None,
-                 speculative: str | None = None, acceptance: str = "rejection") -> Result:
+                 speculative: str | None = None, acceptance: str = "rejection",
+                 json_schema: dict | None = None) -> Result:
         """Generate a completion. ``temperature=0`` is greedy; stops at EOS or the limit.
 
         ``speculative`` picks the drafters whose proposals each step verifies in one forward:
@@ -477,13 +520,16 @@ class Engine:
         generating past EOS up to ``max_new_tokens`` (benchmarks, memory checks).
         ``dhsa`` (default: for prompts longer than the artifact's DHSA ``min_context``)
         prefills through dynamic hierarchical sparse attention; decoding stays dense.
+        ``json_schema``: structured output, the reply is JSON that validates against the
+        schema (``edgert.runtime.structured``: the structure forced, the values chosen by the
+        model among the tokens that keep it valid; no speculation).
 
         Returns a :class:`Result` with ``prompt_ids``, ``output_ids`` (EOS included when it was
         produced), ``text`` (special tokens removed) and ``stats``.
         """
         opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, medusa,
                              typical_threshold, typical_alpha, ignore_eos, dhsa, speculative,
-                             acceptance)
+                             acceptance, json_schema)
         prompt_ids = self.encode(prompt, chat)
         self._check_request(prompt_ids, max_new_tokens)
         stats = self._base_stats()
@@ -496,14 +542,16 @@ class Engine:
                typical_threshold: float = DEFAULT_TYPICAL_THRESHOLD,
                typical_alpha: float = DEFAULT_TYPICAL_ALPHA, dhsa: bool | None = None,
                stats: dict[str, Any] | None = None,
-               speculative: str | None = None, acceptance: str = "rejection") -> Iterator[str]:
+               speculative: str | None = None, acceptance: str = "rejection",
+               json_schema: dict | None = None) -> Iterator[str]:
         """Like :meth:`generate`, but yields text pieces as tokens are decided.
 
         Pass a dict as ``stats`` to receive the statistics when the stream ends.
         """
         opts = self._options(max_new_tokens, temperature, top_p, top_k, seed, medusa,
                              typical_threshold, typical_alpha, dhsa=dhsa,
-                             speculative=speculative, acceptance=acceptance)
+                             speculative=speculative, acceptance=acceptance,
+                             json_schema=json_schema)
         prompt_ids = self.encode(prompt, chat)
         self._check_request(prompt_ids, max_new_tokens)
         stats = stats if stats is not None else {}

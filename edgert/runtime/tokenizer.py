@@ -87,6 +87,18 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def encode_piece(self, text: str) -> list[int]:
+        """``text`` alone, without special tokens or BOS (a piece inside a reply)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def token_texts(self) -> list[str]:
+        """Every token's own text, by id (a partial UTF-8 character decodes to U+FFFD)."""
+        return [self._tok.decode([i], skip_special_tokens=False)
+                for i in range(self.vocab_size)]
+
+    def special_ids(self) -> set[int]:
+        return {i for i, token in self._tok.get_added_tokens_decoder().items() if token.special}
+
 
 class StreamDecoder:
     """Turns a growing list of ids into text pieces without splitting multi-byte characters.

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgert.runtime.structured import SchemaError, parse_response_format
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
@@ -35,6 +37,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    json_schema: dict | None = None  # response_format json_schema: the reply validates
 
 
 def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
@@ -66,9 +69,12 @@ def _common(body: dict, prompt, chat: bool) -> GenerationRequest:
     if not isinstance(options, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options")
     format_ = body.get("response_format") or {"type": "text"}
-    if not isinstance(format_, dict) or format_.get("type") != "text":
-        raise APIError(400, "response_format other than text (json_object, json_schema) is "
-                            "not supported by this server yet", param="response_format")
+    if not isinstance(format_, dict):
+        raise APIError(400, "'response_format' must be an object", param="response_format")
+    try:
+        schema = parse_response_format(format_)
+    except SchemaError as exc:
+        raise APIError(400, str(exc), param="response_format") from None
     return GenerationRequest(
         prompt=prompt, chat=chat, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0, 2),
@@ -76,7 +82,7 @@ def _common(body: dict, prompt, chat: bool) -> GenerationRequest:
         top_p=max(_number(body, "top_p", 1.0, 0, 1), 1e-9),
         seed=_number(body, "seed", None, -2 ** 63, 2 ** 63 - 1, integer=True),
         stop=stop, stream=bool(body.get("stream", False)),
-        include_usage=bool(options.get("include_usage", False)))
+        include_usage=bool(options.get("include_usage", False)), json_schema=schema)
 
 
 def parse_chat(body: Any) -> GenerationRequest:

@@ -170,7 +170,7 @@ class Generation:
         finish = "length"
         pieces = engine.stream(req.prompt, max_new_tokens=self.max_tokens,
                                temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                               chat=req.chat, stats=self.stats)
+                               chat=req.chat, stats=self.stats, json_schema=req.json_schema)
         try:
             for piece in pieces:
                 if self.cancel.is_set():
@@ -225,8 +225,9 @@ class Generation:
             self._put(("end", "stop" if stop.stopped else reason))
 
         params = SamplingParams(req.temperature, req.top_p, 0, req.seed)
+        policy = engine.json_policy(req.json_schema) if req.json_schema is not None else None
         seq = BatchSequence(engine.encode(req.prompt, req.chat), self.max_tokens, params,
-                            on_token=on_token, on_end=on_end)
+                            policy=policy, on_token=on_token, on_end=on_end)
         self._sequence = seq
         self.service.worker.submit(seq)
 

@@ -108,6 +108,33 @@ def test_stop_sequences_cut_the_text(client, tiny_engine):
     assert reply.choices[0].finish_reason == "stop"
 
 
+PERSON_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
+    "langs": {"type": "array", "items": {"enum": ["python", "c", "rust"]}, "maxItems": 3}},
+    "required": ["name", "age", "langs"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_json_schema_reply_parses_and_validates(client, seed):
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    reply = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=200, temperature=0.9, seed=seed,
+        response_format={"type": "json_schema", "json_schema": {
+            "name": "person", "schema": PERSON_SCHEMA, "strict": True}})
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON_SCHEMA)
+
+
+def test_unsupported_schema_is_400_naming_the_keyword(client):
+    with pytest.raises(openai.BadRequestError, match="pattern"):
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=20,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "string", "pattern": "a+"}}})
+
+
 def test_models_health_metrics(client, url):
     assert [m.id for m in client.models.list().data]
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
