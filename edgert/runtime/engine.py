@@ -387,7 +387,7 @@ class Engine:
                    lookup: PromptLookup | None) -> Engine._StepTree | None:
         """This step's verification tree: the drafters' proposals merged under ``root``;
         None when none proposed anything."""
-        if self.row_exact:
+        if self.row_exact or not self.cache.can_move_entries:
             return self._step_chain(root, head_ids, lookup)
         if lookup is None:  # Medusa alone: its static tree, the mask computed once
             tokens = propose_tree(self.tree, root, head_ids)

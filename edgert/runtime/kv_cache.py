@@ -50,6 +50,8 @@ class KVCacheBase:
     region. Only those entries move.
     """
 
+    can_move_entries = True  # commit_path can move a side branch's entries into place
+
     def __init__(self, spec: KVCacheSpec) -> None:
         self.spec = spec
         self.length = 0

@@ -21,6 +21,7 @@ from edgert.dhsa.params import DHSAParams, prefill_calls
 from edgert.errors import ArtifactError, BackendError
 from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
 from edgert.runtime.backends.ort_cache import cached_session
+from edgert.runtime.backends.ort_device_cache import OrtDeviceKVCache
 from edgert.runtime.kv_cache import KVCache
 
 GRAPH_KEY = GraphKey.ORT_GQA
@@ -79,6 +80,16 @@ def _session(path: Path, device: str, threads: int, spin: bool = True,
                             "corrupt, re-export it") from None
 
 
+def _allocate_cache(spec, device: str, ort) -> tuple:
+    """(the cache, its buffers as OrtValues in graph order): host memory shared zero-copy on
+    the CPU; the GPU's own memory on cuda (bound in place there too: no per-step copy)."""
+    if device == "cuda":
+        cache = OrtDeviceKVCache(spec, "cuda", 0, ort)
+        return cache, cache.values
+    cache = KVCache(spec)
+    return cache, [ort.OrtValue.ortvalue_from_numpy(buf) for buf in cache.buffers()]
+
+
 class OrtBackend:
     name = "ort"
 
@@ -99,19 +110,15 @@ class OrtBackend:
         self._heads_session = None
         self._heads_read_root = self._medusa is not None and heads_read_root(self._medusa)
         self.device = device
-        self.cache = cache = KVCache(manifest.kv_cache)
+        self.cache, self._cache_values = _allocate_cache(manifest.kv_cache, device, ort)
         self.binding = self.session.io_binding()
         # logits and hidden are bound first so they are outputs 0 and 1 of get_outputs()
         self.binding.bind_output("logits", "cpu")
         self.binding.bind_output("hidden", "cpu")
-        self._cache_values = []
-        for i, buf in enumerate(cache.buffers()):
+        for i, value in enumerate(self._cache_values):
             kind = "key" if i % 2 == 0 else "value"
-            layer = i // 2
-            value = ort.OrtValue.ortvalue_from_numpy(buf)  # aliases the cache memory
-            self.binding.bind_ortvalue_input(f"past_{kind}_{layer}", value)
-            self.binding.bind_ortvalue_output(f"present_{kind}_{layer}", value)
-            self._cache_values.append(value)
+            self.binding.bind_ortvalue_input(f"past_{kind}_{i // 2}", value)
+            self.binding.bind_ortvalue_output(f"present_{kind}_{i // 2}", value)
         self._dhsa_spec = self._check_dhsa_graph(path, manifest)
         self.dhsa_params = DHSAParams.from_manifest(manifest) if self._dhsa_spec else None
         self._dhsa_session = None
