@@ -202,3 +202,23 @@ def test_gpu_sources_contain_edgert_kernels(compiled, target, device, ext, reque
         assert "edgert_topk" in medusa
         assert not any("i64" in (art / "tvm" / target / f).read_text()
                        for f in record["files"])
+
+
+def test_threads_size_tvms_pool(compiled, monkeypatch):
+    """--threads governs the TVM backend too: the backend sizes TVM's CPU pool with it
+    (runtime.config_threadpool; 0 leaves TVM's default), and the output does not depend on
+    it."""
+    from edgert.runtime.backends import tvm_vm
+
+    art, _ = compiled
+    calls = []
+    real = tvm_vm.set_cpu_threads
+    monkeypatch.setattr(tvm_vm, "set_cpu_threads",
+                        lambda ffi, n: (calls.append(n), real(ffi, n)))
+    default = edgert.load(art, backend="tvm")
+    assert calls == []
+    want = default.generate("Explain lists", max_new_tokens=8, speculative="off").output_ids
+    one = edgert.load(art, backend="tvm", threads=1)
+    assert calls == [1]
+    assert one.generate("Explain lists", max_new_tokens=8, speculative="off").output_ids == want
+    tvm_vm.set_cpu_threads(__import__("tvm_ffi"), 2)  # back to this machine's cores

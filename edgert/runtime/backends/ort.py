@@ -170,8 +170,10 @@ class OrtBackend:
     def _open_dhsa_session(self):
         """The DHSA prefill-call graph, with the cache buffers bound in place as its past
         inputs and present outputs."""
+        # no spinning: its idle workers would take the cores from the decode steps after it
         session = _session(self._path / self._dhsa_spec.file, self.device, self._threads,
-                           memory_pattern=False, sha256=self._digest(self._dhsa_spec.file))
+                           spin=False, memory_pattern=False,
+                           sha256=self._digest(self._dhsa_spec.file))
         self._chunk_starts = np.zeros(self.cache.capacity, dtype=bool)
         self.dhsa_binding = session.io_binding()
         self._dhsa_inputs = {i.name for i in session.get_inputs()}

@@ -115,6 +115,18 @@ def precompiled_cuda(directory: Path, files: list[str]):
             tvm_ffi.register_global_func(key, default, override=True)
 
 
+# TVM's CPU thread pool: (affinity mode, threads); mode 1 = the big cores (every core on an
+# x86 machine), as TVM's own default pool takes them
+_CONFIG_THREADPOOL = "runtime.config_threadpool"
+_BIG_CORES = 1
+
+
+def set_cpu_threads(tvm_ffi, threads: int) -> None:
+    """Size TVM's CPU thread pool (process-wide, as ONNX Runtime's intra-op setting is per
+    session): ``--threads`` governs both backends."""
+    tvm_ffi.get_global_func(_CONFIG_THREADPOOL)(_BIG_CORES, threads)
+
+
 class TvmBackend:
     name = "tvm"
 
@@ -155,6 +167,8 @@ class TvmBackend:
             dev = tvm.cpu()
         self.device = device
         self._tvm = tvm
+        if threads > 0 and device == "cpu":
+            set_cpu_threads(tvm_ffi, threads)
         self._dev = dev
         stems = [stem for stem in (DECODER, MEDUSA, KV_COMMIT) if build.has_library(stem)]
         loaded = {}
