@@ -8,8 +8,10 @@ prompts still being read (chunked prefill: a new request joins without stalling 
 The sequences share the cache as one timeline. Every forward appends its rows at
 ``[length, length + q)``; a sequence owns the entries of its own tokens, and a whole-cache
 bias (the ORT graph's ``tree_mask`` given as ``[q, length + q]``) lets each row attend only
-to those and to its own earlier rows. A finished or cancelled sequence leaves holes; when the
-next step does not fit, the live entries move to the front (one gather per buffer). Admission
+to those and to its own earlier rows. A finished or cancelled sequence leaves holes, which
+every row's attention still reads (masked): when the next step does not fit, or the holes
+outnumber the live entries (plus ``COMPACT_SLACK``), the live entries move to the front (one
+gather per buffer). Admission
 reserves each sequence's prompt + ``max_new_tokens``, so a compaction always makes room.
 Memory stays what the artifact allocated at load: no per-slot cache.
 
@@ -35,6 +37,7 @@ from edgert.runtime.structured import JsonPolicy
 from edgert.runtime.steps import MASK_VALUE
 
 DEFAULT_PREFILL_BUDGET = 256  # prompt tokens per step, over all joining sequences
+COMPACT_SLACK = 256  # holes tolerated in the timeline before compacting (beyond the live)
 
 
 @dataclass(eq=False)
@@ -168,7 +171,7 @@ class BatchDecoder:
         # int8-activation artifacts: a lone row runs as two (see steps.decode_one), so a
         # sequence decoding alone gets the tokens Engine.generate gets
         pad = q == 1 and self.engine.decode_rows == 2
-        if self.cache.length + q + pad > self.cache.capacity:
+        if self._should_compact(q + pad):
             self._compact()
         pad = pad and self.cache.length + 2 <= self.cache.capacity
         past = self.cache.length
@@ -247,6 +250,15 @@ class BatchDecoder:
             seq.finish_reason = "length"
         if seq.done:
             seq.on_end(seq.finish_reason)
+
+    def _should_compact(self, q: int) -> bool:
+        """Compact when the step does not fit, or when finished sequences' entries (holes)
+        outnumber the live ones by more than ``COMPACT_SLACK``: every row attends over the
+        whole timeline, holes included, so they cost time on every step until removed."""
+        if self.cache.length + q > self.cache.capacity:
+            return True
+        live = sum(len(seq.entries) for seq in self.active)
+        return self.cache.length - live > max(live, COMPACT_SLACK)
 
     def _compact(self) -> None:
         """Move every live entry to the front of the cache, in timeline order."""

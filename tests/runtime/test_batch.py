@@ -163,3 +163,25 @@ def test_int8_artifact_batched_equals_alone(tiny_dir, tmp_path):
     for prompt, seq in zip(PROMPTS, seqs):
         assert seq.output == alone(engine, prompt, 24), prompt
     assert lone.output == seqs[0].output
+
+
+def test_holes_are_compacted_before_the_cache_fills(engine):
+    """Finished sequences' entries are compacted away once they outnumber the live ones (plus
+    COMPACT_SLACK), long before the capacity: every row's attention reads the whole timeline,
+    so holes would cost time on every step."""
+    from edgert.runtime.batch import COMPACT_SLACK
+
+    decoder = BatchDecoder(engine, slots=2)
+    # staggered lengths: the slots never empty together (which would reset the timeline)
+    queue = [BatchSequence(engine.encode(p), 16 + 7 * (i % 4), ignore_eos=True)
+             for i, p in enumerate(PROMPTS * 3)]
+    longest_timeline = 0
+    while queue or decoder.active:
+        while queue and decoder.can_admit(queue[0]):
+            decoder.admit(queue.pop(0))
+        decoder.step()
+        live = sum(len(s.entries) for s in decoder.active)
+        longest_timeline = max(longest_timeline, engine.cache.length - live)
+    assert decoder.compactions >= 1
+    assert longest_timeline <= max(2 * 90, COMPACT_SLACK) + 90  # holes stay bounded
+    assert engine.cache.length < engine.capacity // 2

@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from edgert.artifact.manifest import GraphSpec, Manifest
-from edgert.errors import BackendError
+from edgert.errors import BackendError, ConfigError
 from edgert.runtime.kv_cache import KVCacheBase
 
 
@@ -99,4 +99,7 @@ def create_backend(name: str, path: Path, manifest: Manifest, device: str, threa
     factory = BACKENDS.get(name)
     if factory is None:
         raise BackendError(f"unknown backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"threads must be an integer >= 0 (0: the runtime's default, every "
+                          f"physical core), got {threads!r}")
     return factory(path, manifest, device, threads, kv_on_device)

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgert.artifact.manifest import GraphKey, Manifest
 from edgert.dhsa.params import DHSAParams, prefill_calls
-from edgert.errors import ArtifactError, BackendError
+from edgert.errors import ArtifactError, BackendError, ConfigError
 from edgert.runtime.backends import StepInputs, StepOutputs, heads_read_root
 from edgert.runtime.backends.ort_cache import cached_session
 from edgert.runtime.backends.ort_device_cache import OrtDeviceKVCache
@@ -74,10 +74,36 @@ def _session(path: Path, device: str, threads: int, spin: bool = True,
         return cached_session(path, sha256, options, _providers(device))
     except BackendError:
         raise
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        first_line = str(exc).strip().splitlines()[0][:300]
-        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first_line}); the artifact is "
-                            "corrupt, re-export it") from None
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
+        raise session_error(exc, path, device) from None
+
+
+# what ONNX Runtime's session-creation messages say, by cause (lowercase fragments)
+_OUT_OF_MEMORY = ("bad_alloc", "bad allocation", "out of memory", "failed to allocate",
+                  "cannot allocate")
+_PROVIDER = ("ep error", "execution provider", "provider", "cuda", "cudnn", "cublas")
+_OPTION = ("sessionoptions", "session option", "invalid argument", "intra_op", "inter_op",
+           "config entry")
+
+
+def session_error(exc: BaseException, path: Path, device: str) -> Exception:
+    """One typed, one-line error for a failed session creation, by its cause: out of memory,
+    the execution provider, a session option, else a damaged graph (the artifact)."""
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    text = f"{type(exc).__name__} {exc}".lower()
+    if isinstance(exc, MemoryError) or any(k in text for k in _OUT_OF_MEMORY):
+        return BackendError(f"out of memory creating the ONNX Runtime session for {path.name} "
+                            f"({first_line}); free memory, or re-export with smaller weights "
+                            "(--weights q4) or a smaller --max-context")
+    if any(k in text for k in _PROVIDER):
+        return BackendError(f"ONNX Runtime's {device} execution provider failed on "
+                            f"{path.name} ({first_line}); check the device's driver and "
+                            "onnxruntime build, or use --device cpu")
+    if any(k in text for k in _OPTION):
+        return ConfigError(f"ONNX Runtime refused a session option for {path.name} "
+                           f"({first_line}); check --threads and the engine's options")
+    return ArtifactError(f"ONNX Runtime cannot load {path} ({first_line}); the artifact is "
+                         "corrupt, re-export it")
 
 
 def _allocate_cache(spec, device: str, ort) -> tuple:
