@@ -15,7 +15,7 @@ from edgert.runtime.steps import causal_mask
 from tests.export.test_graph_numerics import (
     ATOL,
     PARENTS,
-    path_to,
+    assert_tree_rows,
     reference_logits,
     run_step,
     tree_mask_and_depth,
@@ -57,10 +57,7 @@ def check_steps(engine, reference, name: str) -> None:
                                atol=ATOL, err_msg=f"{name} decode")
     mask, depth = tree_mask_and_depth(PARENTS)
     out = run_step(engine, TREE, list(len(PREFIX) + depth), mask)
-    for node in range(len(PARENTS)):
-        seq = PREFIX + [TREE[j] for j in path_to(PARENTS, node)]
-        np.testing.assert_allclose(out.logits[node], reference_logits(reference, seq)[-1],
-                                   atol=ATOL, err_msg=f"{name} tree node {node}")
+    assert_tree_rows(out.logits, reference, PREFIX, TREE, name)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -102,10 +99,7 @@ def test_portable_graph_matches_transformers(family):
              "tree_mask": mask, "logits_index": np.arange(len(TREE), dtype=np.int64),
              **dict(zip(past_names, outputs[2:]))}
     logits = session.run(["logits"], feeds)[0][0]
-    for node in range(len(PARENTS)):
-        seq = PREFIX + [TREE[j] for j in path_to(PARENTS, node)]
-        np.testing.assert_allclose(logits[node], reference_logits(reference, seq)[-1],
-                                   atol=ATOL, err_msg=f"{name} tree node {node}")
+    assert_tree_rows(logits, reference, PREFIX, TREE, name)
 
 
 @pytest.mark.parametrize("source", SOURCES)

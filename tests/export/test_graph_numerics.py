@@ -44,6 +44,15 @@ def path_to(parents: list[int], node: int) -> list[int]:
     return path[::-1]
 
 
+def assert_tree_rows(logits, reference, prefix, tree_tokens, label: str = "") -> None:
+    """Each tree node's logits row equals the reference's last row after the prefix and the
+    node's ancestry path (PARENTS), atol ATOL."""
+    for node in range(len(PARENTS)):
+        seq = prefix + [tree_tokens[j] for j in path_to(PARENTS, node)]
+        np.testing.assert_allclose(logits[node], reference_logits(reference, seq)[-1],
+                                   atol=ATOL, err_msg=f"{label} tree node {node}")
+
+
 @pytest.fixture()
 def engine(tiny_engine):
     tiny_engine.cache.reset()
@@ -80,10 +89,7 @@ def test_tree_step_matches_reference(engine, tiny_reference):
     engine.cache.advance(len(prefix))
     mask, depth = tree_mask_and_depth(PARENTS)
     out = run_step(engine, tree_tokens, list(len(prefix) + depth), mask)
-    for node in range(len(PARENTS)):
-        seq = prefix + [tree_tokens[j] for j in path_to(PARENTS, node)]
-        np.testing.assert_allclose(out.logits[node], reference_logits(tiny_reference, seq)[-1],
-                                   atol=ATOL, err_msg=f"tree node {node}")
+    assert_tree_rows(out.logits, tiny_reference, prefix, tree_tokens)
 
 
 def test_portable_graph_tree_step_matches_reference(tiny_artifact, tiny_reference):
@@ -105,10 +111,7 @@ def test_portable_graph_tree_step_matches_reference(tiny_artifact, tiny_referenc
              "tree_mask": mask, "logits_index": np.arange(len(tree_tokens), dtype=np.int64)}
     feeds.update(dict(zip(past_names, presents)))
     logits = session.run(["logits"], feeds)[0][0]
-    for node in range(len(PARENTS)):
-        seq = prefix + [tree_tokens[j] for j in path_to(PARENTS, node)]
-        np.testing.assert_allclose(logits[node], reference_logits(tiny_reference, seq)[-1],
-                                   atol=ATOL, err_msg=f"tree node {node}")
+    assert_tree_rows(logits, tiny_reference, prefix, tree_tokens)
 
 
 def test_graphs_use_standard_ops_only(tiny_artifact):

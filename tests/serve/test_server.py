@@ -237,6 +237,19 @@ def slow_engine(path):
     return engine
 
 
+def wait_for_a_free_slot(base: str, seconds: float = 3) -> None:
+    """A small request until it is served (200) rather than refused (429): the slot a
+    departed client held comes free well before its generation would have ended."""
+    deadline = time.time() + seconds
+    while True:
+        reply = httpx.post(f"{base}/v1/chat/completions",
+                           json={"messages": MESSAGES, "max_tokens": 2, "temperature": 0})
+        if reply.status_code == 200:
+            return
+        assert reply.status_code == 429 and time.time() < deadline
+        time.sleep(0.1)
+
+
 def test_full_queue_is_429_and_a_disconnect_frees_the_slot(tiny_artifact):
     service = Service(lambda: slow_engine(tiny_artifact), ServeOptions(model="t", max_queue=0))
     with running(service) as base:
@@ -248,16 +261,8 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slot(tiny_artifact):
         assert next(lines) is not None
         response.close()  # the client goes away mid-stream
         client.close()
-        # the abandoned generation had seconds left (200 ms a token): the slot must come
-        # free well before it would have ended
-        deadline = time.time() + 3
-        while True:
-            reply = httpx.post(f"{base}/v1/chat/completions",
-                               json={"messages": MESSAGES, "max_tokens": 4, "temperature": 0})
-            if reply.status_code == 200:
-                break
-            assert reply.status_code == 429 and time.time() < deadline
-            time.sleep(0.1)
+        # the abandoned generation had seconds left (200 ms a token)
+        wait_for_a_free_slot(base)
         assert "edgert_slots_busy 0" in httpx.get(f"{base}/metrics").text
 
 
@@ -287,14 +292,7 @@ def test_parallel_slots_full_is_429_and_a_disconnect_frees_a_slot(tiny_artifact)
         client, response, _ = first
         response.close()
         client.close()
-        deadline = time.time() + 3
-        while True:
-            reply = httpx.post(f"{base}/v1/chat/completions",
-                               json={"messages": MESSAGES, "max_tokens": 2, "temperature": 0})
-            if reply.status_code == 200:
-                break
-            assert reply.status_code == 429 and time.time() < deadline
-            time.sleep(0.1)
+        wait_for_a_free_slot(base)
         second[1].close()
         second[0].close()
 

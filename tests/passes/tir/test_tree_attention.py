@@ -52,6 +52,24 @@ def tree_kernel(request):
     return tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_tree_attention"]
 
 
+def run_against_reference(kernel, parents, past: int, cap: int, seed: int,
+                          q_scale: float = 1.0, softcap: float = 0.0) -> tuple:
+    """Random q and caches through ``kernel``, compared with the NumPy reference (atol
+    1e-5); returns the reference's output and the inputs."""
+    rng = np.random.default_rng(seed)
+    n = len(parents)
+    q = (q_scale * rng.standard_normal((n, HQ, D))).astype(np.float32)
+    kc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+    vc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+    order = tree_order_from_parents(np.array(parents))
+    out = tvm.runtime.tensor(np.zeros((n, HQ, D), np.float32))
+    kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(kc), tvm.runtime.tensor(vc),
+           tvm.runtime.tensor(order), past, out)
+    expected = tree_attention_reference(q, kc, vc, order, past, softcap=softcap)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+    return expected, (q, kc, vc, order)
+
+
 @pytest.mark.parametrize("past", [0, 1, 9])
 @pytest.mark.parametrize("parents", [
     [-1],                      # one decode token
@@ -60,17 +78,7 @@ def tree_kernel(request):
     [-1, 0, 0, 0, 1, 1, 2, 4],  # wider
 ])
 def test_tree_attention_kernel_matches_numpy(tree_kernel, past, parents):
-    rng = np.random.default_rng(past * 10 + len(parents))
-    n, cap = len(parents), 24
-    q = rng.standard_normal((n, HQ, D)).astype(np.float32)
-    kc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
-    vc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
-    order = tree_order_from_parents(np.array(parents))
-    out = tvm.runtime.tensor(np.zeros((n, HQ, D), np.float32))
-    tree_kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(kc), tvm.runtime.tensor(vc),
-                tvm.runtime.tensor(order), past, out)
-    np.testing.assert_allclose(out.numpy(), tree_attention_reference(q, kc, vc, order, past),
-                               atol=1e-5)
+    run_against_reference(tree_kernel, parents, past, 24, past * 10 + len(parents))
 
 
 @pytest.mark.parametrize("knobs", [TreeAttentionKnobs(), TreeAttentionKnobs(2, 3, 4)], ids=str)
@@ -81,19 +89,9 @@ def test_soft_capped_tree_attention_matches_numpy(knobs):
     mod = tvm.IRModule({"edgert_tree_attention": tree_attention_tir(HQ, HKV, D, knobs=knobs,
                                                                     softcap=1.5)})
     kernel = tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_tree_attention"]
-    rng = np.random.default_rng(7)
-    parents, past, cap = [-1, 0, 0, 1, 2, 3], 5, 16
-    n = len(parents)
-    q = (3 * rng.standard_normal((n, HQ, D))).astype(np.float32)
-    kc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
-    vc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
-    order = tree_order_from_parents(np.array(parents))
-    out = tvm.runtime.tensor(np.zeros((n, HQ, D), np.float32))
-    kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(kc), tvm.runtime.tensor(vc),
-           tvm.runtime.tensor(order), past, out)
-    expected = tree_attention_reference(q, kc, vc, order, past, softcap=1.5)
-    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
-    uncapped = tree_attention_reference(q, kc, vc, order, past)
+    expected, (q, kc, vc, order) = run_against_reference(
+        kernel, [-1, 0, 0, 1, 2, 3], past=5, cap=16, seed=7, q_scale=3.0, softcap=1.5)
+    uncapped = tree_attention_reference(q, kc, vc, order, 5)
     assert np.abs(expected - uncapped).max() > 1e-2  # the cap is not a no-op here
 
 
