@@ -11,7 +11,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgert.artifact.manifest import MANIFEST_NAME, Manifest, sha256_file
+from edgert.artifact.graph_signature import GraphSignature, MalformedGraph, read_signature
+from edgert.artifact.manifest import (
+    MANIFEST_NAME,
+    GraphKey,
+    GraphSpec,
+    Manifest,
+    quote,
+    sha256_file,
+)
 from edgert.errors import ArtifactError, ConfigError, EdgertError
 
 
@@ -157,12 +165,12 @@ def _check_each(directory: Path, checks: dict[str, Callable[[Path], bool]], what
     for name, matches in checks.items():
         file = Path(directory) / name
         if not file.is_file():
-            raise ArtifactError(f"artifact file {file} is missing; {fix}")
+            raise ArtifactError(f"artifact file {quote(str(file), 300)} is missing; {fix}")
         if progress:
             progress(name)
         if not matches(file):
-            raise ArtifactError(f"artifact file {file} does not match its recorded {what} "
-                                f"(corrupt, truncated or modified); {fix}")
+            raise ArtifactError(f"artifact file {quote(str(file), 300)} does not match its "
+                                f"recorded {what} (corrupt, truncated or modified); {fix}")
 
 
 def _sha256_is(expected: str) -> Callable[[Path], bool]:
@@ -200,16 +208,93 @@ def verify_files(path: Path, manifest: Manifest,
                 "size and sampled SHA-256", REEXPORT, progress)
 
 
+# the graphs whose files a load reads the declared inputs and outputs of (the decoder ONNX
+# Runtime runs and the Medusa heads: a few ms for SmolLM2's; the portable graph is TVM's
+# input, read by the compiler, and the DHSA graph's 25k nodes would take ~20 ms)
+CHECKED_GRAPHS = (GraphKey.ORT_GQA, GraphKey.MEDUSA)
+
+
 def load_manifest(path: Path, verify: bool | str = True) -> Manifest:
     """Read the manifest and check the files: ``verify`` True or "quick" (sizes and sampled
-    digests of the large files, SHA-256 of the rest), "full" (SHA-256 of every byte), False."""
+    digests of the large files, SHA-256 of the rest), "full" (SHA-256 of every byte), False.
+    Whatever ``verify``, the graphs of ``CHECKED_GRAPHS`` must declare the inputs and outputs
+    the manifest lists (``check_graph_files``)."""
     if verify not in (True, False, "quick", "full"):
         raise ConfigError(f"verify must be True, False, 'quick' or 'full', got {verify!r}")
     manifest = read_manifest(path)
     remove_stale_temporaries(Path(path))  # of a killed export or compile into this path
     if verify:
         verify_files(Path(path), manifest, full=verify == "full")
+    check_graph_files(Path(path), manifest)
     return manifest
+
+
+def check_graph_files(path: Path, manifest: Manifest,
+                      keys: tuple[str, ...] = CHECKED_GRAPHS) -> None:
+    """Each graph of ``keys`` in the manifest is a well-formed ONNX file declaring exactly the
+    inputs and outputs its spec lists (names, dtypes, fixed dimensions), and an attention
+    node's head counts are the config's; ArtifactError naming the contradiction otherwise."""
+    for key in keys:
+        spec = manifest.graphs.get(key)
+        if spec is None:
+            continue
+        file = Path(path) / spec.file
+        if not file.is_file():  # (a FIFO or device would block or never end)
+            raise ArtifactError(f"artifact file {quote(str(file), 300)} is missing; "
+                                f"{REEXPORT}")
+        try:
+            signature = read_signature(file)
+        except (OSError, ValueError) as exc:  # MalformedGraph is a ValueError
+            what = exc if isinstance(exc, MalformedGraph) else exc.__class__.__name__
+            raise ArtifactError(f"artifact file {quote(str(file), 300)} is not a readable ONNX "
+                                f"graph ({what}); {REEXPORT}") from None
+        _compare_signature(key, spec, signature, file.name)
+        _compare_attention(manifest, signature, file.name)
+
+
+def _compare_signature(key: str, spec: GraphSpec, signature: GraphSignature,
+                       file: str) -> None:
+    for kind, listed, declared in (("input", spec.inputs, signature.inputs),
+                                   ("output", spec.outputs, signature.outputs)):
+        names = [t.name for t in listed]
+        if sorted(names) != sorted(declared):
+            extra = sorted(set(names) - set(declared)) or sorted(set(declared) - set(names))
+            raise ArtifactError(
+                f"{MANIFEST_NAME} graphs.{key} {kind}s contradict {quote(file)} (which declares "
+                f"{_short(sorted(declared))}; differing: {_short(extra)}); re-export the artifact")
+        for tensor in listed:
+            decl = declared[tensor.name]
+            shape = decl.shape
+            dims_differ = shape is not None and (len(shape) != len(tensor.shape) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b
+                for a, b in zip(tensor.shape, shape)))
+            if decl.dtype != tensor.dtype or dims_differ:
+                raise ArtifactError(
+                    f"{MANIFEST_NAME} graphs.{key} {quote(tensor.name)} {quote(tensor.dtype)} "
+                    f"{_dims(tensor.shape)} contradicts {quote(file)}, which declares {decl.dtype} "
+                    f"{_dims(shape)}; re-export the artifact")
+
+
+def _compare_attention(manifest: Manifest, signature: GraphSignature, file: str) -> None:
+    config = manifest.config
+    for attribute, name in (("num_heads", "num_attention_heads"),
+                            ("kv_num_heads", "num_key_value_heads")):
+        got = signature.attention.get(attribute)
+        if got is not None and got != getattr(config, name):
+            raise ArtifactError(f"manifest config {name}={getattr(config, name)} contradicts the "
+                                f"graph ({quote(file)}'s attention has {got} "
+                                f"{'KV heads' if attribute == 'kv_num_heads' else 'heads'}); "
+                                "re-export the artifact")
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join(quote(str(d), 40) for d in shape) + "]" if shape is not None else "[?]"
+
+
+def _short(names: list[str], limit: int = 6) -> str:
+    """Some names, quoted (a damaged file's may hold any character), for a one-line message."""
+    return ", ".join(repr(n)[:60] for n in names[:limit]) + (
+        ", ..." if len(names) > limit else "") or "none"
 
 
 def update_manifest(path: Path, changes: dict) -> Manifest:

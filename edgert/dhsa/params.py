@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from edgert.artifact.manifest import strict_fields
 from edgert.errors import ConfigError
-from edgert.model.config import reject_unknown_fields
 
 # the boundary rule's mass ratio is (max + eps) / (min + eps): reference, graph and kernel
 BOUNDARY_EPS = 1e-6
@@ -147,7 +147,7 @@ class DHSAParams:
         """A manifest's settings. One written before ``early_layers`` or ``center_keys``
         existed was exported with every layer at ``budget`` and uncentred keys: it reads as
         early_layers 0 and center_keys 0, not today's defaults."""
-        reject_unknown_fields(cls, data, "dhsa")
+        data = strict_fields(cls, data, "dhsa.")  # a dict of known fields, each an int/float
         return cls(**{"early_layers": 0, "early_budget": 0, "center_keys": 0, **data})
 
 

@@ -30,13 +30,27 @@ class ChatTemplate:
         try:
             self._template = env.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
-            raise ArtifactError(f"the artifact's chat template does not parse ({exc}); "
-                                "re-export with a valid template") from None
+            raise ArtifactError(f"the artifact's chat template does not parse "
+                                f"({_one_line(exc)}); re-export with a valid template") from None
         self._specials = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
 
     def render(self, messages: Messages, add_generation_prompt: bool = True) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self._specials)
+        try:
+            return self._template.render(messages=messages,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **self._specials)
+        except GenerationError:  # the template's own raise_exception
+            raise
+        except Exception as exc:  # jinja2's UndefinedError, a TypeError, ...
+            raise GenerationError(
+                f"the artifact's chat template failed on these messages "
+                f"({type(exc).__name__}: {_one_line(exc)}); check the messages' roles and "
+                "contents, or fix tokenizer.chat_template (re-export)") from None
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (jinja2's syntax errors quote the source line)."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
 def validate_messages(messages: Messages) -> None:
@@ -57,9 +71,13 @@ class Tokenizer:
 
         try:
             self._tok = HFTokenizer.from_file(str(directory / spec.file))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-            raise ArtifactError(f"cannot load {directory / spec.file} ({exc}); re-export the "
-                                "model") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a bare Exception on bad JSON; on a well-formed but
+            # inconsistent file (a BPE merge of unknown tokens), a Rust panic: pyo3's
+            # PanicException, a BaseException
+            raise ArtifactError(f"cannot load {directory / spec.file} ({_one_line(exc)}); "
+                                "re-export the model") from None
         self.spec = spec
         self.template = (ChatTemplate(spec.chat_template, spec.bos_token, spec.eos_token)
                          if spec.chat_template else None)

@@ -86,6 +86,18 @@ _OPTION = ("sessionoptions", "session option", "invalid argument", "intra_op", "
            "config entry")
 
 
+def run_error(exc: BaseException, file: str) -> Exception:
+    """A failed session run, typed: out of memory, else the graph (it loaded, so its file is
+    well formed, but a damaged constant or shape can still fail executing)."""
+    last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+    text = f"{type(exc).__name__} {exc}".lower()
+    if isinstance(exc, MemoryError) or any(k in text for k in _OUT_OF_MEMORY):
+        return BackendError(f"out of memory running {file} ({last}); free memory or "
+                            "re-export with a smaller --max-context")
+    return ArtifactError(f"ONNX Runtime failed running {file} ({last}); the artifact is "
+                         "damaged: check it with `edgert verify` or re-export it")
+
+
 def session_error(exc: BaseException, path: Path, device: str) -> Exception:
     """One typed, one-line error for a failed session creation, by its cause: out of memory,
     the execution provider, a session option, else a damaged graph (the artifact)."""
@@ -132,7 +144,9 @@ class OrtBackend:
         self._files = manifest.files
         self.session = _session(path / graph.file, device, threads,
                                 sha256=self._digest(graph.file))
+        self._graph_file = graph.file
         self._medusa = manifest.graphs.get(GraphKey.MEDUSA)
+        self._medusa_config = manifest.medusa or {}
         self._heads_session = None
         self._heads_read_root = self._medusa is not None and heads_read_root(self._medusa)
         self.device = device
@@ -175,7 +189,15 @@ class OrtBackend:
         feed = {"hidden": hidden}
         if self._heads_read_root:
             feed["root"] = np.asarray(roots, dtype=np.int64)
-        ids, logits = self.heads_session.run(None, feed)
+        try:
+            ids, logits = self.heads_session.run(None, feed)
+        except Exception as exc:
+            raise run_error(exc, self._medusa.file) from None
+        want = (self._medusa_config["num_heads"], len(hidden), self._medusa_config["topk"])
+        if ids.shape != want or logits.shape != want:
+            raise ArtifactError(f"{self._medusa.file} returned top-k of shape {ids.shape}, not "
+                                f"[heads, n, topk] = {list(want)}; the artifact is damaged: "
+                                "re-export it")
         return ids, logits
 
     @staticmethod
@@ -234,7 +256,10 @@ class OrtBackend:
             b.bind_cpu_input("past_chunk_starts", starts[:start])
             for name in ("logits", "hidden", "chunk_starts"):
                 b.bind_output(name, "cpu")
-            session.run_with_iobinding(b)  # K/V written into the cache in place
+            try:
+                session.run_with_iobinding(b)  # K/V written into the cache in place
+            except Exception as exc:
+                raise run_error(exc, self._dhsa_spec.file) from None
             outputs = dict(zip(self._dhsa_outputs, b.get_outputs()))
             starts[start:end] = outputs["chunk_starts"].numpy()
         return StepOutputs(logits=outputs["logits"].numpy()[0],
@@ -252,6 +277,9 @@ class OrtBackend:
         b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         b.bind_output("logits", "cpu")
         b.bind_output("hidden", "cpu")
-        self.session.run_with_iobinding(b)
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as exc:  # ORT's own Fail/InvalidArgument/RuntimeException types
+            raise run_error(exc, self._graph_file) from None
         outputs = b.get_outputs()
         return StepOutputs(logits=outputs[0].numpy()[0], hidden=outputs[1].numpy()[0])
