@@ -345,7 +345,10 @@ class BatchWorker:
         except Exception as exc:  # a failed forward ends every active request, with why
             for seq in list(self.decoder.active):
                 seq.finish_reason = "error"
-                seq.on_end(f"error: {exc}")
+                try:
+                    seq.on_end(f"error: {exc}")
+                except Exception:  # noqa: BLE001 (one caller's failure ends only its request)
+                    pass
             self.decoder.active.clear()
         self.steps += 1
         return True

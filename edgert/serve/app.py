@@ -162,7 +162,10 @@ class Generation:
             self.service.worker.cancel(self._sequence)
 
     def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server stopped, nobody listens
+            self.close()
 
     def _run(self) -> None:
         engine, req = self.service.engine, self.req
