@@ -2,8 +2,9 @@
 
     python -m bench.decode artifacts/smollm2-135m [--prompts 6] [--new-tokens 128] [--runs 3]
 
-Prints a table and one JSON record. All engines run in this process, one after another, on the
-same prompts; tokens/s are medians over runs. Also measures per-token decode time at 100 and
+Prints a table and one JSON record. edgert runs in this process, transformers afterwards in a
+process of its own (edgert's engine closed first), on the same prompt ids; tokens/s are medians
+over runs. Also measures per-token decode time at 100 and
 4,000 tokens of context: edgert's GroupQueryAttention over the fixed cache vs the portable
 graph (Concat of past and new K/V in every layer, the naive layout).
 """
@@ -11,6 +12,7 @@ graph (Concat of past and new K/V in every layer, the naive layout).
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from pathlib import Path
 
@@ -35,26 +37,6 @@ def bench_edgert(engine, prompts, new_tokens, runs):
         per_run.append(tokens / elapsed)
         decode_rates.append(common.median(rates))
     return common.median(per_run), common.median(decode_rates), outputs
-
-
-def bench_transformers(model, prompts, outputs, new_tokens, runs, eos):
-    import torch
-
-    per_run, same = [], 0
-    for run in range(runs):
-        tokens, elapsed = 0, 0.0
-        for p in prompts:
-            prompt_ids, edgert_ids = outputs[p["prompt"]]
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens,
-                                     do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
-            elapsed += time.perf_counter() - t0
-            ids = out[0, len(prompt_ids):].tolist()
-            tokens += len(ids)
-            same += run == 0 and ids == edgert_ids
-        per_run.append(tokens / elapsed)
-    return common.median(per_run), same
 
 
 def decode_ms_at_context(engine, context: int, steps: int = 24) -> float:
@@ -121,9 +103,15 @@ def main() -> None:
                             "portable_concat_ms": portable_decode_ms_at_context(engine, ctx)}
         record["decode_ms_by_context"] = scaling
     if not args.no_transformers:
-        model = common.transformers_model_from_artifact(engine.manifest)
-        eos = engine.manifest.tokenizer.eos_token_ids
-        hf, same = bench_transformers(model, prompts, outputs, args.new_tokens, args.runs, eos)
+        from bench import peers
+
+        ids = [outputs[p["prompt"]][0] for p in prompts]
+        del engine  # no idle edgert session beside the peer's process
+        gc.collect()
+        peer = peers.run_in_own_process(args.artifact, "transformers", ids, args.new_tokens,
+                                        args.runs)
+        hf = peer["tokens_per_s"]
+        same = sum(out == outputs[p["prompt"]][1] for p, out in zip(prompts, peer["outputs"]))
         rows.append({"engine": "transformers generate (fp32)", "tok/s": hf, "decode tok/s": "",
                      "vs transformers": 1.0})
         rows[0]["vs transformers"] = e2e / hf

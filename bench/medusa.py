@@ -3,18 +3,21 @@
     python -m bench.medusa artifacts/smollm2-135m [--new-tokens 128] [--runs 3]
                            [--lossless-tokens 256]
 
-All engines run in this process, one after another, on the same prompts (bench/prompts.json:
-32 prompts, chat/code/math/writing) and the same prompt ids. edgert modes: median tokens/s over
-``--runs`` runs of the whole set (modes interleaved within each run). Peers: transformers
-generate (``--peer-prompts`` prompts, 1 run: it is slow) and onnxruntime-genai fp32 (all
-prompts, ``--runs`` runs). Also checks losslessness (Medusa greedy ids == plain greedy ids for
-every prompt at ``--lossless-tokens`` new tokens) and fixed memory (KV bytes and peak RSS of a
-process generating 100 vs 2,000 tokens).
+The engines run on the same prompts (bench/prompts.json: 32 prompts, chat/code/math/writing)
+and the same prompt ids. edgert modes, in this process: median tokens/s over ``--runs`` runs
+of the whole set (modes interleaved within each run). Peers, each in a process of its own
+started after edgert's engine is closed (a runtime sharing a process or idle spinning
+threads with another slows it): transformers generate (``--peer-prompts`` prompts, 1 run: it
+is slow) and onnxruntime-genai fp32 (all prompts, ``--runs`` runs). Also checks losslessness
+(Medusa greedy ids == plain greedy ids for every prompt at ``--lossless-tokens`` new tokens)
+and fixed memory: in a fresh process per length, RSS (``VmRSS``, not the peak) after load
+and after generating 100 or 2,000 tokens, and the KV bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -32,13 +35,16 @@ MODES = {
 }
 
 RSS_CHILD = """
-import json, resource, sys
+import json, sys
 import edgert
+from bench import common
 engine = edgert.load(sys.argv[1], verify=False)
+engine.generate("warm up", max_new_tokens=8)
+loaded = common.status_mb("VmRSS")
 r = engine.generate("Once upon a time", max_new_tokens=int(sys.argv[2]), chat=False,
                     temperature=0.8, seed=0, ignore_eos=True)
 print(json.dumps({"new_tokens": len(r.output_ids), "kv_bytes": r.stats["kv_bytes"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_after_load_mb": loaded, "rss_after_mb": common.status_mb("VmRSS")}))
 """
 
 
@@ -64,26 +70,12 @@ def run_modes(engine, prompts, new_tokens, runs):
     return per_run, outputs, accepted, kinds
 
 
-def run_peer(peer, engine, prompts, new_tokens, runs):
-    per_run, outs = [], {}
-    for _ in range(runs):
-        tokens, elapsed = 0, 0.0
-        for p in prompts:
-            ids = engine.encode(p["prompt"])
-            t0 = time.perf_counter()
-            out = peer.generate(ids, new_tokens)
-            elapsed += time.perf_counter() - t0
-            tokens += len(out)
-            outs[p["prompt"]] = out
-        per_run.append(tokens / elapsed)
-    return common.median(per_run), outs
-
-
 def rss_check(artifact: Path) -> dict:
     out = {}
     for n in (100, 2000):
-        proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(artifact), str(n)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(artifact).resolve()),
+                               str(n)], capture_output=True, text=True, check=True,
+                              cwd=common.REPO_ROOT)
         out[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
@@ -137,26 +129,31 @@ def main() -> None:
         "by_kind": {f"{m}/{k}": kinds[(m, k)][0] / kinds[(m, k)][1]
                     for (m, k) in kinds},
     }
-    from bench import peers
-
     if args.json_path:  # keep the edgert figures even if a peer fails later
         Path(args.json_path).write_text(json.dumps(record, indent=2) + "\n")
+    from bench import peers
+
+    prompt_ids = [engine.encode(p["prompt"]) for p in prompts]
+    del engine  # no idle edgert session beside the peers' processes
+    gc.collect()
     for name in [p for p in args.peers.split(",") if p]:
+        subset = prompts[:args.peer_prompts] if name == "transformers" else prompts
+        runs = 1 if name == "transformers" else args.runs
         try:
-            peer = peers.PEERS[name](engine.manifest)
+            peer = peers.run_in_own_process(args.artifact, name, prompt_ids[:len(subset)],
+                                            args.new_tokens, runs)
         except Exception as exc:  # a peer that does not install or build is reported, not fatal
             record[f"peer_{name}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print(f"peer {name} unavailable: {exc}", file=sys.stderr)
             continue
-        subset = prompts[:args.peer_prompts] if name == "transformers" else prompts
-        runs = 1 if name == "transformers" else args.runs
-        rate, outs = run_peer(peer, engine, subset, args.new_tokens, runs)
-        same = sum(outs[p["prompt"]] == outputs[("plain greedy", p["prompt"])] for p in subset)
-        record[f"peer_{name}"] = {"engine": peer.name, "tokens_per_s": rate,
-                                  "prompts": len(subset), "runs": runs,
+        rate = peer["tokens_per_s"]
+        same = sum(out == outputs[("plain greedy", p["prompt"])]
+                   for p, out in zip(subset, peer["outputs"]))
+        record[f"peer_{name}"] = {"engine": peer["engine"], "tokens_per_s": rate,
+                                  "prompts": len(subset), "runs": runs, "process": "own",
                                   "same_output_as_edgert": f"{same}/{len(subset)}"}
         record[f"medusa_vs_{name}"] = tps["medusa greedy"] / rate
-        rows.append({"engine": peer.name, "tok/s": rate, "mean accepted": 1.0,
+        rows.append({"engine": peer["engine"], "tok/s": rate, "mean accepted": 1.0,
                      "vs plain": rate / plain})
     if not args.no_rss:
         record["fixed_memory"] = rss_check(args.artifact)
@@ -167,8 +164,8 @@ def main() -> None:
     if "fixed_memory" in record:
         fm = record["fixed_memory"]
         print("fixed memory: " + "; ".join(
-            f"{n} tokens: kv {v['kv_bytes'] / 2**20:.0f} MiB, peak RSS {v['peak_rss_mb']:.0f} MB"
-            for n, v in fm.items()))
+            f"{n} tokens: kv {v['kv_bytes'] / 2**20:.0f} MiB, RSS {v['rss_after_load_mb']:.0f} "
+            f"MB after load, {v['rss_after_mb']:.0f} MB after" for n, v in fm.items()))
 
 
 if __name__ == "__main__":

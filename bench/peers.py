@@ -1,5 +1,6 @@
 """Peer engines for the benchmarks: transformers generate and onnxruntime-genai, on the same
-fp32 weights as the edgert artifact, run in the same process on the same prompt ids."""
+weights as the edgert artifact and the same prompt ids, each run in a process of its own
+(``run_in_own_process``; ``python -m bench.peers`` is the worker)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,58 @@ class GenaiPeer:
 
 
 PEERS = {"transformers": TransformersPeer, "genai": GenaiPeer}
+
+
+def run_peer(peer, prompt_ids: list[list[int]], new_tokens: int, runs: int):
+    """(median tokens/s, outputs of the last run) of ``peer`` on the prompt ids."""
+    from bench import common
+
+    per_run, outs = [], []
+    for _ in range(runs):
+        tokens, elapsed, outs = 0, 0.0, []
+        for ids in prompt_ids:
+            t0 = time.perf_counter()
+            out = peer.generate(ids, new_tokens)
+            elapsed += time.perf_counter() - t0
+            tokens += len(out)
+            outs.append(out)
+        per_run.append(tokens / elapsed)
+    return common.median(per_run), outs
+
+
+def run_in_own_process(artifact: Path, name: str, prompt_ids: list[list[int]],
+                       new_tokens: int, runs: int) -> dict:
+    """Peer ``name`` on the prompt ids in a process of its own (``python -m bench.peers``):
+    {"engine", "tokens_per_s", "outputs"}. A runtime sharing a process with another, or
+    beside another's idle spinning threads, runs slower: the caller closes its own engine
+    first. Raises with the worker's last error line when it fails."""
+    import tempfile
+
+    from bench import common
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompt_ids, f)
+    try:
+        proc = common.run_module("peers", str(Path(artifact).resolve()), name, f.name,
+                                 str(new_tokens), str(runs))
+    finally:
+        Path(f.name).unlink()
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """``python -m bench.peers ARTIFACT NAME IDS_JSON NEW_TOKENS RUNS``: one peer, one
+    process; prints {"engine", "tokens_per_s", "outputs"} as its last line."""
+    from edgert.artifact.io import load_manifest
+
+    artifact, name, ids_file, new_tokens, runs = sys.argv[1:6]
+    peer = PEERS[name](load_manifest(Path(artifact), verify=False))
+    rate, outs = run_peer(peer, json.loads(Path(ids_file).read_text()), int(new_tokens),
+                          int(runs))
+    print(json.dumps({"engine": peer.name, "tokens_per_s": rate, "outputs": outs}))
+
+
+if __name__ == "__main__":
+    main()
