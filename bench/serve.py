@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import socket
 import subprocess
 import sys

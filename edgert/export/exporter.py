@@ -23,8 +23,8 @@ from edgert.artifact.manifest import (
 )
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import ConfigError
-from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.decoder import Decoder
+from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
 from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
 from edgert.export.quantize import WeightOptions, plan_quantization, quantize_graph, summarize
@@ -78,7 +78,7 @@ def choose_capacity(config: DecoderConfig, requested: int | None,
         if requested < 2:
             raise ConfigError(f"--max-context must be at least 2, got {requested}")
         if requested > config.max_context:
-            window = (f" (its sliding-attention window: edgert serves no context past it)"
+            window = (" (its sliding-attention window: edgert serves no context past it)"
                       if config.max_context < config.max_position_embeddings else "")
             raise ConfigError(
                 f"--max-context {requested} exceeds the model's maximum context "

@@ -33,8 +33,8 @@ from edgert.errors import CapacityError, GenerationError
 from edgert.runtime.backends import StepInputs
 from edgert.runtime.kv_cache import KVCache
 from edgert.runtime.sampling import SamplingParams, select_token
-from edgert.runtime.structured import JsonPolicy
 from edgert.runtime.steps import MASK_VALUE
+from edgert.runtime.structured import JsonPolicy
 
 DEFAULT_PREFILL_BUDGET = 256  # prompt tokens per step, over all joining sequences
 COMPACT_SLACK = 256  # holes tolerated in the timeline before compacting (beyond the live)
@@ -56,7 +56,7 @@ class BatchSequence:
     policy: JsonPolicy | None = None  # structured output: chooses (and forces) its tokens
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    entries: list[int] = field(default_factory=list)  # cache indices of its fed tokens
+    fed_entries: int = 0  # how many cache entries it holds (``entries``)
     fed: int = 0  # prompt tokens already in the cache
     out_fed: int = 0  # output tokens already in the cache
 
@@ -67,6 +67,17 @@ class BatchSequence:
             raise GenerationError(f"max_new_tokens must be a positive integer, got "
                                   f"{self.max_new_tokens!r}")
         self.rng = np.random.default_rng(self.params.seed)
+        # the cache indices of its fed tokens, allocated once (it never holds more)
+        self._entries = np.empty(self.reserved, dtype=np.int64)
+
+    @property
+    def entries(self) -> np.ndarray:
+        """Cache indices of its fed tokens, in order (a view: compaction rewrites them)."""
+        return self._entries[:self.fed_entries]
+
+    def add_entries(self, start: int, count: int) -> None:
+        self._entries[self.fed_entries:self.fed_entries + count] = np.arange(start, start + count)
+        self.fed_entries += count
 
     @property
     def reserved(self) -> int:
@@ -127,6 +138,11 @@ class BatchDecoder:
         self.backend, self.cache = engine.backend, engine.cache
         self.active: list[BatchSequence] = []
         self.compactions = 0
+        # the step's whole-cache bias [rows, past + rows], a contiguous view of one buffer
+        # allocated at start (the prefill budget, a row per slot and the pad row; grown only
+        # for a step with more rows, when structured output forces a piece)
+        self._bias = np.empty((prefill_budget + slots + 1) * self.cache.capacity,
+                              dtype=np.float32)
 
     @property
     def reserved(self) -> int:
@@ -179,7 +195,7 @@ class BatchDecoder:
         out = self.backend.forward(inputs)
         self.cache.advance(q)
         for rows in plan:
-            rows.seq.entries.extend(range(past + rows.start, past + rows.start + len(rows.tokens)))
+            rows.seq.add_entries(past + rows.start, len(rows.tokens))
             if rows.seq.fed < len(rows.seq.prompt_ids):
                 rows.seq.fed += len(rows.tokens)
             else:
@@ -220,14 +236,18 @@ class BatchDecoder:
         width = q + pad
         ids = np.empty(width, dtype=np.int64)
         positions = np.empty(width, dtype=np.int64)
-        bias = np.full((width, past + width), MASK_VALUE, dtype=np.float32)
+        size = width * (past + width)
+        if size > self._bias.size:  # forced structured-output pieces: more rows than slots
+            self._bias = np.empty(size, dtype=np.float32)
+        bias = self._bias[:size].reshape(width, past + width)
+        bias.fill(MASK_VALUE)
         logits_rows, sampled = [], []
         for rows in plan:
             n = len(rows.tokens)
             block = slice(rows.start, rows.start + n)
             ids[block] = rows.tokens
             positions[block] = np.arange(rows.position, rows.position + n)
-            if rows.seq.entries:
+            if rows.seq.fed_entries:
                 bias[block, rows.seq.entries] = 0.0
             own = np.triu(np.full((n, n), MASK_VALUE, dtype=np.float32), k=1)
             bias[block, past + rows.start:past + rows.start + n] = own

@@ -72,7 +72,8 @@ def test_unsupported_architecture_lists_supported(tiny_dir, tmp_path):
     cfg = json.loads((other / "config.json").read_text())
     cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelSourceError, match="not supported; supported: gemma2, llama, mistral, qwen2, qwen3"):
+    supported = "gemma2, llama, mistral, qwen2, qwen3"
+    with pytest.raises(ModelSourceError, match=f"not supported; supported: {supported}"):
         load_model(str(other))
 
 
@@ -217,3 +218,17 @@ def test_unknown_gguf_pre_tokenizer_refused(tmp_path):
     reader = _gguf_with_tokenizer(tmp_path / "tok.gguf", build_tokenizer(), "mystery-bpe")
     with pytest.raises(ModelSourceError, match="pre-tokenizer 'mystery-bpe'.*Hugging Face"):
         tokenizer_from_gguf(reader)
+
+
+@pytest.mark.parametrize("fields, hidden, head_dim, expected", [
+    ({"attention.scale": 0.125, "block_count": 26, "attention.head_count": 8}, 2304, 256, 0.125),
+    ({"block_count": 26, "attention.head_count": 8}, 2304, 256, 256 ** -0.5),  # 2B, 9B
+    ({"block_count": 46, "attention.head_count": 32}, 4608, 128, (4608 / 32) ** -0.5),  # 27B
+])
+def test_gemma2_gguf_query_scale_follows_llama_cpp(fields, hidden, head_dim, expected):
+    """llama.cpp writes no query scale for Gemma 2: the file's attention.scale when present,
+    else its own rule (the 46-layer 27B scales by hidden/heads, the others by head_dim)."""
+    from edgert.model.architectures import _gemma2_query_scale
+
+    get = lambda key, default=None: fields.get(key, default)  # noqa: E731
+    assert _gemma2_query_scale(get, hidden, head_dim) == pytest.approx(expected)
