@@ -271,9 +271,13 @@ def run(artifact: Path, prompt: str, max_new_tokens: int, temperature: float, to
 @click.option("--backend", default="ort", show_default=True, help="ort or tvm.")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="Intra-op threads (0 = the runtime's default).")
+@click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
+              help="Prefill only what a prompt adds to a cached prefix (the same system "
+                   "prompt, the next turn of a chat); usage.prompt_tokens_details."
+                   "cached_tokens reports it.")
 @friendly_errors
 def serve(artifact: Path, host: str, port: int, parallel: int, api_key: str | None,
-          max_queue: int, backend: str, threads: int) -> None:
+          max_queue: int, backend: str, threads: int, prefix_reuse: bool) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions,
     /v1/completions, /v1/models, /health, /metrics)."""
     import logging
@@ -282,7 +286,8 @@ def serve(artifact: Path, host: str, port: int, parallel: int, api_key: str | No
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     serve_artifact(artifact, host, port, parallel=parallel, api_key=api_key,
-                   max_queue=max_queue, backend=backend, threads=threads)
+                   max_queue=max_queue, backend=backend, threads=threads,
+                   prefix_reuse=prefix_reuse)
 
 
 @main.command("eval-heads")

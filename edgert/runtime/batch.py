@@ -15,6 +15,11 @@ gather per buffer). Admission
 reserves each sequence's prompt + ``max_new_tokens``, so a compaction always makes room.
 Memory stays what the artifact allocated at load: no per-slot cache.
 
+Prefix reuse (``prefix_reuse=True``): entries are never written twice, so sequences can share
+them. A joining sequence whose prompt starts with the tokens of a running sequence, or of one
+that finished since the last compaction (the same system prompt, the next turn of a chat),
+takes that prefix's entries as its own and prefills only the rest (``BatchSequence.reused``).
+
 :class:`BatchDecoder` is the synchronous core (``step()`` runs one forward);
 :class:`BatchWorker` runs it on a thread for a server, with callbacks per token.
 """
@@ -32,6 +37,7 @@ from edgert.artifact.manifest import WHOLE_BIAS_AXIS, GraphKey
 from edgert.errors import CapacityError, GenerationError
 from edgert.runtime.backends import StepInputs
 from edgert.runtime.kv_cache import KVCache
+from edgert.runtime.prefix import reusable_prefix
 from edgert.runtime.sampling import SamplingParams, select_token
 from edgert.runtime.steps import MASK_VALUE
 from edgert.runtime.structured import JsonPolicy
@@ -59,6 +65,7 @@ class BatchSequence:
     fed_entries: int = 0  # how many cache entries it holds (``entries``)
     fed: int = 0  # prompt tokens already in the cache
     out_fed: int = 0  # output tokens already in the cache
+    reused: int = 0  # prompt tokens whose entries it took from another sequence
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -78,6 +85,20 @@ class BatchSequence:
     def add_entries(self, start: int, count: int) -> None:
         self._entries[self.fed_entries:self.fed_entries + count] = np.arange(start, start + count)
         self.fed_entries += count
+
+    def fed_tokens(self) -> np.ndarray:
+        """The tokens of its entries, in order (prompt, then output)."""
+        return np.array([*self.prompt_ids[:self.fed], *self.output[:self.out_fed]],
+                        dtype=np.int64)
+
+    def reuse(self, entries: np.ndarray) -> None:
+        """Take ``entries`` (another sequence's, holding this prompt's first tokens) as the
+        start of its own: those prompt tokens count as fed."""
+        count = len(entries)
+        if self.fed_entries or count >= len(self.prompt_ids):
+            raise ValueError("reuse needs a fresh sequence and a prefix shorter than its prompt")
+        self._entries[:count] = entries
+        self.fed_entries = self.fed = self.reused = count
 
     @property
     def reserved(self) -> int:
@@ -127,7 +148,8 @@ class BatchDecoder:
     """Up to ``slots`` sequences decoded together; :meth:`step` runs one forward."""
 
     def __init__(self, engine, slots: int,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET) -> None:
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, prefix_reuse: bool = False
+                 ) -> None:
         reason = supports_batching(engine)
         if reason is not None:
             raise GenerationError(reason)
@@ -138,6 +160,10 @@ class BatchDecoder:
         self.backend, self.cache = engine.backend, engine.cache
         self.active: list[BatchSequence] = []
         self.compactions = 0
+        self.prefix_reuse = prefix_reuse
+        # finished sequences' (tokens, entries), newest last: prefixes a joining sequence may
+        # reuse until a compaction or a restart of the timeline drops their entries
+        self._retained: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=max(slots, 4))
         # the step's whole-cache bias [rows, past + rows], a contiguous view of one buffer
         # allocated at start (the prefill budget, a row per slot and the pad row; grown only
         # for a step with more rows, when structured output forces a piece)
@@ -165,14 +191,35 @@ class BatchDecoder:
         if not self.can_admit(seq):
             raise GenerationError("no free slot or cache room for this sequence; wait for one "
                                   "to finish (can_admit)")
-        if not self.active:
-            self.cache.reset()  # nothing live: start the timeline over
+        donor = self._best_prefix(seq) if self.prefix_reuse else None
+        if donor is not None:
+            seq.reuse(donor)
+        elif not self.active:
+            self.cache.reset()  # nothing live or reusable: start the timeline over
+            self._retained.clear()
         self.active.append(seq)
+
+    def _best_prefix(self, seq: BatchSequence) -> np.ndarray | None:
+        """The longest reusable prefix of ``seq``'s prompt among the running and the retained
+        sequences: its entries, or None."""
+        best, best_len = None, 0
+        candidates = [(s.fed_tokens(), s.entries) for s in self.active]
+        for tokens, entries in [*candidates, *reversed(self._retained)]:
+            n = reusable_prefix(tokens, seq.prompt_ids)
+            if n > best_len:
+                best, best_len = entries[:n].copy(), n
+        return best
+
+    def _retire(self, seq: BatchSequence) -> None:
+        """``seq`` left the batch: keep its prefix for later requests."""
+        if self.prefix_reuse and seq.fed_entries:
+            self._retained.append((seq.fed_tokens(), seq.entries.copy()))
 
     def cancel(self, seq: BatchSequence) -> None:
         """Drop ``seq`` (its entries become holes); ``on_end("cancelled")`` if still running."""
         if seq in self.active:
             self.active.remove(seq)
+            self._retire(seq)
             if not seq.done:
                 seq.finish_reason = "cancelled"
                 seq.on_end("cancelled")
@@ -215,6 +262,9 @@ class BatchDecoder:
             if seq.policy is not None and seq.policy.done and not seq.done:
                 seq.finish_reason = "stop"  # the JSON is complete
                 seq.on_end("stop")
+        for seq in self.active:
+            if seq.done:
+                self._retire(seq)
         self.active = [seq for seq in self.active if not seq.done]
         return chosen
 
@@ -281,13 +331,14 @@ class BatchDecoder:
         return self.cache.length - live > max(live, COMPACT_SLACK)
 
     def _compact(self) -> None:
-        """Move every live entry to the front of the cache, in timeline order."""
-        live = sorted((index, seq, k) for seq in self.active
-                      for k, index in enumerate(seq.entries))
-        keep = np.array([index for index, _, _ in live], dtype=np.int64)
+        """Move every live entry to the front of the cache, in timeline order (an entry that
+        sequences share, a reused prefix, moves once); retained prefixes are dropped."""
+        keep = np.unique(np.concatenate([seq.entries for seq in self.active]
+                                        or [np.empty(0, dtype=np.int64)]))
         self.cache.compact(keep)
-        for new_index, (_, seq, k) in enumerate(live):
-            seq.entries[k] = new_index
+        for seq in self.active:
+            seq.entries[:] = np.searchsorted(keep, seq.entries)
+        self._retained.clear()
         self.compactions += 1
 
 
@@ -297,8 +348,9 @@ class BatchWorker:
     so a direct ``Engine.generate`` from another thread waits instead of sharing the cache."""
 
     def __init__(self, engine, slots: int,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET) -> None:
-        self.decoder = BatchDecoder(engine, slots, prefill_budget)
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, prefix_reuse: bool = False
+                 ) -> None:
+        self.decoder = BatchDecoder(engine, slots, prefill_budget, prefix_reuse)
         self.engine = engine
         self._waiting: deque[BatchSequence] = deque()
         self._cancelled: set[int] = set()

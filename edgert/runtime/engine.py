@@ -15,6 +15,7 @@ from edgert.dhsa.params import DHSAParams
 from edgert.errors import CapacityError, GenerationError
 from edgert.medusa.tree_buffers import TreeBuffers, build_tree_buffers
 from edgert.runtime.backends import StepOutputs, create_backend
+from edgert.runtime.prefix import reusable_prefix
 from edgert.runtime.sampling import SamplingParams, select_token
 from edgert.runtime.slot import SequenceSlot
 from edgert.runtime.speculative import (
@@ -65,12 +66,16 @@ class Engine:
         and tvm on cpu; the GPU's memory for tvm on cuda). True with ``backend="tvm",
         device="cpu"`` runs the GPU's cache code path (TVM-allocated buffers, the commit
         kernel) on the CPU.
+    prefix_reuse : keep the last generation's K/V and prefill only what a new prompt adds to
+        it (the same system prompt, the next turn of a chat: ``edgert.runtime.prefix``);
+        ``stats["reused_tokens"]`` counts the tokens taken from the cache. Off by default: a
+        reused prefix equals a fresh prefill only up to rounding (see that module).
     """
 
     def __init__(self, path: str | Path, backend: str = "ort", device: str = "cpu",
                  threads: int = 0, verify: bool | str = True,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 kv_on_device: bool | None = None) -> None:
+                 kv_on_device: bool | None = None, prefix_reuse: bool = False) -> None:
         self.path = Path(path)
         self.manifest = load_manifest(self.path, verify=verify)
         self.tokenizer = Tokenizer(self.path, self.manifest.tokenizer)
@@ -97,6 +102,8 @@ class Engine:
         if self.backend.has_heads and self.manifest.tree:
             self.set_tree(self.manifest.tree["choices"])
         self._vocab_masks: VocabMasks | None = None
+        self.prefix_reuse = prefix_reuse
+        self._cached_ids: list[int] = []  # the tokens whose K/V fill cache[0:len], in order
 
     @property
     def vocab_masks(self) -> VocabMasks:
@@ -139,6 +146,7 @@ class Engine:
     #    benches); the decode loop's own phase functions on this engine's backend and cache --
     def reset(self) -> None:
         """Empty the KV cache (its memory stays allocated)."""
+        self._cached_ids = []
         self.cache.reset()
 
     @property
@@ -149,12 +157,14 @@ class Engine:
     def prefill_ids(self, ids: list[int], sparse: bool = False) -> StepOutputs:
         """Append ``ids`` to the cache (DHSA when ``sparse``, into an empty cache); returns
         the last token's logits and hidden state ([1,V], [1,H])."""
+        self._cached_ids = []
         if sparse:
             return prefill_sparse(self.backend, self.cache, ids, self.dhsa_fixed_chunk)
         return prefill(self.backend, self.cache, ids, self.prefill_chunk)
 
     def decode_token(self, token: int) -> StepOutputs:
         """Append one token to the cache; returns its logits and hidden state."""
+        self._cached_ids = []
         return decode_one(self.backend, self.cache, token, self.decode_rows)
 
     def forward_uncommitted(self, ids: list[int] | np.ndarray) -> StepOutputs:
@@ -252,17 +262,53 @@ class Engine:
 
     def _generate_held(self, prompt_ids: list[int], opts: Engine._Options,
                        stats: dict[str, Any]) -> Iterator[int]:
+        """The generation, remembering which tokens' K/V it leaves in the cache (for the next
+        request's prefix reuse): its prompt and the new tokens the cache holds, however the
+        generation ends (a stream closed early included; none after an error)."""
+        reuse = self._reusable_prefix(prompt_ids, opts.dhsa)
+        self._cached_ids = []
+        fed = list(prompt_ids)
+        ok = False
+        try:
+            for token in self._prefill_and_decode(prompt_ids, reuse, opts, stats):
+                fed.append(token)
+                yield token
+            ok = True
+        except GeneratorExit:  # the caller closed the stream: the cache is consistent
+            ok = True
+            raise
+        finally:
+            if ok and self.prefix_reuse:
+                # a verification step may have committed tokens not yet emitted: cut there
+                self._cached_ids = fed[:min(self.cache.length, len(fed))]
+
+    def _reusable_prefix(self, prompt_ids: list[int], dhsa: bool | None) -> int:
+        """Prompt tokens to take from the cache: none when reuse is off, or when the rest of
+        the prompt is long enough for DHSA prefill (which starts from an empty cache)."""
+        if not self.prefix_reuse:
+            return 0
+        reuse = reusable_prefix(self._cached_ids, prompt_ids)
+        if reuse and self._use_dhsa(dhsa, len(prompt_ids) - reuse):
+            return 0
+        return reuse
+
+    def _prefill_and_decode(self, prompt_ids: list[int], reuse: int, opts: Engine._Options,
+                            stats: dict[str, Any]) -> Iterator[int]:
         rng = np.random.default_rng(opts.params.seed)
-        self.cache.reset()
-        sparse = self._use_dhsa(opts.dhsa, len(prompt_ids))
+        if reuse:
+            self.cache.truncate(reuse)
+        else:
+            self.cache.reset()
+        sparse = not reuse and self._use_dhsa(opts.dhsa, len(prompt_ids))
         t0 = time.perf_counter()
         if sparse:
             out = prefill_sparse(self.backend, self.cache, prompt_ids, self.dhsa_fixed_chunk)
         else:
-            out = prefill(self.backend, self.cache, prompt_ids, self.prefill_chunk)
+            out = prefill(self.backend, self.cache, prompt_ids[reuse:], self.prefill_chunk)
         t1 = time.perf_counter()
         stats["prefill_ms"] = (t1 - t0) * 1e3
         stats["prefill"] = "dhsa" if sparse else "dense"
+        stats["reused_tokens"] = reuse
         stats["speculative"] = "+".join(opts.drafters) or "off"
         if opts.json_schema is not None:
             loop = self._structured_tokens(out, self.json_policy(opts.json_schema),
@@ -428,7 +474,7 @@ class Engine:
         return self.backend.medusa_topk(hidden, np.array([root], dtype=np.int64))[0][:, 0]
 
     def _base_stats(self) -> dict[str, Any]:
-        return {"prefill_ms": 0.0, "decode_tokens_per_s": 0.0, "new_tokens": 0,
+        return {"prefill_ms": 0.0, "decode_tokens_per_s": 0.0, "new_tokens": 0, "reused_tokens": 0,
                 "kv_capacity": self.cache.capacity, "kv_bytes": self.cache.nbytes,
                 "steps": 0, "mean_accepted": 1.0}
 

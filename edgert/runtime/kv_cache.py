@@ -124,6 +124,13 @@ class KVCacheBase:
         not the identity)."""
         raise NotImplementedError
 
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` committed entries (a reused prefix); the rest are overwritten
+        by the next forward."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"truncate needs 0 <= n <= {self.length}, got {n}")
+        self.length = n
+
     def reset(self) -> None:
         self.length = 0
 

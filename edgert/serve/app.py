@@ -43,6 +43,7 @@ class ServeOptions:
     api_key: str | None = None
     max_queue: int = 16  # requests waiting for the slot beyond the one generating
     parallel: int = 1
+    prefix_reuse: bool = True  # prefill only what a prompt adds to a cached prefix
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Metrics:
     requests: dict[str, int] = field(default_factory=dict)  # endpoint -> count
     errors: int = 0
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens taken from the cache (prefix reuse)
     completion_tokens: int = 0
     speculative_accepted: int = 0
     decode_tokens_per_s: float = 0.0
@@ -61,6 +63,7 @@ class Metrics:
         for name, kind, value in (
                 ("request_errors_total", "counter", self.errors),
                 ("prompt_tokens_total", "counter", self.prompt_tokens),
+                ("prompt_tokens_reused_total", "counter", self.reused_tokens),
                 ("completion_tokens_total", "counter", self.completion_tokens),
                 ("speculative_accepted_tokens_total", "counter", self.speculative_accepted),
                 ("decode_tokens_per_second", "gauge", round(self.decode_tokens_per_s, 3)),
@@ -90,7 +93,8 @@ class Service:
                 reason = supports_batching(engine)
                 if reason is not None:
                     raise EdgertError(f"--parallel {self.options.parallel}: {reason}")
-                self.worker = BatchWorker(engine, self.options.parallel)
+                self.worker = BatchWorker(engine, self.options.parallel,
+                                          prefix_reuse=self.options.prefix_reuse)
             self.engine = engine
         except EdgertError as exc:
             self.load_error = str(exc)
@@ -224,6 +228,7 @@ class Generation:
                 if tail:
                     self._put(("text", tail))
             elapsed = time.perf_counter() - started
+            self.stats["reused_tokens"] = seq.reused
             self.stats["decode_tokens_per_s"] = len(seq.output) / elapsed if elapsed else 0.0
             self._put(("end", "stop" if stop.stopped else reason))
 
@@ -291,16 +296,19 @@ def build_app(service: Service) -> Starlette:
 
         def finish(reason: str) -> dict:
             completion = int(gen.stats.get("new_tokens", 0))
+            reused = int(gen.stats.get("reused_tokens", 0))
             service.metrics.prompt_tokens += prompt_tokens
+            service.metrics.reused_tokens += reused
             service.metrics.completion_tokens += completion
             service.metrics.speculative_accepted += sum(
                 gen.stats.get("accepted_by", {}).values())
             service.metrics.decode_tokens_per_s = gen.stats.get("decode_tokens_per_s", 0.0)
-            log.info("%s %s 200 prompt=%d completion=%d %s %.0f ms", request.method,
-                     request.url.path, prompt_tokens, completion, reason,
-                     (time.perf_counter() - started) * 1e3)
+            log.info("%s %s 200 prompt=%d (reused %d) completion=%d %s %.0f ms",
+                     request.method, request.url.path, prompt_tokens, reused, completion,
+                     reason, (time.perf_counter() - started) * 1e3)
             return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                    "total_tokens": prompt_tokens + completion}
+                    "total_tokens": prompt_tokens + completion,
+                    "prompt_tokens_details": {"cached_tokens": reused}}
 
         if req.stream:
             return StreamingResponse(_sse(request, gen, shape, req, finish),

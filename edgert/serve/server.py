@@ -9,7 +9,8 @@ from edgert.serve.app import ServeOptions, Service, build_app
 
 
 def make_service(artifact: Path, parallel: int = 1, api_key: str | None = None,
-                 max_queue: int = 16, backend: str = "ort", threads: int = 0) -> Service:
+                 max_queue: int = 16, backend: str = "ort", threads: int = 0,
+                 prefix_reuse: bool = True) -> Service:
     """The Service for an artifact (its engine loads in the background: /health answers 503
     until it is ready)."""
     from edgert.runtime.engine import load
@@ -23,8 +24,9 @@ def make_service(artifact: Path, parallel: int = 1, api_key: str | None = None,
         raise ArtifactError(f"{artifact} is not an edgert artifact (no edgert.json); export "
                             "one with `edgert export`")
     options = ServeOptions(model=artifact.name, api_key=api_key, max_queue=max_queue,
-                           parallel=parallel)
-    return Service(lambda: load(artifact, backend=backend, threads=threads), options)
+                           parallel=parallel, prefix_reuse=prefix_reuse)
+    return Service(lambda: load(artifact, backend=backend, threads=threads,
+                                prefix_reuse=prefix_reuse), options)
 
 
 def serve_artifact(artifact: Path, host: str, port: int, **kwargs) -> None:

@@ -135,6 +135,23 @@ def test_unsupported_schema_is_400_naming_the_keyword(client):
                 "name": "x", "schema": {"type": "string", "pattern": "a+"}}})
 
 
+def test_next_turn_reuses_the_cached_prefix(client, url, tiny_engine):
+    """The follow-up turn of a chat prefills only what it adds (usage reports the cached
+    tokens, /metrics counts them) and gets the text a fresh generation gets."""
+    first = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12,
+                                           temperature=0)
+    turn = [*MESSAGES, {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "Shorter"}]
+    second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=16,
+                                            temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    tiny_engine.reset()
+    assert second.choices[0].message.content == want(tiny_engine, turn, n=16).text
+    reused = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+              if line.startswith("edgert_prompt_tokens_reused_total ")]
+    assert reused and int(reused[0].split()[1]) >= first.usage.prompt_tokens
+
+
 def test_models_health_metrics(client, url):
     assert [m.id for m in client.models.list().data]
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
