@@ -16,7 +16,7 @@ GPU_APT_PACKAGES := pocl-opencl-icd ocl-icd-libopencl1 mesa-vulkan-drivers
 ARTIFACT ?= artifacts/smollm2-135m
 PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: install gpu-deps demo test test-slow bench lint lock clean
+.PHONY: install gpu-deps demo test test-slow bench llamacpp lint lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory gpu-deps || \
@@ -59,6 +59,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP) $(ARTIFACT)/edgert.json
 	$(PY) -m bench.decode $(ARTIFACT)
+
+# llama.cpp as a bench peer (bench/footprint.py --llamacpp): llama-cpp-python builds llama.cpp
+# from source, about 10 minutes on 2 cores; not part of install or test
+llamacpp: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -c constraints.txt llama-cpp-python
 
 lint: $(STAMP)
 	$(PY) -m ruff check edgert tests bench scripts
