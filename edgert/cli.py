@@ -80,10 +80,19 @@ def main() -> None:
               help="Quantized matmuls: int8 quantizes activations per block (fastest); fp32 "
                    "dequantizes in the kernel (output = the dequantized model up to summation "
                    "order; 8-bit weights are expanded to fp32 at load).")
+@click.option("--draft", type=click.Path(path_type=Path), default=None,
+              help="EAGLE-style draft layer directory (edgert train-draft). Default: the "
+                   "registered model's committed draft, if any.")
+@click.option("--no-draft", is_flag=True, help="Export without a draft layer.")
+@click.option("--draft-depth", type=int, default=4, show_default=True,
+              help="Tokens the draft layer drafts per step.")
+@click.option("--draft-topk", type=int, default=4, show_default=True,
+              help="Candidates per row the draft graph returns.")
 @friendly_errors
 def export(model: str, output: Path, max_context: int | None, force: bool, heads: Path | None,
            no_heads: bool, medusa_topk: int, tree: str | None, dhsa_settings: tuple[str, ...],
-           no_dhsa: bool, weights: str, compute: str) -> None:
+           no_dhsa: bool, weights: str, compute: str, draft: Path | None, no_draft: bool,
+           draft_depth: int, draft_topk: int) -> None:
     """Export MODEL (a registered name, a Hugging Face directory or a .gguf file) to an
     ONNX artifact. Default MODEL: smollm2-135m."""
     from edgert.dhsa.params import DHSAParams
@@ -94,7 +103,9 @@ def export(model: str, output: Path, max_context: int | None, force: bool, heads
     export_model(model, output, ExportOptions(max_context=max_context, overwrite=force,
                                               heads=heads, use_heads=not no_heads,
                                               medusa_topk=medusa_topk, tree=tree, dhsa=dhsa,
-                                              weights=WeightOptions(weights, compute)))
+                                              weights=WeightOptions(weights, compute),
+                                              draft=draft, use_draft=not no_draft,
+                                              draft_depth=draft_depth, draft_topk=draft_topk))
 
 
 @main.command()
@@ -201,6 +212,48 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
     train_heads_for_model(model, output, options)
 
 
+@main.command("train-draft")
+@click.argument("model", default="smollm2-135m")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Draft directory to write; its cache/ keeps data and checkpoints (resume).")
+@click.option("--steps", type=int, default=2000, show_default=True, help="Optimizer steps.")
+@click.option("--sequences-per-step", type=int, default=8, show_default=True,
+              help="Sequences packed into each step's row.")
+@click.option("--max-tokens", type=int, default=2048, show_default=True,
+              help="Rows per step (the packed sequences are cut there).")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--data", "data_file", type=click.Path(path_type=Path, exists=True), default=None,
+              help="JSONL of {prompt, response} or {text}; default: self-distillation on the "
+                   "shipped prompt set.")
+@click.option("--max-prompts", type=int, default=None,
+              help="Use only the first N shipped prompts (default: all).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True,
+              help="Length of the backbone's self-distillation responses.")
+@click.option("--prompts-per-topic", type=int, default=3, show_default=True,
+              help="Templates per topic in the shipped prompt set (more = more data).")
+@click.option("--output-vocab", type=int, default=8192, show_default=True,
+              help="The draft scores only this many of the most frequent tokens (0 = all): "
+                   "a cheaper draft step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def train_draft(model: str, output: Path, steps: int, sequences_per_step: int, max_tokens: int,
+                lr: float, data_file: Path | None, max_prompts: int | None,
+                max_new_tokens: int, prompts_per_topic: int, output_vocab: int,
+                seed: int) -> None:
+    """Train an EAGLE-style draft layer for MODEL on its own responses (frozen backbone)."""
+    from edgert.train.distill import DistillOptions
+    from edgert.train.draft_loop import DraftTrainOptions
+    from edgert.train.train_draft import TrainDraftOptions, train_draft_for_model
+
+    options = TrainDraftOptions(
+        train=DraftTrainOptions(output_vocab=output_vocab, steps=steps,
+                                sequences_per_step=sequences_per_step, max_tokens=max_tokens,
+                                lr=lr, seed=seed),
+        distill=DistillOptions(max_new_tokens=max_new_tokens, seed=seed),
+        data_file=data_file, max_prompts=max_prompts, prompts_per_topic=prompts_per_topic)
+    train_draft_for_model(model, output, options)
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="The user message (or raw text with --raw).")
@@ -223,9 +276,9 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
 @click.option("--threads", type=int, default=0, show_default=True,
               help="Intra-op threads (0 = the runtime's default).")
 @click.option("--speculative", default=None,
-              help="Drafters verified each step: off, medusa, lookup (copy from the prompt and "
-                   "output), or a combination such as medusa+lookup [default: the artifact's: "
-                   "Medusa when it has heads].")
+              help="Drafters verified each step: off, medusa, draft (the artifact's draft "
+                   "layer), lookup (copy from the prompt and output), or a combination such "
+                   "as draft+lookup [default: the artifact's].")
 @click.option("--no-medusa", is_flag=True, help="Same as --speculative off.")
 @click.option("--acceptance", type=click.Choice(["rejection", "typical"]), default="rejection",
               show_default=True,
@@ -321,6 +374,42 @@ def eval_heads(artifact: Path, prompts_file: Path | None, max_new_tokens: int,
     click.echo("head | predicts | top-1  | top-5  | positions")
     for i, (t1, t5, n) in enumerate(zip(acc.top1, acc.top5, acc.positions)):
         click.echo(f"{i:4d} | t+{i + 2:<6d} | {t1:.4f} | {t5:.4f} | {n}")
+
+
+@main.command("eval-draft")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, exists=True),
+              default=None, help="Text file, one prompt per line (default: edgert's held-out "
+                                 "prompts, never used in training).")
+@click.option("--max-new-tokens", type=int, default=96, show_default=True,
+              help="Greedy continuation length per prompt.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"top1": [...], "accept": [...], "tokens_per_step": ...}.')
+@friendly_errors
+def eval_draft(artifact: Path, prompts_file: Path | None, max_new_tokens: int,
+               as_json: bool) -> None:
+    """Top-1 of ARTIFACT's draft layer at each draft step against its own greedy output."""
+    from tqdm import tqdm
+
+    from edgert.runtime.engine import load
+    from edgert.train.eval_draft import evaluate_draft
+    from edgert.train.prompts import heldout_prompts
+
+    engine = load(artifact)
+    prompts = ([line for line in prompts_file.read_text().splitlines() if line.strip()]
+               if prompts_file else heldout_prompts())
+    with tqdm(total=len(prompts), desc="eval-draft", unit="prompt", disable=as_json) as bar:
+        acc = evaluate_draft(engine, prompts, max_new_tokens, bar.update)
+    if as_json:
+        click.echo(json.dumps(acc.to_dict()))
+        return
+    click.echo(f"{acc.prompts} prompts ({acc.skipped} too long for the KV capacity skipped), "
+               f"{acc.positions} positions, greedy continuation of up to {max_new_tokens} tokens")
+    click.echo("step | top-1  | accepted (previous steps right)")
+    for k, (t1, a) in enumerate(zip(acc.top1, acc.accept)):
+        click.echo(f"{k + 1:4d} | {t1:.4f} | {a:.4f}")
+    click.echo(f"tokens per verification step, the whole chain verified: "
+               f"{acc.tokens_per_step:.3f}")
 
 
 @main.command("tune-tree")

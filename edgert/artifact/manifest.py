@@ -33,6 +33,7 @@ class GraphKey(StrEnum):
     ORT_GQA = "ort_gqa"  # model.ort.onnx: ONNX Runtime GroupQueryAttention over the cache
     DHSA = "dhsa"  # model.dhsa.onnx: the DHSA sparse prefill (long prompts)
     MEDUSA = "medusa"  # medusa.onnx: the Medusa heads' top-k
+    DRAFT = "draft"  # draft.onnx: the EAGLE-style draft layer over its own KV cache
 
 
 # the KV cache's element types (numpy names) and their sizes in bytes
@@ -276,6 +277,7 @@ class Manifest:
     medusa: dict[str, Any] | None = None
     tree: dict[str, Any] | None = None
     dhsa: dict[str, Any] | None = None
+    draft: dict[str, Any] | None = None  # {topk, depth, output_vocab, kv_cache, ...}
     compiled: dict[str, Any] = field(default_factory=dict)
     # large file -> {"size", "sample_sha256"}: what a load checks (artifact.io.quick_checks)
     file_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -328,6 +330,7 @@ class Manifest:
                 raise ConfigError(f"manifest kv_cache.{name}={getattr(kv, name)} contradicts "
                                   f"config {other}={getattr(config, other)}; {REEXPORT}")
         self._check_medusa()
+        self._check_draft()
         for name, check in self.file_checks.items():
             if not (isinstance(check.get("size"), int) and check["size"] >= 0
                     and isinstance(check.get("sample_sha256"), str)):
@@ -374,6 +377,41 @@ class Manifest:
             if isinstance(got, int) and got != value:
                 raise ConfigError(f"manifest config {field_name}={value} contradicts the graph "
                                   f"({name} of {quote(graph.file)} has {got}); {REEXPORT}")
+
+    @property
+    def draft_kv_cache(self) -> KVCacheSpec | None:
+        """The draft layer's cache (one layer), allocated at load beside the backbone's."""
+        return KVCacheSpec.from_dict(self.draft["kv_cache"]) if self.draft else None
+
+    def _check_draft(self) -> None:
+        graph = self.graphs.get(GraphKey.DRAFT)
+        draft = self.draft
+        if graph is None:
+            if draft is not None:
+                raise ConfigError(f"the manifest has a 'draft' section but no draft graph; "
+                                  f"{REEXPORT}")
+            return
+        if not isinstance(draft, dict) or not isinstance(draft.get("kv_cache"), dict):
+            raise ConfigError(f"the manifest has a draft graph but no 'draft' section with a "
+                              f"kv_cache; {REEXPORT}")
+        for field_name in ("topk", "depth"):
+            value = draft.get(field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"draft.{field_name} must be a positive integer, got "
+                                  f"{_describe(value)}; {REEXPORT}")
+        kv = self.draft_kv_cache
+        ids = {t.name: t for t in graph.outputs}.get("draft_topk_ids")
+        got = ids.shape[2] if ids is not None and len(ids.shape) == 3 else None
+        if got != draft["topk"]:
+            raise ConfigError(f"manifest draft.topk={draft['topk']} contradicts the graph "
+                              f"(draft_topk_ids has {got}); {REEXPORT}")
+        if (kv.num_layers, kv.num_kv_heads, kv.head_dim) != (
+                1, self.config.num_key_value_heads, self.config.head_dim):
+            raise ConfigError(f"draft.kv_cache must be one layer of the model's KV heads and "
+                              f"head size, got {kv}; {REEXPORT}")
+        if kv.capacity < self.kv_cache.capacity:
+            raise ConfigError(f"draft.kv_cache.capacity={kv.capacity} is below the model's "
+                              f"{self.kv_cache.capacity}; {REEXPORT}")
 
     def _check_medusa(self) -> None:
         graph = self.graphs.get(GraphKey.MEDUSA)

@@ -85,6 +85,16 @@ class Rotary:
     positions: torch.Tensor | None = None
 
 
+def rotary_tables(inv_freq: torch.Tensor, position_ids: torch.Tensor, fused: bool) -> Rotary:
+    """The step's rotary tables for ``position_ids`` [1,q] (``fused``: for RotaryEmbedding)."""
+    freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq  # [1,q,D/2]
+    if fused:
+        local = torch.arange(position_ids.shape[1], dtype=torch.int64).unsqueeze(0)
+        return Rotary(freqs[0].cos(), freqs[0].sin(), local)
+    emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [1,q,1,D]
+    return Rotary(emb.cos(), emb.sin())
+
+
 class _FusedRotary(torch.autograd.Function):
     """Eager: rotate-half rotary of x [1,q,heads*D]; export: one com.microsoft
     RotaryEmbedding node (non-interleaved, the layout Llama uses)."""
@@ -204,9 +214,12 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, config: DecoderConfig, attention: str = GraphKey.PORTABLE,
-                 **core_options) -> None:
+                 features: bool = False, **core_options) -> None:
         super().__init__()
         self.config = config
+        # an extra output, ``features`` [1,q,H]: every row's final-norm hidden state (what
+        # the draft layer reads; ``hidden`` has only the logits rows)
+        self.features_output = features
         self.attention: AttentionVariant = ATTENTION_VARIANTS[attention]
         # prefill-only variants (DHSA) are traced with a chunk this long after a cached
         # prefix: full sparse blocks and a partial last one (every graph path)
@@ -235,17 +248,12 @@ class Decoder(nn.Module):
         return x * multiplier if multiplier != 1.0 else x
 
     def rotary(self, position_ids: torch.Tensor) -> Rotary:
-        freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [1,q,D/2]
-        if self.attention.fused_rotary:
-            local = torch.arange(position_ids.shape[1], dtype=torch.int64).unsqueeze(0)
-            return Rotary(freqs[0].cos(), freqs[0].sin(), local)
-        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [1,q,1,D]
-        return Rotary(emb.cos(), emb.sin())
+        return rotary_tables(self.inv_freq, position_ids, self.attention.fused_rotary)
 
     def forward(self, input_ids, position_ids, tree_mask, logits_index, *rest):
         """rest = (*extra inputs of the attention variant, past_key_0, past_value_0, ...);
         returns (logits [1,n,V], hidden [1,n,H], present_key_0, present_value_0, ...,
-        *extra outputs of the variant)."""
+        *extra outputs of the variant, features [1,q,H] when ``features``)."""
         n_extra = len(self.attention.extra_inputs)
         extra, past = rest[:n_extra], rest[n_extra:]
         x = self.embed(input_ids)
@@ -255,9 +263,11 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, rotary, past[2 * i], past[2 * i + 1], ctx)
             presents += [k, v]
-        hidden = self.norm(x).index_select(1, logits_index)
+        normed = self.norm(x)
+        hidden = normed.index_select(1, logits_index)
         logits = softcap(torch.matmul(hidden, self.lm_head_t), self.config.final_logit_softcapping)
-        return (logits, hidden, *presents, *self.attention.context_outputs(ctx))
+        features = (normed,) if self.features_output else ()
+        return (logits, hidden, *presents, *self.attention.context_outputs(ctx), *features)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a transformers-style state dict (``model.`` prefixes accepted)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -24,6 +25,8 @@ from edgert.artifact.manifest import (
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import ConfigError
 from edgert.export.decoder import Decoder
+from edgert.export.draft_graph import DRAFT_FILE, draft_graph_spec, trace_draft
+from edgert.export.draft_layer import DraftLayer, load_draft
 from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
 from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
@@ -31,6 +34,7 @@ from edgert.export.quantize import WeightOptions, plan_quantization, quantize_gr
 from edgert.medusa.tree_buffers import build_tree_buffers
 from edgert.medusa.tree_presets import resolve_tree
 from edgert.model.config import DecoderConfig
+from edgert.model.draft_config import DRAFT_CONFIG
 from edgert.model.loaded import LoadedModel
 from edgert.model.medusa_heads import MedusaHeads, load_heads
 from edgert.model.sources import REGISTERED_MODELS, load_model
@@ -49,7 +53,9 @@ class ExportOptions:
 
     ``max_context=None``: the model's maximum (lowered to fit memory). ``heads``: a Medusa
     heads directory; ``None`` takes the registered model's committed heads when it has some,
-    ``use_heads=False`` exports without heads.
+    ``use_heads=False`` exports without heads. ``draft``: an EAGLE-style draft layer
+    directory (``edgert train-draft``), the same way (``use_draft=False``: none);
+    ``draft_depth`` tokens are drafted per step.
     """
 
     max_context: int | None = None
@@ -60,6 +66,10 @@ class ExportOptions:
     tree: str | Path | None = None  # a shipped tree name or a JSON file; None: the default
     dhsa: DHSAParams | None = field(default_factory=DHSAParams)  # None: no DHSA prefill graph
     weights: WeightOptions = field(default_factory=WeightOptions)  # --weights, --compute
+    draft: Path | None = None
+    use_draft: bool = True
+    draft_topk: int = 4
+    draft_depth: int = 4
 
 
 def _available_memory() -> int:
@@ -111,6 +121,32 @@ def resolve_heads(loaded: LoadedModel, options: ExportOptions) -> MedusaHeads | 
     return load_heads(Path(path), loaded.config)
 
 
+def resolve_draft(loaded: LoadedModel, options: ExportOptions) -> DraftLayer | None:
+    """The draft layer to export: --draft, else the registered model's committed one, else
+    none."""
+    if not options.use_draft:
+        return None
+    path = options.draft
+    if path is None:
+        registered = REGISTERED_MODELS.get(loaded.source.get("registered_name", ""))
+        default = registered.assets_dir / "draft" if registered else None
+        if default is None or not (default / DRAFT_CONFIG).is_file():
+            return None
+        path = default
+    return load_draft(Path(path), loaded.config)
+
+
+def _draft_manifest(draft: DraftLayer, options: ExportOptions, capacity: int,
+                    config: DecoderConfig) -> dict:
+    spec = KVCacheSpec(capacity + options.draft_depth, 1, config.num_key_value_heads,
+                       config.head_dim)
+    return {"graph": GraphKey.DRAFT.value, "topk": options.draft_topk,
+            "depth": options.draft_depth, "output_vocab": draft.config.output_vocab,
+            "kv_cache": dataclasses.asdict(spec),
+            "draft_source": str(options.draft or "registered model's draft"),
+            "training": draft.config.training}
+
+
 def resolve_export_tree(loaded: LoadedModel, heads: MedusaHeads, options: ExportOptions) -> dict:
     """--tree, else the registered model's tuned tree (models/<name>/tree.json), else 'cpu'."""
     spec = options.tree
@@ -136,8 +172,9 @@ def _medusa_manifest(heads: MedusaHeads, topk: int, path: str) -> dict:
             "training": cfg.training}
 
 
-def _build_decoder(loaded: LoadedModel, variant: str, **core_options) -> Decoder:
-    decoder = Decoder(loaded.config, attention=variant, **core_options)
+def _build_decoder(loaded: LoadedModel, variant: str, features: bool = False,
+                   **core_options) -> Decoder:
+    decoder = Decoder(loaded.config, attention=variant, features=features, **core_options)
     with torch.no_grad():
         decoder.load_hf_state_dict(loaded.state_dict)
     return decoder.eval()
@@ -167,9 +204,16 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
     if heads is not None and not 1 <= options.medusa_topk <= config.vocab_size:
         raise ConfigError(f"--medusa-topk must be in [1, {config.vocab_size}], got "
                           f"{options.medusa_topk}")
+    draft = resolve_draft(loaded, options)
+    if draft is not None and not (1 <= options.draft_topk <= draft.config.projected_vocab
+                                  and options.draft_depth >= 1):
+        raise ConfigError(f"--draft-topk must be in [1, {draft.config.projected_vocab}] and "
+                          f"--draft-depth at least 1, got {options.draft_topk}, "
+                          f"{options.draft_depth}")
     dhsa = _dhsa_for(config, capacity, options.dhsa, log)
     with atomic_directory(output, overwrite=options.overwrite) as tmp:
-        graphs, graph_specs = _trace_graphs(loaded, heads, dhsa, options, tmp / TRACE_DIR, log)
+        graphs, graph_specs = _trace_graphs(loaded, heads, draft, dhsa, options,
+                                            tmp / TRACE_DIR, log)
         medusa = tree = None
         if heads is not None:
             medusa = _medusa_manifest(heads, options.medusa_topk,
@@ -210,6 +254,8 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             medusa=medusa,
             tree=tree,
             dhsa=dhsa.to_dict() if dhsa is not None else None,
+            draft=(_draft_manifest(draft, options, capacity, config) if draft is not None
+                   else None),
         )
         write_manifest(tmp, manifest.to_dict())
     log(f"wrote {output}")
@@ -230,9 +276,9 @@ def _dhsa_for(config: DecoderConfig, capacity: int, dhsa: DHSAParams | None,
     return dhsa
 
 
-def _trace_graphs(loaded: LoadedModel, heads: MedusaHeads | None, dhsa: DHSAParams | None,
-                  options: ExportOptions, workdir: Path, log: Callable[[str], None]
-                  ) -> tuple[dict, dict]:
+def _trace_graphs(loaded: LoadedModel, heads: MedusaHeads | None, draft: DraftLayer | None,
+                  dhsa: DHSAParams | None, options: ExportOptions, workdir: Path,
+                  log: Callable[[str], None]) -> tuple[dict, dict]:
     """Every graph of the artifact (file name -> ONNX model) and its manifest spec, the
     decode graphs traced one at a time into ``workdir``."""
     config = loaded.config
@@ -241,15 +287,23 @@ def _trace_graphs(loaded: LoadedModel, heads: MedusaHeads | None, dhsa: DHSAPara
     for variant, file in variants:
         log(f"exporting {file} ({variant} attention)...")
         core_options = {"dhsa": dhsa} if variant == GraphKey.DHSA else {}
-        graphs[file] = trace_decoder(_build_decoder(loaded, variant, **core_options),
-                                     workdir / variant)
-        graph_specs[variant] = decode_graph_spec(file, variant, config)
+        # with a draft layer, ONNX Runtime's graphs return every row's features (its input)
+        features = draft is not None and variant != GraphKey.PORTABLE
+        graphs[file] = trace_decoder(_build_decoder(loaded, variant, features=features,
+                                                    **core_options), workdir / variant)
+        graph_specs[variant] = decode_graph_spec(file, variant, config, features)
     if heads is not None:
         log(f"exporting {MEDUSA_FILE} ({heads.config.num_heads} Medusa heads)...")
         untied = None if config.tie_word_embeddings else loaded.embedding()
         graphs[MEDUSA_FILE] = trace_medusa(heads, loaded.lm_head_t(), options.medusa_topk,
                                            untied)
         graph_specs[GraphKey.MEDUSA] = medusa_graph_spec(heads, options.medusa_topk)
+    if draft is not None:
+        log(f"exporting {DRAFT_FILE} (draft layer)...")
+        untied = None if config.tie_word_embeddings else loaded.embedding()
+        graphs[DRAFT_FILE] = trace_draft(draft, config, loaded.lm_head_t(), options.draft_topk,
+                                         untied)
+        graph_specs[GraphKey.DRAFT] = draft_graph_spec(draft, options.draft_topk)
     return graphs, graph_specs
 
 
@@ -264,12 +318,13 @@ def _quantize_graphs(graphs: dict, loaded: LoadedModel, options: WeightOptions,
     own: dict[str, dict] = {}
     for file, graph in graphs.items():
         graph_used, graph_own = quantize_graph(graph, blocks, loaded.config, options,
-                                               own_weights=file == MEDUSA_FILE)
+                                               own_weights=file in (MEDUSA_FILE, DRAFT_FILE))
         used |= graph_used
         own.update(graph_own)
     requantized = [row for name, row in report.items() if name in used and row["requantized"]]
     log(f"weights: {len(used)} matrices in {options.weights} blocks "
-        f"({len(requantized)} requantized), {len(own)} Medusa head matrices 8-bit, compute "
+        f"({len(requantized)} requantized), {len(own)} Medusa head / draft matrices 8-bit, "
+        "compute "
         f"{options.compute}")
     return summarize({**{name: report[name] for name in used}, **own}, options)
 

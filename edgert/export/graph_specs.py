@@ -15,7 +15,15 @@ def _head_outputs(config: DecoderConfig) -> list[TensorSpec]:
     ]
 
 
-def decode_graph_spec(file: str, variant_name: str, config: DecoderConfig) -> GraphSpec:
+def _features_output(config: DecoderConfig) -> TensorSpec:
+    return TensorSpec("features", [1, "q", config.hidden_size], "float32",
+                      "every new token's final-norm hidden state (the draft layer's input)")
+
+
+def decode_graph_spec(file: str, variant_name: str, config: DecoderConfig,
+                      features: bool = False) -> GraphSpec:
+    """``features``: the graph also returns every row's hidden state (artifacts with a draft
+    layer)."""
     variant = ATTENTION_VARIANTS[variant_name]
     hkv, d = config.num_key_value_heads, config.head_dim
     cache_len = "capacity" if variant.shared_cache else "past"
@@ -31,7 +39,7 @@ def decode_graph_spec(file: str, variant_name: str, config: DecoderConfig) -> Gr
                    "which of the q positions to return logits and hidden states for"),
     ]
     if variant.prefill_only:
-        return _prefill_graph_spec(file, variant_name, config, inputs)
+        return _prefill_graph_spec(file, variant_name, config, inputs, features)
     if variant.shared_cache:
         inputs[2] = TensorSpec(
             "tree_mask", [1, 1, "q", WHOLE_BIAS_AXIS], "float32",
@@ -57,12 +65,14 @@ def decode_graph_spec(file: str, variant_name: str, config: DecoderConfig) -> Gr
                                          f"layer {i} cached {kind}s of the prefix"))
                 outputs.append(TensorSpec(f"present_{kind}_{i}", [1, hkv, "q", d], "float32",
                                           f"layer {i} {kind}s of the q new tokens"))
+    if features:
+        outputs.append(_features_output(config))
     return GraphSpec(file=file, attention=variant_name, shared_cache=variant.shared_cache,
                      inputs=inputs, outputs=outputs)
 
 
 def _prefill_graph_spec(file: str, variant_name: str, config: DecoderConfig,
-                        common: list[TensorSpec]) -> GraphSpec:
+                        common: list[TensorSpec], features: bool = False) -> GraphSpec:
     """A prefill-call graph (DHSA): q prompt tokens after the P cached ones, no tree mask
     (causal inside); the cache buffers are read and written in place."""
     hkv, d = config.num_key_value_heads, config.head_dim
@@ -88,5 +98,7 @@ def _prefill_graph_spec(file: str, variant_name: str, config: DecoderConfig,
                                       "new entries written at [P, P+q)"))
     outputs.append(TensorSpec("chunk_starts", ["q"], "bool",
                               "which of the q new tokens start a key chunk"))
+    if features:
+        outputs.append(_features_output(config))
     return GraphSpec(file=file, attention=variant_name, shared_cache=False, inputs=inputs,
                      outputs=outputs)

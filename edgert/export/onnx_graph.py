@@ -48,7 +48,8 @@ def decoder_io_names(model: Decoder) -> GraphIO:
     return GraphIO(
         inputs=("input_ids", "position_ids", "tree_mask", "logits_index",
                 *model.attention.extra_inputs, *past),
-        outputs=("logits", "hidden", *present, *model.attention.extra_outputs),
+        outputs=("logits", "hidden", *present, *model.attention.extra_outputs,
+                 *(("features",) if model.features_output else ())),
     )
 
 
@@ -76,6 +77,7 @@ def _dynamic_axes(model: Decoder, names: GraphIO) -> dict[str, dict[int, str]]:
         "logits_index": {0: "n"},
         "logits": {1: "n"},
         "hidden": {1: "n"},
+        **({"features": {1: "q"}} if model.features_output else {}),
     }
     prefill = model.attention.prefill_only
     cache_axis = "capacity" if model.attention.shared_cache or prefill else "past"

@@ -46,6 +46,9 @@ MS_DOMAIN = "com.microsoft"
 # the Medusa heads' output-vocab projection (lm_head columns) and its token ids
 # (edgert.export.medusa_graph)
 SELECTED_VOCAB, SELECTED_VOCAB_IDS = "medusa_proj_t", "heads.vocab_ids"
+# projection initializer -> its token ids: lm_head's columns a graph reads (the Medusa heads',
+# the draft layer's), gathered from lm_head's own blocks when the session loads
+VOCAB_SELECTIONS = {SELECTED_VOCAB: SELECTED_VOCAB_IDS, "draft_proj_t": "draft.vocab_ids"}
 _LAYER_WEIGHT = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.MatMul\.B$")
 # GGUF storage types without an exact block form: requantized to this many bits
 _REQUANTIZE_BITS = {"Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q5_0": 8,
@@ -146,6 +149,7 @@ def summarize(report: dict[str, dict], options: WeightOptions) -> dict | None:
     groups: dict[str, dict] = {}
     for name, row in report.items():
         group = ("medusa_heads" if name.startswith(("heads.", "medusa_")) else
+                 "draft_layer" if name.startswith(("draft.", "draft_")) else
                  "vocab" if _is_vocab_weight(name) else name.split(".")[-2])
         entry = groups.setdefault(group, {"format": row["format"], "bits": row["bits"],
                                           "tensors": 0, "requantized": row["requantized"],
@@ -286,13 +290,14 @@ class _GraphQuantizer:
         """(the vocab weight's name, its blocks, the ids initializer) when ``initializer`` is
         the Medusa heads' output-vocab projection, ``medusa_proj_t`` = lm_head_t[:, vocab_ids]:
         it is read from the lm_head's own blocks, with no copy of those rows."""
-        if initializer != SELECTED_VOCAB or SELECTED_VOCAB_IDS not in self.inits:
+        ids = VOCAB_SELECTIONS.get(initializer)
+        if ids is None or ids not in self.inits:
             return None
         name = hf_weight_name("lm_head_t", self.config)
         if name not in self.blocks:
             return None
         self.used.add(name)
-        return name, self.blocks[name], SELECTED_VOCAB_IDS
+        return name, self.blocks[name], ids
 
     def _rewrite(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         if node.op_type == "MatMul" and len(node.input) == 2:

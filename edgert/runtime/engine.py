@@ -15,6 +15,7 @@ from edgert.dhsa.params import DHSAParams
 from edgert.errors import CapacityError, GenerationError
 from edgert.medusa.tree_buffers import TreeBuffers, build_tree_buffers
 from edgert.runtime.backends import StepOutputs, create_backend
+from edgert.runtime.draft import DraftState
 from edgert.runtime.prefix import reusable_prefix
 from edgert.runtime.sampling import SamplingParams, select_token
 from edgert.runtime.slot import SequenceSlot
@@ -104,6 +105,8 @@ class Engine:
         self._vocab_masks: VocabMasks | None = None
         self.prefix_reuse = prefix_reuse
         self._cached_ids: list[int] = []  # the tokens whose K/V fill cache[0:len], in order
+        # draft-cache rows valid for those tokens (rows 1..n: x_p and the backbone's h_{p-1})
+        self._draft_rows = 0
 
     @property
     def vocab_masks(self) -> VocabMasks:
@@ -146,7 +149,7 @@ class Engine:
     #    benches); the decode loop's own phase functions on this engine's backend and cache --
     def reset(self) -> None:
         """Empty the KV cache (its memory stays allocated)."""
-        self._cached_ids = []
+        self._cached_ids, self._draft_rows = [], 0
         self.cache.reset()
 
     @property
@@ -157,14 +160,14 @@ class Engine:
     def prefill_ids(self, ids: list[int], sparse: bool = False) -> StepOutputs:
         """Append ``ids`` to the cache (DHSA when ``sparse``, into an empty cache); returns
         the last token's logits and hidden state ([1,V], [1,H])."""
-        self._cached_ids = []
+        self._cached_ids, self._draft_rows = [], 0
         if sparse:
             return prefill_sparse(self.backend, self.cache, ids, self.dhsa_fixed_chunk)
         return prefill(self.backend, self.cache, ids, self.prefill_chunk)
 
     def decode_token(self, token: int) -> StepOutputs:
         """Append one token to the cache; returns its logits and hidden state."""
-        self._cached_ids = []
+        self._cached_ids, self._draft_rows = [], 0
         return decode_one(self.backend, self.cache, token, self.decode_rows)
 
     def forward_uncommitted(self, ids: list[int] | np.ndarray) -> StepOutputs:
@@ -208,6 +211,16 @@ class Engine:
     @property
     def has_heads(self) -> bool:
         return self.backend.has_heads
+
+    @property
+    def has_draft(self) -> bool:
+        """Whether the artifact has a draft layer this backend runs."""
+        return getattr(self.backend, "has_draft", False)
+
+    @property
+    def draft_depth(self) -> int:
+        """Tokens the draft layer drafts per step (the artifact's ``draft.depth``)."""
+        return int((self.manifest.draft or {}).get("depth", 0))
 
     # -- prompt handling ------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
@@ -265,8 +278,9 @@ class Engine:
         """The generation, remembering which tokens' K/V it leaves in the cache (for the next
         request's prefix reuse): its prompt and the new tokens the cache holds, however the
         generation ends (a stream closed early included; none after an error)."""
-        reuse = self._reusable_prefix(prompt_ids, opts.dhsa)
-        self._cached_ids = []
+        drafting = "draft" in opts.drafters
+        reuse = self._reusable_prefix(prompt_ids, opts.dhsa, drafting)
+        self._cached_ids, self._draft_rows = [], 0
         fed = list(prompt_ids)
         ok = False
         try:
@@ -281,13 +295,21 @@ class Engine:
             if ok and self.prefix_reuse:
                 # a verification step may have committed tokens not yet emitted: cut there
                 self._cached_ids = fed[:min(self.cache.length, len(fed))]
+                if drafting:
+                    self._draft_rows = min(self.backend.draft_cache.length,
+                                           len(self._cached_ids))
 
-    def _reusable_prefix(self, prompt_ids: list[int], dhsa: bool | None) -> int:
+    def _reusable_prefix(self, prompt_ids: list[int], dhsa: bool | None,
+                         drafting: bool = False) -> int:
         """Prompt tokens to take from the cache: none when reuse is off, or when the rest of
-        the prompt is long enough for DHSA prefill (which starts from an empty cache)."""
+        the prompt is long enough for DHSA prefill (which starts from an empty cache). With
+        the draft layer, no more than its cache holds rows for: the draft's first new row
+        reads the feature of the last reused position, so that position is computed again."""
         if not self.prefix_reuse:
             return 0
         reuse = reusable_prefix(self._cached_ids, prompt_ids)
+        if drafting:
+            reuse = max(0, min(reuse - 1, self._draft_rows))
         if reuse and self._use_dhsa(dhsa, len(prompt_ids) - reuse):
             return 0
         return reuse
@@ -386,17 +408,23 @@ class Engine:
         lookup = PromptLookup(opts.lookup) if "lookup" in opts.drafters else None
         if lookup is not None:
             lookup.reset([*prompt_ids, token])
+        draft = None
+        if "draft" in opts.drafters:
+            draft = DraftState(self.backend, self.draft_depth)
+            # the prefill's features start at the first position it computed
+            draft.start(prompt_ids, token, out.features, keep=stats["reused_tokens"])
         accepted_by = stats.setdefault("accepted_by", dict.fromkeys(opts.drafters, 0))
         yield token
         head_ids = self._heads(out.hidden[-1:], token) if medusa else None
         emitted = 0
         while True:
-            step = self._step_tree(token, head_ids, lookup)
+            step = self._step_tree(token, head_ids, lookup, draft)
             if self.cache.length + (step.size if step else 1) > self.cache.capacity:
                 break
             if step is None:  # nothing drafted: one plain step
                 out = decode_one(self.backend, self.cache, token, self.decode_rows)
-                new, last = [select_token(out.logits[-1], opts.params, rng)], -1
+                new, last = [select_token(out.logits[0], opts.params, rng)], 0
+                rows = np.zeros(1, dtype=np.int64)
             else:
                 buffers, tokens, mask, tree = step.buffers, step.tokens, step.mask, step.tree
                 out = verify_tree(self.backend, self.cache, buffers, tokens, mask)
@@ -404,6 +432,7 @@ class Engine:
                              opts.alpha, opts.acceptance)
                 self.cache.commit_path(acc.nodes)
                 new, last = [*tokens[acc.nodes[1:]].tolist(), acc.next_token], acc.nodes[-1]
+                rows = acc.nodes
                 for name, count in tree.proposed_by(acc.nodes[1:]).items():
                     if name in accepted_by:
                         accepted_by[name] += count
@@ -414,6 +443,8 @@ class Engine:
             token = new[-1]
             if lookup is not None:
                 lookup.extend(new)
+            if draft is not None:  # the backbone's features at the rows before the new tokens
+                draft.accept(new, out.features[rows])
             if medusa:
                 head_ids = self._heads(out.hidden[[last]], token)
         yield from self._plain_tokens(token, opts.params, rng, stats, emitted=True)
@@ -430,31 +461,39 @@ class Engine:
             return len(self.tokens)
 
     def _step_tree(self, root: int, head_ids: np.ndarray | None,
-                   lookup: PromptLookup | None) -> Engine._StepTree | None:
+                   lookup: PromptLookup | None, draft: DraftState | None = None
+                   ) -> Engine._StepTree | None:
         """This step's verification tree: the drafters' proposals merged under ``root``;
         None when none proposed anything."""
         if self.row_exact or not self.cache.can_move_entries:
-            return self._step_chain(root, head_ids, lookup)
-        if lookup is None:  # Medusa alone: its static tree, the mask computed once
+            return self._step_chain(root, head_ids, lookup, draft)
+        if lookup is None and draft is None:  # Medusa alone: its static tree, mask computed once
             tokens = propose_tree(self.tree, root, head_ids)
             return Engine._StepTree(self.tree, tokens, self._tree_mask,
                                     TokenTree(self.tree, tokens, self._medusa_sources))
         builder = TokenTreeBuilder(root)
+        if draft is not None:
+            builder.add_chain("draft", draft.propose())
         if head_ids is not None:
             builder.add("medusa", self.tree.parents, propose_tree(self.tree, root, head_ids))
-        builder.add_chain("lookup", lookup.propose())
+        if lookup is not None:
+            builder.add_chain("lookup", lookup.propose())
         if builder.size == 1:
             return None
         tree = builder.build()
         return Engine._StepTree(tree.buffers, tree.tokens, tree.buffers.additive_mask(), tree)
 
     def _step_chain(self, root: int, head_ids: np.ndarray | None,
-                    lookup: PromptLookup | None) -> Engine._StepTree | None:
+                    lookup: PromptLookup | None, draft: DraftState | None = None
+                    ) -> Engine._StepTree | None:
         """A chain to verify (``row_exact``): prompt lookup's candidates when it has some,
-        else the heads' top-1 chain; the other drafter joins where its chain agrees."""
+        else the draft layer's, else the heads' top-1 chain; the others join where their
+        chains agree."""
         chains = []
         if lookup is not None:
             chains.append(("lookup", lookup.propose()))
+        if draft is not None:
+            chains.append(("draft", draft.propose()))
         if head_ids is not None:
             tokens = propose_tree(self.tree, root, head_ids)
             chains.append(("medusa", tokens[self._medusa_chain].tolist()))
@@ -507,14 +546,16 @@ class Engine:
         for name in names:
             if name not in DRAFTERS:
                 raise GenerationError(f"unknown speculative mode '{name}'; choose off, medusa, "
-                                      "lookup, or a '+' combination such as medusa+lookup")
+                                      "draft, lookup, or a '+' combination such as "
+                                      "draft+lookup")
             if name == "medusa" and not self.has_medusa:
                 raise GenerationError("this artifact has no Medusa heads and tree; export it "
                                       "with heads, or decode without them (speculative='off' "
                                       "or 'lookup'; CLI: --no-medusa)")
-            if name == "draft":
-                raise GenerationError("this artifact has no draft layer; use medusa and/or "
-                                      "lookup")
+            if name == "draft" and not self.has_draft:
+                raise GenerationError("this artifact has no draft layer; export it with one "
+                                      "(`edgert train-draft`, then `edgert export --draft DIR`) "
+                                      "or use medusa and/or lookup")
         if len(set(names)) != len(names):
             raise GenerationError(f"speculative mode '{speculative}' names a drafter twice")
         return tuple(names)

@@ -32,14 +32,19 @@ def forward_block(backend: Backend, cache: KVCacheBase, ids, logits_rows: str = 
 def prefill(backend: Backend, cache: KVCacheBase, ids: list[int], chunk: int) -> StepOutputs:
     """Run the prompt through the model in chunks of at most ``chunk`` tokens.
 
-    Returns the logits/hidden state of the last prompt token ([1,V], [1,H]).
+    Returns the logits/hidden state of the last prompt token ([1,V], [1,H]), and every prompt
+    token's features [len(ids), H] where the graph returns them.
     """
     cache.check_room(len(ids))
-    out = None
+    out, features = None, []
     for start in range(0, len(ids), chunk):
         piece = ids[start:start + chunk]
         out = forward_block(backend, cache, piece)
         cache.advance(len(piece))
+        if out.features is not None:
+            features.append(out.features)
+    if len(features) > 1:
+        out = StepOutputs(out.logits, out.hidden, np.concatenate(features))
     return out
 
 

@@ -62,11 +62,16 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> np.ndarray:
     return order[k * batch:(k + 1) * batch]
 
 
-def frequent_tokens(data: DistillData, count: int, vocab: int) -> torch.Tensor:
-    """The ``count`` most frequent target tokens of ``data`` (ties: lower id), ascending."""
-    counts = torch.bincount(data.targets[data.targets != IGNORE], minlength=vocab)
+def most_frequent(tokens: torch.Tensor, count: int, vocab: int) -> torch.Tensor:
+    """The ``count`` most frequent ids in ``tokens`` (ties: lower id), ascending."""
+    counts = torch.bincount(tokens, minlength=vocab)
     order = torch.sort(-counts, stable=True).indices  # stable: ties keep the lower id first
     return torch.sort(order[:count]).values
+
+
+def frequent_tokens(data: DistillData, count: int, vocab: int) -> torch.Tensor:
+    """The ``count`` most frequent target tokens of ``data`` (ties: lower id), ascending."""
+    return most_frequent(data.targets[data.targets != IGNORE], count, vocab)
 
 
 def to_projected(targets: torch.Tensor, vocab_ids: torch.Tensor | None, vocab: int

@@ -36,6 +36,9 @@ class StepInputs:
 class StepOutputs:
     logits: np.ndarray  # [n,V]
     hidden: np.ndarray  # [n,H]
+    # every new row's hidden state [q,H], from graphs that return it (artifacts with a draft
+    # layer, which reads it); None otherwise
+    features: np.ndarray | None = None
 
 
 class Backend(Protocol):

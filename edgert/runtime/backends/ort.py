@@ -159,9 +159,19 @@ class OrtBackend:
             kind = "key" if i % 2 == 0 else "value"
             self.binding.bind_ortvalue_input(f"past_{kind}_{i // 2}", value)
             self.binding.bind_ortvalue_output(f"present_{kind}_{i // 2}", value)
+        # artifacts with a draft layer: the graphs also return every row's features
+        self._features = "features" in {t.name for t in graph.outputs}
+        if self._features:
+            self.binding.bind_output("features", "cpu")
+            self._features_index = 2 + len(self._cache_values)  # get_outputs(): bind order
         self._dhsa_spec = self._check_dhsa_graph(path, manifest)
         self.dhsa_params = DHSAParams.from_manifest(manifest) if self._dhsa_spec else None
         self._dhsa_session = None
+        self._draft_spec = manifest.graphs.get(GraphKey.DRAFT)
+        self._draft_session = None
+        # the draft layer's own cache: allocated at load, beside the backbone's
+        self.draft_cache = (KVCache(manifest.draft_kv_cache) if self._draft_spec is not None
+                            else None)
 
     def _digest(self, graph_file: str) -> str | None:
         """What a session's cache entry is keyed by: the graph's SHA-256 and that of the
@@ -232,7 +242,8 @@ class OrtBackend:
             self.dhsa_binding.bind_ortvalue_output(f"present_{kind}_{i // 2}", value)
             presents.append(f"present_{kind}_{i // 2}")
         # get_outputs() lists outputs in binding order: the presents above, then these
-        self._dhsa_outputs = [*presents, "logits", "hidden", "chunk_starts"]
+        self._dhsa_outputs = [*presents, "logits", "hidden", "chunk_starts",
+                              *(["features"] if self._features else [])]
         return session
 
     @property
@@ -246,6 +257,7 @@ class OrtBackend:
         session = self.dhsa_session
         b = self.dhsa_binding
         starts = self._chunk_starts
+        features = []
         for name, value in (("dhsa_fixed_chunk", fixed_chunk), ("prompt_length", total)):
             if name in self._dhsa_inputs:  # (unused inputs leave a graph whose layers
                 b.bind_cpu_input(name, np.array(value, dtype=np.int64))  # are all dense)
@@ -254,7 +266,7 @@ class OrtBackend:
             b.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
             b.bind_cpu_input("logits_index", np.array([end - start - 1], dtype=np.int64))
             b.bind_cpu_input("past_chunk_starts", starts[:start])
-            for name in ("logits", "hidden", "chunk_starts"):
+            for name in self._dhsa_outputs[-4 if self._features else -3:]:
                 b.bind_output(name, "cpu")
             try:
                 session.run_with_iobinding(b)  # K/V written into the cache in place
@@ -262,8 +274,11 @@ class OrtBackend:
                 raise run_error(exc, self._dhsa_spec.file) from None
             outputs = dict(zip(self._dhsa_outputs, b.get_outputs()))
             starts[start:end] = outputs["chunk_starts"].numpy()
+            if self._features:
+                features.append(outputs["features"].numpy()[0])
         return StepOutputs(logits=outputs["logits"].numpy()[0],
-                           hidden=outputs["hidden"].numpy()[0])
+                           hidden=outputs["hidden"].numpy()[0],
+                           features=np.concatenate(features) if features else None)
 
     def forward(self, step: StepInputs) -> StepOutputs:
         q = step.input_ids.shape[1]
@@ -277,9 +292,62 @@ class OrtBackend:
         b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         b.bind_output("logits", "cpu")
         b.bind_output("hidden", "cpu")
+        if self._features:
+            b.bind_output("features", "cpu")
         try:
             self.session.run_with_iobinding(b)
         except Exception as exc:  # ORT's own Fail/InvalidArgument/RuntimeException types
             raise run_error(exc, self._graph_file) from None
         outputs = b.get_outputs()
-        return StepOutputs(logits=outputs[0].numpy()[0], hidden=outputs[1].numpy()[0])
+        features = outputs[self._features_index].numpy()[0] if self._features else None
+        return StepOutputs(logits=outputs[0].numpy()[0], hidden=outputs[1].numpy()[0],
+                           features=features)
+
+    # -- the draft layer ------------------------------------------------------------------
+    @property
+    def has_draft(self) -> bool:
+        return self._draft_spec is not None
+
+    @property
+    def draft_session(self):
+        """The draft layer's session (opened on first use), its cache bound in place."""
+        if self._draft_session is None and self._draft_spec is not None:
+            session = _session(self._path / self._draft_spec.file, self.device, self._threads,
+                               spin=False, sha256=self._digest(self._draft_spec.file))
+            import onnxruntime as ort
+
+            binding = session.io_binding()
+            for name, buffer in (("key", self.draft_cache.keys[0]),
+                                 ("value", self.draft_cache.values[0])):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+                binding.bind_ortvalue_input(f"draft_past_{name}", value)
+                binding.bind_ortvalue_output(f"draft_present_{name}", value)
+            self._draft_binding = binding
+            self._draft_session = session
+        return self._draft_session
+
+    def draft_forward(self, input_ids: np.ndarray, features: np.ndarray,
+                      position_ids: np.ndarray, tree_mask: np.ndarray,
+                      logits_index: np.ndarray, past_len: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One draft call of q rows after ``past_len`` draft-cache entries (written at
+        [past_len, past_len + q)): (top-k ids [1,n,k], their logits [1,n,k], the draft's
+        features [1,n,H]) for the rows ``logits_index``."""
+        session = self.draft_session
+        b = self._draft_binding
+        total = past_len + input_ids.shape[1]
+        b.bind_cpu_input("input_ids", input_ids)
+        b.bind_cpu_input("features", np.ascontiguousarray(features, dtype=np.float32))
+        b.bind_cpu_input("position_ids", position_ids)
+        b.bind_cpu_input("tree_mask", tree_mask)
+        b.bind_cpu_input("logits_index", logits_index)
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        for name in ("draft_topk_ids", "draft_topk_logits", "draft_hidden"):
+            b.bind_output(name, "cpu")
+        try:
+            session.run_with_iobinding(b)
+        except Exception as exc:
+            raise run_error(exc, self._draft_spec.file) from None
+        outputs = b.get_outputs()  # the presents first (bound first), then these three
+        return outputs[2].numpy(), outputs[3].numpy(), outputs[4].numpy()

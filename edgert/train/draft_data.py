@@ -1,0 +1,76 @@
+"""Draft-layer training data: whole sequences with the backbone's features at every position.
+
+The sequences are the heads' self-distillation pairs (``edgert.train.distill``: the frozen
+backbone's own answers to the shipped prompts, or ``--data``), prompt and response together:
+the draft layer attends over the positions before it, prompt included, as it does at run time.
+One teacher-forced forward per sequence gives h_t (the final-norm hidden state) and a_t (the
+backbone's argmax, its prediction of token t+1) at every position. Features are stored fp16
+(half the memory; the draft's inputs and targets, not its weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class DraftData:
+    """``tokens`` [N] int64, ``hidden`` [N, H] float16, ``argmax`` [N] int64, concatenated over
+    sequences; sequence s spans ``offsets[s]:offsets[s+1]``, its first ``prompt_lengths[s]``
+    tokens being the prompt."""
+
+    tokens: torch.Tensor
+    hidden: torch.Tensor
+    argmax: torch.Tensor
+    offsets: torch.Tensor
+    prompt_lengths: torch.Tensor
+
+    @property
+    def sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    def span(self, s: int) -> slice:
+        return slice(int(self.offsets[s]), int(self.offsets[s + 1]))
+
+    def save(self, path: Path) -> None:
+        torch.save({"tokens": self.tokens, "hidden": self.hidden, "argmax": self.argmax,
+                    "offsets": self.offsets, "prompt_lengths": self.prompt_lengths}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> DraftData:
+        data = torch.load(path, weights_only=True)
+        return cls(data["tokens"], data["hidden"], data["argmax"], data["offsets"],
+                   data["prompt_lengths"])
+
+
+def sequence_features(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
+                      progress: Callable[[int], None] = lambda n: None) -> DraftData:
+    """Teacher-forced forwards of ``model`` (a transformers causal LM) over each prompt +
+    response; every position kept."""
+    tokens, hidden, argmax, lengths, prompts = [], [], [], [], []
+    lm_head = model.lm_head.weight  # [V, H]
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        seqs = [p + r for p, r in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        with torch.no_grad():
+            states = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            for row, ((prompt, _), seq) in enumerate(zip(batch, seqs)):
+                h = states[row, :len(seq)]
+                tokens.append(torch.tensor(seq, dtype=torch.int64))
+                hidden.append(h.to(torch.float16))
+                argmax.append(torch.cat([torch.matmul(chunk, lm_head.t()).argmax(-1)
+                                         for chunk in h.split(256)]))
+                lengths.append(len(seq))
+                prompts.append(len(prompt))
+        progress(len(batch))
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    return DraftData(torch.cat(tokens), torch.cat(hidden), torch.cat(argmax), offsets,
+                     torch.tensor(prompts, dtype=torch.int64))

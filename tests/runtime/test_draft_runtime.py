@@ -1,0 +1,221 @@
+"""The draft layer in the artifact and the decode loop: its graph against its torch module,
+the backbone's features output, lossless speculative decoding whatever it drafts, and a
+trained draft's tokens accepted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import edgert
+from edgert.errors import GenerationError
+from edgert.export.draft_layer import DraftLayer, load_draft, save_draft
+from edgert.export.exporter import ExportOptions, export_model
+from edgert.export.quantize import WeightOptions
+from edgert.model.draft_config import DraftConfig
+from edgert.runtime.steps import causal_mask
+from edgert.train.distill import DistillOptions, PromptEncoder, build_hf_model, generate_responses
+from edgert.train.draft_data import sequence_features
+from edgert.train.draft_loop import DraftTrainOptions, draft_forward, embed_tokens, train_draft
+
+PROMPTS = ["Write a haiku about the sea", "Explain loops in Python", "What is a function?",
+           "Tell me about classes"]
+TRAIN_PROMPTS = ["Explain loops.", "What is a class?", "Write a poem about rain.",
+                 "Sum 2 and 3.", "Describe a cat.", "Why is the sky blue?",
+                 "Name three colours.", "Count to five.", "Tell me a story.", "What is rain?"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    from edgert.model.sources import load_model
+
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def random_draft_dir(loaded, tmp_path_factory):
+    torch.manual_seed(3)
+    draft = DraftLayer(DraftConfig.for_backbone(loaded.config, output_vocab=96),
+                       vocab_ids=torch.randperm(loaded.config.vocab_size)[:96].sort().values)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = tmp_path_factory.mktemp("draft")
+    save_draft(draft, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_draft_dir(loaded, tmp_path_factory):
+    """A draft trained on the tiny backbone's own answers (a few seconds)."""
+    model = build_hf_model(loaded)
+    pairs = generate_responses(model, PromptEncoder(loaded), TRAIN_PROMPTS,
+                               DistillOptions(max_new_tokens=40, batch_size=5, seed=0,
+                                              sampled_share=0.0))
+    data = sequence_features(model, pairs)
+    draft = train_draft(data, loaded.config, loaded.lm_head_t(),
+                        DraftTrainOptions(output_vocab=0, steps=80, sequences_per_step=4,
+                                          max_tokens=512, lr=3e-3, noise=0.0))
+    out = tmp_path_factory.mktemp("trained_draft")
+    save_draft(draft, out)
+    return out
+
+
+def export(tiny_dir, out, draft, **options):
+    return export_model(str(tiny_dir), out, ExportOptions(draft=draft, max_context=512,
+                                                          **options), log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def draft_artifact(tiny_dir, random_draft_dir, tmp_path_factory):
+    return export(tiny_dir, tmp_path_factory.mktemp("a") / "art", random_draft_dir)
+
+
+@pytest.fixture(scope="module")
+def trained_artifact(tiny_dir, trained_draft_dir, tmp_path_factory):
+    return export(tiny_dir, tmp_path_factory.mktemp("t") / "art", trained_draft_dir)
+
+
+def test_manifest_and_files(draft_artifact):
+    manifest = json.loads((draft_artifact / "edgert.json").read_text())
+    assert manifest["draft"]["topk"] == 4 and manifest["draft"]["depth"] == 4
+    assert manifest["draft"]["kv_cache"]["num_layers"] == 1
+    assert manifest["draft"]["kv_cache"]["capacity"] >= manifest["kv_cache"]["capacity"]
+    assert (draft_artifact / "draft.onnx").is_file()
+    outputs = [t["name"] for t in manifest["graphs"]["ort_gqa"]["outputs"]]
+    assert outputs[-1] == "features"
+    assert "features" not in [t["name"] for t in manifest["graphs"]["portable"]["outputs"]]
+
+
+def _session_run(artifact, feed, capacity):
+    session = ort.InferenceSession(str(artifact / "draft.onnx"))
+    return session.run(None, feed)
+
+
+def test_draft_graph_equals_its_torch_module(draft_artifact, random_draft_dir, loaded):
+    """Rows written after a cached prefix equal the matching rows of one causal forward of
+    the whole sequence in the torch module (atol 1e-4): ids, logits and features."""
+    draft = load_draft(random_draft_dir, loaded.config)
+    cfg = loaded.config
+    rng = np.random.default_rng(0)
+    n, first = 9, 5
+    tokens = rng.integers(0, cfg.vocab_size, size=(1, n))
+    features = rng.standard_normal((1, n, cfg.hidden_size)).astype(np.float32)
+    positions = np.arange(1, n + 1)[None]
+    with torch.no_grad():
+        ref = draft_forward(draft, torch.from_numpy(features),
+                            embed_tokens(torch.from_numpy(tokens), loaded.lm_head_t(), cfg),
+                            torch.from_numpy(positions), torch.from_numpy(causal_mask(n)))[0]
+        ref_logits = draft.logits(ref, draft.select_vocab(loaded.lm_head_t()))
+    capacity = 16
+    cache = np.zeros((1, cfg.num_key_value_heads, capacity, cfg.head_dim), np.float32)
+    session = ort.InferenceSession(str(draft_artifact / "draft.onnx"))
+    key, value = cache.copy(), cache.copy()
+    for lo, hi in ((0, first), (first, n)):
+        q = hi - lo
+        ids, logits, hidden, key, value = session.run(None, {
+            "input_ids": tokens[:, lo:hi], "features": features[:, lo:hi],
+            "position_ids": positions[:, lo:hi], "tree_mask": causal_mask(q),
+            "logits_index": np.arange(q), "seqlens_k": np.array([hi - 1], np.int32),
+            "total_sequence_length": np.array(hi, np.int32), "draft_past_key": key,
+            "draft_past_value": value})
+        np.testing.assert_allclose(hidden[0], ref[lo:hi].numpy(), atol=1e-4)
+        top_values, top_index = torch.topk(ref_logits[lo:hi], ids.shape[-1], dim=-1)
+        np.testing.assert_allclose(logits[0], top_values.numpy(), atol=1e-4)
+        assert np.array_equal(ids[0], draft.to_vocab(top_index).numpy())
+
+
+def test_features_output_is_every_rows_hidden_state(draft_artifact, tiny_reference):
+    engine = edgert.load(draft_artifact)
+    ids = engine.encode("What is a function?")
+    out = engine.prefill_ids(ids)
+    with torch.no_grad():
+        ref = tiny_reference(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    assert out.features.shape == (len(ids), ref.shape[-1])
+    np.testing.assert_allclose(out.features, ref.numpy(), atol=1e-4)
+    np.testing.assert_allclose(out.hidden[-1], out.features[-1], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["draft", "draft+lookup"])
+def test_any_draft_is_lossless(draft_artifact, mode):
+    engine = edgert.load(draft_artifact)
+    for prompt in PROMPTS:
+        plain = engine.generate(prompt, max_new_tokens=40, speculative="off")
+        spec = engine.generate(prompt, max_new_tokens=40, speculative=mode)
+        assert spec.output_ids == plain.output_ids, prompt
+        assert spec.stats["speculative"] == mode
+
+
+def test_int8_artifact_with_a_draft_is_lossless(tiny_dir, random_draft_dir, tmp_path):
+    art = export(tiny_dir, tmp_path / "q4", random_draft_dir,
+                 weights=WeightOptions(weights="q4"))
+    manifest = json.loads((art / "edgert.json").read_text())
+    assert "draft_layer" in manifest["quantization"]["groups"]
+    engine = edgert.load(art)
+    for prompt in PROMPTS[:2]:
+        assert (engine.generate(prompt, max_new_tokens=32, speculative="draft").output_ids
+                == engine.generate(prompt, max_new_tokens=32, speculative="off").output_ids)
+
+
+def test_a_trained_draft_gets_tokens_accepted(trained_artifact):
+    """Its chains are accepted (a misaligned feature or position would make them useless):
+    more than one token per verification step, most of them from the draft."""
+    engine = edgert.load(trained_artifact)
+    steps = accepted = 0
+    for prompt in TRAIN_PROMPTS[:4]:
+        plain = engine.generate(prompt, max_new_tokens=32, speculative="off")
+        out = engine.generate(prompt, max_new_tokens=32, speculative="draft")
+        assert out.output_ids == plain.output_ids
+        steps += out.stats["steps"]
+        accepted += out.stats["accepted_by"]["draft"]
+    assert accepted / steps > 0.5, (accepted, steps)
+
+
+def test_draft_cache_is_allocated_once(draft_artifact):
+    engine = edgert.load(draft_artifact)
+    before = engine.backend.draft_cache.storage
+    engine.generate(PROMPTS[0], max_new_tokens=30, speculative="draft")
+    assert engine.backend.draft_cache.storage is before
+
+
+def test_prefix_reuse_with_the_draft(trained_artifact):
+    engine = edgert.load(trained_artifact, prefix_reuse=True)
+    reference = edgert.load(trained_artifact)
+    first = engine.generate(PROMPTS[0], max_new_tokens=16, speculative="draft")
+    turn = [{"role": "user", "content": PROMPTS[0]},
+            {"role": "assistant", "content": first.text}, {"role": "user", "content": "More"}]
+    again = engine.generate(turn, max_new_tokens=24, speculative="draft")
+    assert again.stats["reused_tokens"] > 0
+    assert again.output_ids == reference.generate(turn, max_new_tokens=24,
+                                                  speculative="draft").output_ids
+    steps = again.stats["steps"]
+    assert again.stats["accepted_by"]["draft"] / steps > 0.3
+
+
+def test_no_draft_named(tiny_engine):
+    with pytest.raises(GenerationError, match="no draft layer"):
+        tiny_engine.generate("Hi", max_new_tokens=4, speculative="draft")
+
+
+def test_eval_draft_reports_per_step_accuracy(trained_artifact):
+    from edgert.train.eval_draft import evaluate_draft
+
+    engine = edgert.load(trained_artifact)
+    acc = evaluate_draft(engine, TRAIN_PROMPTS[:3], max_new_tokens=24)
+    assert acc.prompts == 3 and acc.positions > 30
+    assert len(acc.top1) == len(acc.accept) == engine.draft_depth
+    assert acc.accept[0] == acc.top1[0] > 0.5  # step 1 has no previous step
+    assert all(0.0 <= a <= 1.0 for a in acc.accept)
+    # tau is one plus the mean accepted chain: at least one token when step 1 is right
+    assert acc.tokens_per_step >= 1 + acc.top1[0]
+    # the real decode loop accepts about what eval-draft predicts (whole chains verified)
+    steps = accepted = 0
+    for prompt in TRAIN_PROMPTS[:3]:
+        out = engine.generate(prompt, max_new_tokens=24, speculative="draft")
+        steps += out.stats["steps"]
+        accepted += out.stats["accepted_by"]["draft"]
+    assert abs((1 + accepted / steps) - acc.tokens_per_step) < 0.5

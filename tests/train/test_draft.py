@@ -1,0 +1,147 @@
+"""The EAGLE-style draft layer: data, packing, training, files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from edgert.errors import ConfigError, ModelSourceError
+from edgert.export.decoder import MASK_VALUE
+from edgert.export.draft_layer import DraftLayer, load_draft, save_draft
+from edgert.model.draft_config import DraftConfig
+from edgert.train.distill import DistillOptions, PromptEncoder, build_hf_model, generate_responses
+from edgert.train.draft_data import sequence_features
+from edgert.train.draft_loop import (
+    DraftTrainOptions,
+    draft_forward,
+    embed_tokens,
+    pack,
+    train_draft,
+)
+
+PROMPTS = ["Explain loops.", "What is a class?", "Write a poem about rain.", "Sum 2 and 3.",
+           "Describe a cat.", "Why is the sky blue?", "Name three colours.", "Count to five."]
+QUICK = DraftTrainOptions(output_vocab=0, steps=40, sequences_per_step=4, max_tokens=256,
+                          lr=3e-3, warmup=0.1, checkpoint_every=10)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    from edgert.model.sources import load_model
+
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def data(loaded):
+    model = build_hf_model(loaded)
+    pairs = generate_responses(model, PromptEncoder(loaded), PROMPTS,
+                               DistillOptions(max_new_tokens=24, batch_size=4, seed=0))
+    return sequence_features(model, pairs, batch_size=3)
+
+
+def test_features_are_the_backbones(loaded, data, tiny_reference):
+    """Every position's feature is the final-norm hidden state, its argmax the backbone's."""
+    span = data.span(2)
+    ids = data.tokens[span][None]
+    with torch.no_grad():
+        out = tiny_reference(ids, output_hidden_states=True)
+    torch.testing.assert_close(data.hidden[span].float(), out.hidden_states[-1][0],
+                               atol=2e-3, rtol=2e-3)  # stored fp16
+    assert torch.equal(data.argmax[span], out.logits[0].argmax(-1))
+    assert data.sequences == len(PROMPTS)
+    assert int(data.prompt_lengths[2]) < span.stop - span.start
+
+
+def test_pack_keeps_sequences_apart(data):
+    rows = pack(data, [0, 3], max_tokens=10_000)
+    lengths = [data.span(s).stop - data.span(s).start - 1 for s in (0, 3)]
+    q = sum(lengths)
+    assert rows.tokens.shape == (1, q) and rows.bias.shape == (1, 1, q, q)
+    # row t reads h_t and x_{t+1} at position t+1, and targets h_{t+1}, a_{t+1}
+    first = data.span(3).start
+    r = lengths[0] + 4
+    assert int(rows.positions[0, r]) == 5
+    assert int(rows.tokens[0, r]) == int(data.tokens[first + 5])
+    assert int(rows.target_tokens[r]) == int(data.argmax[first + 5])
+    torch.testing.assert_close(rows.target_features[r], data.hidden[first + 5].float())
+    bias = rows.bias[0, 0]
+    assert float(bias[r, lengths[0]]) == 0.0 and float(bias[r, r]) == 0.0
+    assert float(bias[r, lengths[0] - 1]) == MASK_VALUE  # the other sequence
+    assert float(bias[r, r + 1]) == MASK_VALUE  # the future
+    assert pack(data, [0, 3], max_tokens=7).tokens.shape == (1, 7)
+
+
+def test_packed_rows_equal_each_sequence_alone(loaded, data):
+    """The block-diagonal bias makes a packed forward equal separate forwards."""
+    draft = DraftLayer(DraftConfig.for_backbone(loaded.config)).eval()
+    lm_head_t = loaded.lm_head_t()
+    both = pack(data, [1, 4], max_tokens=10_000)
+    alone = pack(data, [4], max_tokens=10_000)
+    with torch.no_grad():
+        packed = draft_forward(draft, both.features, embed_tokens(both.tokens, lm_head_t,
+                                                                  loaded.config),
+                               both.positions, both.bias)
+        single = draft_forward(draft, alone.features, embed_tokens(alone.tokens, lm_head_t,
+                                                                   loaded.config),
+                               alone.positions, alone.bias)
+    torch.testing.assert_close(packed[0, -alone.tokens.shape[1]:], single[0], atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_training_lowers_the_loss_and_learns_the_next_token(loaded, data):
+    losses, top1 = [], []
+    train_draft(data, loaded.config, loaded.lm_head_t(), QUICK,
+                report=lambda r: (losses.append(r.loss), top1.append(r.top1)))
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert sum(top1[-5:]) / 5 > sum(top1[:5]) / 5
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_training_is_deterministic_and_resumes(loaded, data, tmp_path):
+    options = DraftTrainOptions(output_vocab=64, steps=12, sequences_per_step=3,
+                                max_tokens=128, checkpoint_every=6)
+    whole = train_draft(data, loaded.config, loaded.lm_head_t(), options)
+
+    def stop_after_six(report):
+        if report.step == 7:
+            raise Interrupted  # killed after the step-6 checkpoint
+
+    with pytest.raises(Interrupted):
+        train_draft(data, loaded.config, loaded.lm_head_t(), options,
+                    checkpoint=tmp_path / "c.pt", report=stop_after_six)
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 6
+    resumed = train_draft(data, loaded.config, loaded.lm_head_t(), options,
+                          checkpoint=tmp_path / "c.pt")
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert whole.config.output_vocab == 64 and whole.vocab_ids.shape == (64,)
+    with pytest.raises(ConfigError, match="lr"):
+        train_draft(data, loaded.config, loaded.lm_head_t(),
+                    DraftTrainOptions(**{**options.__dict__, "lr": 0.5}),
+                    checkpoint=tmp_path / "c.pt")
+
+
+def test_save_load_round_trip_and_refusals(loaded, tmp_path):
+    draft = DraftLayer(DraftConfig.for_backbone(loaded.config, output_vocab=32))
+    save_draft(draft, tmp_path / "d")
+    back = load_draft(tmp_path / "d", loaded.config)
+    for (name, a), (_, b) in zip(draft.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "d", bad)
+    cfg = json.loads((bad / "draft.json").read_text())
+    cfg["layer"]["hidden_size"] += 8
+    (bad / "draft.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelSourceError, match="hidden_size"):
+        load_draft(bad, loaded.config)
+    with pytest.raises(ModelSourceError, match="not a draft layer directory"):
+        load_draft(tmp_path, loaded.config)
+    with pytest.raises(ConfigError, match="one decoder layer"):
+        DraftConfig({**cfg["layer"], "num_hidden_layers": 2})
