@@ -3,11 +3,13 @@
     input_ids [1,q] (x_{t+1}) ─embed (lm_head_t, shared with the decode graph)─┐
     features [1,q,H] (h_t: the backbone's, or the draft's own) ─────────────────┴─ draft layer
       (GroupQueryAttention over draft_past_key/value [1,Hkv,C,D], written in place at [P,P+q))
-    ─> f [1,q,H] ─rows logits_index─> draft_hidden [1,n,H] ─MatMul(draft_proj_t [H,V'])─TopK─>
-       draft_topk_ids [1,n,k] int64 (token ids), draft_topk_logits [1,n,k]
+    ─> f [1,q,H] ─rows logits_index─> draft_hidden [1,n,H] ─MatMul(draft_proj_t [H,V'])─>
+       log-softmax ─TopK─> draft_topk_ids [1,n,k] int64 (token ids), draft_topk_logprobs [1,n,k]
 
-A row embedding token t+1 sits at position t+1. ``tree_mask`` [1,1,q,q] masks the new rows
-among themselves (causal, or a draft tree's ancestry); every cached entry is visible.
+A row embedding token t+1 sits at position t+1. ``tree_mask`` masks the new rows: [1,1,q,q]
+among themselves (causal; every cached entry visible), or [1,1,q,P+q] over the cached entries
+too (a dynamic draft tree: each row sees the committed rows and its own ancestors among the
+rows drafted this step, not its cousins).
 The projection ``draft_proj_t`` is lm_head's V' columns (stored in this graph at fp32; read
 from lm_head's own blocks in quantized artifacts, like the Medusa heads').
 """
@@ -21,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgert.artifact.manifest import GraphSpec, TensorSpec
+from edgert.artifact.manifest import WHOLE_BIAS_AXIS, GraphSpec, TensorSpec
 from edgert.export.attention import ATTENTION_VARIANTS, GQACore, fix_contrib_optional_inputs
 from edgert.export.draft_layer import DraftLayer
 from edgert.export.onnx_graph import OPSET, _readable_initializer_names
@@ -31,7 +33,7 @@ DRAFT_FILE = "draft.onnx"
 DRAFT_PROJECTION, DRAFT_VOCAB_IDS = "draft_proj_t", "draft.vocab_ids"
 INPUTS = ("input_ids", "features", "position_ids", "tree_mask", "logits_index", "seqlens_k",
           "total_sequence_length", "draft_past_key", "draft_past_value")
-OUTPUTS = ("draft_topk_ids", "draft_topk_logits", "draft_hidden", "draft_present_key",
+OUTPUTS = ("draft_topk_ids", "draft_topk_logprobs", "draft_hidden", "draft_present_key",
            "draft_present_value")
 
 
@@ -71,7 +73,7 @@ class DraftStep(nn.Module):
                                                      past_key, past_value, ctx)
         hidden = out.index_select(1, logits_index)
         logits = self.draft.logits(hidden, getattr(self, DRAFT_PROJECTION))
-        values, index = torch.topk(logits, self.topk, dim=-1)
+        values, index = torch.topk(torch.log_softmax(logits, dim=-1), self.topk, dim=-1)
         return self.draft.to_vocab(index), values, hidden, present_key, present_value
 
 
@@ -86,8 +88,8 @@ def trace_draft(trained: DraftLayer, backbone: DecoderConfig, lm_head_t: torch.T
                torch.tensor([q - 1]), torch.tensor([past + q - 1], dtype=torch.int32),
                torch.tensor(past + q, dtype=torch.int32), kv, kv)
     axes = {"input_ids": {1: "q"}, "features": {1: "q"}, "position_ids": {1: "q"},
-            "tree_mask": {2: "q", 3: "q"}, "logits_index": {0: "n"},
-            "draft_topk_ids": {1: "n"}, "draft_topk_logits": {1: "n"}, "draft_hidden": {1: "n"},
+            "tree_mask": {2: "q", 3: WHOLE_BIAS_AXIS}, "logits_index": {0: "n"},
+            "draft_topk_ids": {1: "n"}, "draft_topk_logprobs": {1: "n"}, "draft_hidden": {1: "n"},
             "draft_past_key": {2: "capacity"}, "draft_past_value": {2: "capacity"},
             "draft_present_key": {2: "capacity"}, "draft_present_value": {2: "capacity"}}
     buffer = io.BytesIO()
@@ -115,9 +117,10 @@ def draft_graph_spec(trained: DraftLayer, topk: int) -> GraphSpec:
                        "feature t of each row: the backbone's final-norm hidden state, or the "
                        "draft's own draft_hidden"),
             TensorSpec("position_ids", [1, "q"], "int64", "t+1"),
-            TensorSpec("tree_mask", [1, 1, "q", "q"], "float32",
-                       "additive mask among the new rows (causal, or a draft tree's ancestry); "
-                       "every cached entry visible"),
+            TensorSpec("tree_mask", [1, 1, "q", WHOLE_BIAS_AXIS], "float32",
+                       "additive mask, 0 where a row may attend and -1e9 elsewhere: [q, q] "
+                       "among the new rows (every cached entry visible), or [q, P + q] over the "
+                       "cached entries too (a dynamic draft tree's ancestry)"),
             TensorSpec("logits_index", ["n"], "int64", "rows to return drafts for"),
             TensorSpec("seqlens_k", [1], "int32", "P + q - 1"),
             TensorSpec("total_sequence_length", [], "int32", "P + q"),
@@ -129,7 +132,8 @@ def draft_graph_spec(trained: DraftLayer, topk: int) -> GraphSpec:
         outputs=[
             TensorSpec("draft_topk_ids", [1, "n", topk], "int64",
                        "the draft's top-k next tokens after each row, best first"),
-            TensorSpec("draft_topk_logits", [1, "n", topk], "float32", "their logits"),
+            TensorSpec("draft_topk_logprobs", [1, "n", topk], "float32",
+                       "their log-probabilities under the draft (over its output vocab)"),
             TensorSpec("draft_hidden", [1, "n", h], "float32",
                        "the draft's feature f_{t+1} (the next draft row's input)"),
             TensorSpec("draft_present_key", [1, hkv, "capacity", d], "float32",

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgert.runtime.steps import causal_mask
+from edgert.runtime.steps import MASK_VALUE, causal_mask
+from edgert.speculative.dynamic_tree import DraftTree, DraftTreeParams
 
 CATCH_UP_CHUNK = 512  # rows per draft call when catching up (a long prompt)
 
@@ -41,6 +42,7 @@ class DraftState:
         the draft cache keeps its first ``keep`` rows (a reused prefix's)."""
         self.cache.truncate(keep)
         self._tokens = [*prompt_ids[keep + 1:], first_token]
+        self._root_token = first_token
         self._features = [np.asarray(features, dtype=np.float32)]
         if len(self._features[0]) != len(self._tokens):
             raise ValueError(f"{len(self._tokens)} draft rows but features of "
@@ -51,23 +53,37 @@ class DraftState:
         ``features`` [len(tokens), H]: its features at the positions before each."""
         self._tokens += list(tokens)
         self._features.append(np.asarray(features, dtype=np.float32))
+        self._root_token = int(tokens[-1])
 
-    def propose(self) -> list[int]:
-        """Catch up on the pending rows, then draft up to ``depth`` tokens after the root;
-        [] when the draft cache has no room for them."""
+    def _catch_up(self, room: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Commit the pending rows to the draft cache; the root row's (top-k ids, their
+        log-probabilities, feature [1,H]), or None without ``room`` entries to draft into."""
         pending = len(self._tokens)
-        if not pending or self.cache.length + pending + self.depth > self.cache.capacity:
-            return []
+        if not pending or self.cache.length + pending + room > self.cache.capacity:
+            return None
         features = np.concatenate(self._features) if len(self._features) > 1 else \
             self._features[0]
         tokens = np.asarray(self._tokens, dtype=np.int64)
         position = self.cache.length + 1  # the first pending row's p
         for start in range(0, pending, CATCH_UP_CHUNK):
             end = min(pending, start + CATCH_UP_CHUNK)
-            ids, hidden = self._call(tokens[start:end], features[start:end],
-                                     position + start)
-            self.cache.advance(end - start)
+            q = end - start
+            ids, logprobs, hidden = self.backend.draft_forward(
+                tokens[None, start:end], features[None, start:end],
+                np.arange(position + start, position + end, dtype=np.int64)[None],
+                causal_mask(q), np.array([q - 1], dtype=np.int64), self.cache.length)
+            self.cache.advance(q)
         self._tokens, self._features = [], []
+        return ids[0, 0], logprobs[0, 0], hidden[0]
+
+    def propose(self) -> list[int]:
+        """Catch up on the pending rows, then draft a chain of up to ``depth`` tokens after
+        the root (each the draft's top-1 after the ones before it); [] when the draft cache
+        has no room for them."""
+        root = self._catch_up(self.depth)
+        if root is None:
+            return []
+        ids, _, hidden = root
         chain = [int(ids[0])]
         written = 0
         while len(chain) < self.depth:
@@ -77,6 +93,46 @@ class DraftState:
             written += 1
             chain.append(int(ids[0]))
         return chain
+
+    def propose_tree(self, params: DraftTreeParams) -> tuple[np.ndarray, np.ndarray] | None:
+        """Catch up, then grow a dynamic tree (``edgert.speculative.dynamic_tree``): each
+        depth, one draft call over the ``beam`` best nodes of the depth before, every row
+        attending to the committed rows and its own ancestors (a whole-cache mask); returns
+        the ``budget`` best nodes as (parents, tokens), node 0 the root; None without room."""
+        rows = params.beam * (params.depth - 1)
+        root = self._catch_up(rows + 1)
+        if root is None:
+            return None
+        ids, logprobs, feature = root
+        committed = self.cache.length
+        tree = DraftTree.rooted(self._root_token)
+        frontier = tree.add_children(0, ids[:params.topk], logprobs[:params.topk])
+        feature_of = {0: feature[0]}  # node -> the feature its row produced
+        entry_of: dict[int, int] = {}  # node -> its draft-cache entry
+        written = 0
+        for _ in range(params.depth - 1):
+            expand = tree.best(frontier, params.beam)
+            q = len(expand)
+            total = committed + written + q
+            mask = np.full((1, 1, q, total), MASK_VALUE, dtype=np.float32)
+            mask[..., :committed] = 0.0
+            for r, node in enumerate(expand):
+                entry_of[node] = committed + written + r
+                for ancestor in tree.ancestors(node):
+                    mask[0, 0, r, entry_of[ancestor]] = 0.0
+            position = committed + 1  # the root row's position is ``committed``
+            out_ids, out_logprobs, out_features = self.backend.draft_forward(
+                np.array([[tree.tokens[n] for n in expand]], dtype=np.int64),
+                np.stack([feature_of[tree.parents[n]] for n in expand])[None],
+                np.array([[position - 1 + tree.depths[n] for n in expand]], dtype=np.int64),
+                mask, np.arange(q, dtype=np.int64), committed + written)
+            written += q
+            frontier = []
+            for r, node in enumerate(expand):
+                feature_of[node] = out_features[0, r]
+                frontier += tree.add_children(node, out_ids[0, r, :params.topk],
+                                              out_logprobs[0, r, :params.topk])
+        return tree.select(params.budget)
 
     def _call(self, tokens: np.ndarray, features: np.ndarray, position: int, past: int = 0
               ) -> tuple[np.ndarray, np.ndarray]:

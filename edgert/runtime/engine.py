@@ -30,6 +30,7 @@ from edgert.runtime.speculative import (
 from edgert.runtime.steps import decode_one, forward_block, prefill, prefill_sparse
 from edgert.runtime.structured import JsonPolicy, VocabMasks, check_schema
 from edgert.runtime.tokenizer import Messages, StreamDecoder, Tokenizer
+from edgert.speculative.dynamic_tree import DraftTreeParams
 from edgert.speculative.lookup import LookupParams, PromptLookup
 from edgert.speculative.token_tree import DRAFTERS, TokenTree, TokenTreeBuilder, source_bit
 
@@ -103,6 +104,10 @@ class Engine:
         if self.backend.has_heads and self.manifest.tree:
             self.set_tree(self.manifest.tree["choices"])
         self._vocab_masks: VocabMasks | None = None
+        # the draft layer's dynamic tree (fp32 artifacts; int8 ones verify its chain)
+        self.draft_tree = DraftTreeParams(depth=max(1, self.draft_depth),
+                                          topk=min(2, int((self.manifest.draft or {}).get(
+                                              "topk", 2))))
         self.prefix_reuse = prefix_reuse
         self._cached_ids: list[int] = []  # the tokens whose K/V fill cache[0:len], in order
         # draft-cache rows valid for those tokens (rows 1..n: x_p and the backbone's h_{p-1})
@@ -473,7 +478,9 @@ class Engine:
                                     TokenTree(self.tree, tokens, self._medusa_sources))
         builder = TokenTreeBuilder(root)
         if draft is not None:
-            builder.add_chain("draft", draft.propose())
+            proposal = draft.propose_tree(self.draft_tree)
+            if proposal is not None:
+                builder.add("draft", *proposal)
         if head_ids is not None:
             builder.add("medusa", self.tree.parents, propose_tree(self.tree, root, head_ids))
         if lookup is not None:

@@ -4,7 +4,8 @@ backbone's own greedy continuation.
 For each held-out prompt the artifact decodes greedily, keeping the backbone's feature at
 every position. Then, at every decision position (the backbone has chosen token y_j), the draft
 runs as in decoding (its cache caught up on the true features, then its own chain) and its
-chain d_1..d_depth is compared with y_{j+1}..y_{j+depth}. Reported per step k: ``top1`` =
+chain d_1..d_depth is compared with y_{j+1}..y_{j+depth} (positions with fewer than ``depth``
+tokens after them are left out). Reported per step k: ``top1`` =
 P(d_k = y_{j+k}) and ``accept`` = P(d_k = y_{j+k} | d_1..d_{k-1} right), the share a greedy
 verification accepts; ``tokens_per_step`` = 1 + the mean accepted chain length (tau, were
 the whole chain verified every step). Runs entirely on the artifact (ONNX Runtime).
@@ -77,10 +78,10 @@ def evaluate_draft(engine, prompts: list[str] | None = None, max_new_tokens: int
         for j in range(len(tokens) - 1):
             chain = state.propose()
             target = tokens[j + 1:j + 1 + depth]
-            right = [k < min(len(target), len(chain)) and chain[k] == target[k]
-                     for k in range(depth)]
-            hits += right
-            prefixes[right.index(False) if False in right else depth] += 1
+            if len(target) == depth:  # near the end there is less to compare with
+                right = [k < len(chain) and chain[k] == target[k] for k in range(depth)]
+                hits += right
+                prefixes[right.index(False) if False in right else depth] += 1
             # the backbone commits y_{j+1}; its feature there is the next row's input
             state.accept([tokens[j + 1]], features[len(ids) + j:len(ids) + j + 1])
         progress(1)

@@ -331,8 +331,9 @@ class OrtBackend:
                       logits_index: np.ndarray, past_len: int
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One draft call of q rows after ``past_len`` draft-cache entries (written at
-        [past_len, past_len + q)): (top-k ids [1,n,k], their logits [1,n,k], the draft's
-        features [1,n,H]) for the rows ``logits_index``."""
+        [past_len, past_len + q)): (top-k ids [1,n,k], their log-probabilities [1,n,k], the
+        draft's features [1,n,H]) for the rows ``logits_index``. ``tree_mask``: [1,1,q,q], or
+        [1,1,q,past_len+q] over the cached entries too."""
         session = self.draft_session
         b = self._draft_binding
         total = past_len + input_ids.shape[1]
@@ -343,7 +344,7 @@ class OrtBackend:
         b.bind_cpu_input("logits_index", logits_index)
         b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        for name in ("draft_topk_ids", "draft_topk_logits", "draft_hidden"):
+        for name in ("draft_topk_ids", "draft_topk_logprobs", "draft_hidden"):
             b.bind_output(name, "cpu")
         try:
             session.run_with_iobinding(b)
