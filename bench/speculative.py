@@ -10,12 +10,15 @@ code changes). All modes run in this process on one engine, interleaved within e
 per mode and set: decode tok/s (new tokens after the first over the time after prefill,
 summed over the set; median of ``--runs``), tau (mean tokens per verification step), the
 ratio to plain decoding in the same run, and the accepted drafted tokens per drafter. Every
-mode's output ids must equal plain greedy's on every prompt (``lossless``).
+mode's output ids must equal plain greedy's on every prompt (``lossless``). Also recorded: the
+verification forward's time by tree size (after a 200-token prefix, medians of 15), and with
+a draft layer the time of one drafting step (catch-up of one row, then the chain or tree).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections import defaultdict
@@ -70,6 +73,32 @@ def measure_set(engine, prompts: list[dict], modes: list[str], new_tokens: int,
     return report
 
 
+def draft_step_ms(engine, repeats: int = 15) -> dict[str, float]:
+    """Median time of one drafting step (a one-row catch-up, then the rest): the chain and
+    the engine's dynamic tree."""
+    import numpy as np
+
+    from edgert.runtime.draft import DraftState
+
+    ids = engine.encode("Write a short paragraph about rivers.")
+    engine.reset()
+    out = engine.prefill_ids(ids)
+    token = int(np.argmax(out.logits[-1]))
+    feature = out.features[-1:]
+    out_ms = {}
+    for name in ("chain", "tree"):
+        state = DraftState(engine.backend, engine.draft_depth)
+        state.start(ids, token, out.features)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            state.propose() if name == "chain" else state.propose_tree(engine.draft_tree)
+            times.append(time.perf_counter() - t0)
+            state.accept([token], feature)  # one more committed row each time
+        out_ms[name] = common.median(times[1:]) * 1e3
+    return out_ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
@@ -84,7 +113,14 @@ def main() -> None:
         modes = ["off"] + [m for m in modes if m != "off"]
     engine = edgert.load(args.artifact)
     engine.generate("warm up", max_new_tokens=8, speculative="off")
-    record = {"bench": "speculative", "artifact": str(args.artifact),
+    from edgert.train.tune_tree import measure_forward_ms
+
+    costs = {"verification_ms": {str(q): ms for q, ms in measure_forward_ms(
+        engine, sizes=(1, 2, 3, 5, 7, 9), repeats=15).items()}}
+    if engine.has_draft:
+        costs["draft_step_ms"] = draft_step_ms(engine)
+        costs["draft_tree"] = dataclasses.asdict(engine.draft_tree)
+    record = {"bench": "speculative", "artifact": str(args.artifact), **costs,
               "machine": common.machine(), "new_tokens": args.new_tokens, "runs": args.runs,
               "command": "python -m bench.speculative " + " ".join(sys.argv[1:]),
               "sets": {}}
@@ -100,6 +136,9 @@ def main() -> None:
                          or "-", "lossless": f"{r['lossless']}/{r['prompts']}"})
     common.emit(record, rows, ["set", "mode", "decode tok/s", "x plain", "tau", "accepted by",
                                "lossless"], args.json)
+    print("verification forward ms by tree size:", record["verification_ms"])
+    if "draft_step_ms" in record:
+        print("draft step ms:", record["draft_step_ms"], "tree:", record["draft_tree"])
 
 
 if __name__ == "__main__":

@@ -234,12 +234,16 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
 @click.option("--output-vocab", type=int, default=8192, show_default=True,
               help="The draft scores only this many of the most frequent tokens (0 = all): "
                    "a cheaper draft step.")
+@click.option("--responses-artifact", type=click.Path(path_type=Path, exists=True),
+              default=None,
+              help="An exported artifact of MODEL that answers the prompts (parallel slots: "
+                   "about 4x faster than transformers on a CPU).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
 def train_draft(model: str, output: Path, steps: int, sequences_per_step: int, max_tokens: int,
                 lr: float, data_file: Path | None, max_prompts: int | None,
                 max_new_tokens: int, prompts_per_topic: int, output_vocab: int,
-                seed: int) -> None:
+                responses_artifact: Path | None, seed: int) -> None:
     """Train an EAGLE-style draft layer for MODEL on its own responses (frozen backbone)."""
     from edgert.train.distill import DistillOptions
     from edgert.train.draft_loop import DraftTrainOptions
@@ -250,7 +254,8 @@ def train_draft(model: str, output: Path, steps: int, sequences_per_step: int, m
                                 sequences_per_step=sequences_per_step, max_tokens=max_tokens,
                                 lr=lr, seed=seed),
         distill=DistillOptions(max_new_tokens=max_new_tokens, seed=seed),
-        data_file=data_file, max_prompts=max_prompts, prompts_per_topic=prompts_per_topic)
+        data_file=data_file, max_prompts=max_prompts, prompts_per_topic=prompts_per_topic,
+        responses_artifact=responses_artifact)
     train_draft_for_model(model, output, options)
 
 

@@ -15,6 +15,12 @@ gather per buffer). Admission
 reserves each sequence's prompt + ``max_new_tokens``, so a compaction always makes room.
 Memory stays what the artifact allocated at load: no per-slot cache.
 
+A greedy sequence decoding alone (the others finished, none waiting) gets speculative steps,
+as a single-slot engine does: the artifact's drafters but the draft layer (prompt lookup, the
+Medusa heads on its last hidden state) propose, one forward verifies, the accepted path is
+committed (``speculative``; sampled sequences stay plain, so that a seed gives the same text
+whatever else runs).
+
 Prefix reuse (``prefix_reuse=True``): entries are never written twice, so sequences can share
 them. A joining sequence whose prompt starts with the tokens of a running sequence, or of one
 that finished since the last compaction (the same system prompt, the next turn of a chat),
@@ -39,8 +45,14 @@ from edgert.runtime.backends import StepInputs
 from edgert.runtime.kv_cache import KVCache
 from edgert.runtime.prefix import reusable_prefix
 from edgert.runtime.sampling import SamplingParams, select_token
+from edgert.runtime.speculative import (
+    DEFAULT_TYPICAL_ALPHA,
+    DEFAULT_TYPICAL_THRESHOLD,
+    accept,
+)
 from edgert.runtime.steps import MASK_VALUE
 from edgert.runtime.structured import JsonPolicy
+from edgert.speculative.lookup import LookupParams, PromptLookup
 
 DEFAULT_PREFILL_BUDGET = 256  # prompt tokens per step, over all joining sequences
 COMPACT_SLACK = 256  # holes tolerated in the timeline before compacting (beyond the live)
@@ -66,6 +78,9 @@ class BatchSequence:
     fed: int = 0  # prompt tokens already in the cache
     out_fed: int = 0  # output tokens already in the cache
     reused: int = 0  # prompt tokens whose entries it took from another sequence
+    last_hidden: np.ndarray | None = None  # [1,H] after its last fed token (Medusa heads)
+    speculative_steps: int = 0  # speculative steps run for it (decoding alone)
+    drafted_accepted: int = 0  # drafted tokens those steps accepted
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -148,8 +163,11 @@ class BatchDecoder:
     """Up to ``slots`` sequences decoded together; :meth:`step` runs one forward."""
 
     def __init__(self, engine, slots: int,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, prefix_reuse: bool = False
-                 ) -> None:
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, prefix_reuse: bool = False,
+                 speculative: str | None = None) -> None:
+        """``speculative``: the drafters of a greedy sequence decoding alone (None: the
+        engine's default; "off": none); the draft layer is left out (its cache follows one
+        sequence)."""
         reason = supports_batching(engine)
         if reason is not None:
             raise GenerationError(reason)
@@ -161,6 +179,10 @@ class BatchDecoder:
         self.active: list[BatchSequence] = []
         self.compactions = 0
         self.prefix_reuse = prefix_reuse
+        self.drafters = tuple(name for name in engine.drafters_for(speculative)
+                              if name != "draft")
+        # the prompt-lookup index of the sequence that last decoded alone, and its length
+        self._lookup_of: tuple[BatchSequence, PromptLookup, int] | None = None
         # finished sequences' (tokens, entries), newest last: prefixes a joining sequence may
         # reuse until a compaction or a restart of the timeline drops their entries
         self._retained: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=max(slots, 4))
@@ -227,6 +249,11 @@ class BatchDecoder:
     def step(self) -> list[tuple[BatchSequence, int]]:
         """One forward over every active sequence's next rows; returns the tokens it chose
         (sequence, token), after calling their callbacks. Finished sequences leave."""
+        solo = self._decoding_alone()
+        if solo is not None:
+            chosen = self._speculative_step(solo)
+            if chosen is not None:
+                return chosen
         plan = self._plan()
         if not plan:
             return []
@@ -248,8 +275,9 @@ class BatchDecoder:
             else:
                 rows.seq.out_fed += len(rows.tokens)
         chosen = []
-        for rows, logits in zip(rows_out, out.logits):
+        for number, (rows, logits) in enumerate(zip(rows_out, out.logits)):
             seq = rows.seq
+            seq.last_hidden = out.hidden[number:number + 1]
             if seq.policy is None:
                 tokens = [select_token(logits, seq.params, seq.rng)]
             else:
@@ -266,6 +294,77 @@ class BatchDecoder:
             if seq.done:
                 self._retire(seq)
         self.active = [seq for seq in self.active if not seq.done]
+        return chosen
+
+    def _decoding_alone(self) -> BatchSequence | None:
+        """The one active sequence when it can take a speculative step: greedy, no structured
+        output, its prompt read and every output token but the last in the cache."""
+        if not self.drafters or len(self.active) != 1:
+            return None
+        seq = self.active[0]
+        if (seq.policy is not None or not seq.params.greedy or seq.fed < len(seq.prompt_ids)
+                or not seq.output or seq.out_fed != len(seq.output) - 1):
+            return None
+        return seq
+
+    def _lookup(self, seq: BatchSequence) -> PromptLookup:
+        """``seq``'s prompt-lookup index, brought up to its current text."""
+        text = [*seq.prompt_ids, *seq.output]
+        if self._lookup_of is not None and self._lookup_of[0] is seq:
+            _, index, known = self._lookup_of
+            index.extend(text[known:])
+        else:
+            index = PromptLookup(LookupParams())
+            index.reset(text)
+        self._lookup_of = (seq, index, len(text))
+        return index
+
+    def _speculative_step(self, seq: BatchSequence) -> list[tuple[BatchSequence, int]] | None:
+        """One verification forward for ``seq`` (decoding alone) over what the drafters
+        propose; None when they propose nothing or the tree does not fit (a plain step)."""
+        engine, root = self.engine, seq.output[-1]
+        head_ids = (engine._heads(seq.last_hidden, root)
+                    if "medusa" in self.drafters and seq.last_hidden is not None else None)
+        lookup = self._lookup(seq) if "lookup" in self.drafters else None
+        if head_ids is None and lookup is None:
+            return None
+        tree = engine._step_tree(root, head_ids, lookup)
+        if tree is None:
+            return None
+        q = tree.size
+        if self._should_compact(q):
+            self._compact()
+        if self.cache.length + q > self.cache.capacity:
+            return None
+        past = self.cache.length
+        position = len(seq.prompt_ids) + seq.out_fed  # the root's
+        size = q * (past + q)
+        if size > self._bias.size:
+            self._bias = np.empty(size, dtype=np.float32)
+        bias = self._bias[:size].reshape(q, past + q)
+        bias.fill(MASK_VALUE)
+        bias[:, seq.entries] = 0.0
+        bias[:, past:] = tree.mask[0, 0]
+        out = self.backend.forward(StepInputs(
+            tree.tokens[None], (position + tree.buffers.depths)[None], bias[None, None],
+            np.arange(q, dtype=np.int64), past, tree.buffers.parents))
+        acc = accept(tree.buffers, tree.tokens, out.logits, seq.params, seq.rng,
+                     DEFAULT_TYPICAL_THRESHOLD, DEFAULT_TYPICAL_ALPHA)
+        self.cache.commit_path(acc.nodes)
+        seq.add_entries(past, len(acc.nodes))
+        seq.out_fed += len(acc.nodes)
+        seq.last_hidden = out.hidden[acc.nodes[-1]:acc.nodes[-1] + 1]
+        seq.speculative_steps += 1
+        seq.drafted_accepted += len(acc.nodes) - 1
+        chosen = []
+        for token in [*tree.tokens[acc.nodes[1:]].tolist(), acc.next_token]:
+            if seq.done:
+                break
+            chosen.append((seq, token))
+            self._emit(seq, token)
+        if seq.done:
+            self.active.remove(seq)
+            self._retire(seq)
         return chosen
 
     def _plan(self) -> list[_Rows]:
@@ -348,9 +447,9 @@ class BatchWorker:
     so a direct ``Engine.generate`` from another thread waits instead of sharing the cache."""
 
     def __init__(self, engine, slots: int,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, prefix_reuse: bool = False
-                 ) -> None:
-        self.decoder = BatchDecoder(engine, slots, prefill_budget, prefix_reuse)
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, prefix_reuse: bool = False,
+                 speculative: str | None = None) -> None:
+        self.decoder = BatchDecoder(engine, slots, prefill_budget, prefix_reuse, speculative)
         self.engine = engine
         self._waiting: deque[BatchSequence] = deque()
         self._cancelled: set[int] = set()

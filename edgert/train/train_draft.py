@@ -41,12 +41,17 @@ class TrainDraftOptions:
     data_file: Path | None = None
     max_prompts: int | None = None  # None: the whole shipped prompt set
     prompts_per_topic: int = 3  # templates per topic in the shipped set (more: more data)
+    # an exported artifact of the same model that answers the prompts (parallel slots, about
+    # 4x faster than transformers on a CPU); None: transformers' generate
+    responses_artifact: Path | None = None
 
 
 def data_key(loaded: LoadedModel, options: TrainDraftOptions) -> str:
     described = {"source": loaded.source, "distill": dataclasses.asdict(options.distill),
                  "max_prompts": options.max_prompts, "per_topic": options.prompts_per_topic,
-                 "data_file": str(options.data_file) if options.data_file else None}
+                 "data_file": str(options.data_file) if options.data_file else None,
+                 **({"responses_artifact": str(options.responses_artifact)}
+                    if options.responses_artifact else {})}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -67,7 +72,16 @@ def sequences(loaded: LoadedModel, model, options: TrainDraftOptions, cache: Pat
         return [tuple(pair) for pair in json.loads(path.read_text())]
     prompts = training_prompts(options.prompts_per_topic)[:options.max_prompts]
     with tqdm(total=len(prompts), desc="backbone responses", unit="prompt") as bar:
-        pairs = generate_responses(model, encoder, prompts, options.distill, bar.update)
+        if options.responses_artifact is not None:
+            from edgert.runtime.engine import load
+            from edgert.train.batch_responses import generate_responses_batched
+
+            engine = load(options.responses_artifact)
+            pairs = generate_responses_batched(engine, encoder, prompts, options.distill,
+                                               progress=bar.update)
+            del engine
+        else:
+            pairs = generate_responses(model, encoder, prompts, options.distill, bar.update)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(pairs))
     tmp.replace(path)

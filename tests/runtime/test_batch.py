@@ -163,6 +163,13 @@ def test_int8_artifact_batched_equals_alone(tiny_dir, tmp_path):
     for prompt, seq in zip(PROMPTS, seqs):
         assert seq.output == alone(engine, prompt, 24), prompt
     assert lone.output == seqs[0].output
+    # alone, a sequence is verified in chains (prompt lookup): still its solo output
+    copy = "Repeat: the cat sat on the mat, the cat sat on the mat, the cat sat on"
+    chained = BatchSequence(engine.encode(copy), 40)
+    decoder.admit(chained)
+    run_all(decoder)
+    assert chained.speculative_steps > 0
+    assert chained.output == alone(engine, copy, 40)
 
 
 def test_holes_are_compacted_before_the_cache_fills(engine):
@@ -185,3 +192,35 @@ def test_holes_are_compacted_before_the_cache_fills(engine):
     assert decoder.compactions >= 1
     assert longest_timeline <= max(2 * 90, COMPACT_SLACK) + 90  # holes stay bounded
     assert engine.cache.length < engine.capacity // 2
+
+
+def test_a_greedy_sequence_alone_takes_speculative_steps(tiny_medusa_artifact):
+    """Once the others finish, the remaining greedy sequence is verified speculatively
+    (Medusa heads + prompt lookup): its text is still plain greedy's, and steps accept
+    drafted tokens; sampled sequences stay plain."""
+    engine = edgert.load(tiny_medusa_artifact)
+    decoder = BatchDecoder(engine, slots=2)
+    assert decoder.drafters == ("medusa", "lookup")
+    copy = "Repeat: the cat sat on the mat, the cat sat on the mat, the cat sat on"
+    long_one = BatchSequence(engine.encode(copy), 48)
+    short_one = BatchSequence(engine.encode(PROMPTS[0]), 4)
+    sampled = BatchSequence(engine.encode(PROMPTS[1]), 24,
+                            params=SamplingParams(temperature=0.8, seed=5))
+    for seq in (long_one, short_one):
+        decoder.admit(seq)
+    run_all(decoder)
+    assert long_one.speculative_steps > 0 and short_one.speculative_steps == 0
+    assert long_one.drafted_accepted > 0
+    assert long_one.output == alone(engine, copy, 48)
+    decoder.admit(sampled)
+    run_all(decoder)
+    assert sampled.speculative_steps == 0
+    assert sampled.output == alone(engine, PROMPTS[1], 24, temperature=0.8, seed=5)
+
+
+def test_speculation_off(engine):
+    decoder = BatchDecoder(engine, slots=2, speculative="off")
+    seq = BatchSequence(engine.encode(PROMPTS[2]), 16)
+    decoder.admit(seq)
+    run_all(decoder)
+    assert seq.speculative_steps == 0 and seq.output == alone(engine, PROMPTS[2], 16)
