@@ -493,14 +493,15 @@ class Engine:
     def _step_chain(self, root: int, head_ids: np.ndarray | None,
                     lookup: PromptLookup | None, draft: DraftState | None = None
                     ) -> Engine._StepTree | None:
-        """A chain to verify (``row_exact``): prompt lookup's candidates when it has some,
-        else the draft layer's, else the heads' top-1 chain; the others join where their
-        chains agree."""
+        """A chain to verify (``row_exact``). The draft layer's leads when there is one
+        (prompt lookup's replaces it where it starts with the same token and runs longer: the
+        draft confirms the copy); without it, prompt lookup's, else the heads' top-1 chain.
+        The others join where their chains agree."""
         chains = []
-        if lookup is not None:
-            chains.append(("lookup", lookup.propose()))
         if draft is not None:
             chains.append(("draft", draft.propose()))
+        if lookup is not None:
+            chains.append(("lookup", lookup.propose()))
         if head_ids is not None:
             tokens = propose_tree(self.tree, root, head_ids)
             chains.append(("medusa", tokens[self._medusa_chain].tolist()))
@@ -509,6 +510,10 @@ class Engine:
             return None
         builder = TokenTreeBuilder(root)
         base = chains[0][1]
+        if chains[0][0] == "draft" and len(chains) > 1 and chains[1][0] == "lookup":
+            copy = chains[1][1]
+            if copy[0] == base[0] and len(copy) > len(base):
+                base = copy
         for name, chain in chains:
             if chain[:len(base)] == base[:len(chain)]:  # one extends the other: still a chain
                 builder.add_chain(name, chain)
