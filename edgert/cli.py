@@ -88,11 +88,16 @@ def main() -> None:
               help="Tokens the draft layer drafts per step.")
 @click.option("--draft-topk", type=int, default=4, show_default=True,
               help="Candidates per row the draft graph returns.")
+@click.option("--draft-weights", type=click.Choice(["q8", "fp32"]), default="q8",
+              show_default=True,
+              help="The draft layer's own matrices: q8 (8-bit, int8 compute, in every "
+                   "artifact: its tokens are verified, so precision changes speed only) or "
+                   "fp32.")
 @friendly_errors
 def export(model: str, output: Path, max_context: int | None, force: bool, heads: Path | None,
            no_heads: bool, medusa_topk: int, tree: str | None, dhsa_settings: tuple[str, ...],
            no_dhsa: bool, weights: str, compute: str, draft: Path | None, no_draft: bool,
-           draft_depth: int, draft_topk: int) -> None:
+           draft_depth: int, draft_topk: int, draft_weights: str) -> None:
     """Export MODEL (a registered name, a Hugging Face directory or a .gguf file) to an
     ONNX artifact. Default MODEL: smollm2-135m."""
     from edgert.dhsa.params import DHSAParams
@@ -105,7 +110,8 @@ def export(model: str, output: Path, max_context: int | None, force: bool, heads
                                               medusa_topk=medusa_topk, tree=tree, dhsa=dhsa,
                                               weights=WeightOptions(weights, compute),
                                               draft=draft, use_draft=not no_draft,
-                                              draft_depth=draft_depth, draft_topk=draft_topk))
+                                              draft_depth=draft_depth, draft_topk=draft_topk,
+                                              draft_weights=draft_weights))
 
 
 @main.command()

@@ -30,7 +30,13 @@ from edgert.export.draft_layer import DraftLayer, load_draft
 from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
 from edgert.export.onnx_graph import save_graphs_sharing_weights, trace_decoder
-from edgert.export.quantize import WeightOptions, plan_quantization, quantize_graph, summarize
+from edgert.export.quantize import (
+    WeightOptions,
+    plan_quantization,
+    quantize_graph,
+    quantize_own_weights,
+    summarize,
+)
 from edgert.medusa.tree_buffers import build_tree_buffers
 from edgert.medusa.tree_presets import resolve_tree
 from edgert.model.config import DecoderConfig
@@ -70,6 +76,9 @@ class ExportOptions:
     use_draft: bool = True
     draft_topk: int = 4
     draft_depth: int = 4
+    # the draft's own matrices: 8-bit with int8 compute in every artifact (its tokens are
+    # verified, so this changes speed only), or "fp32" (kept as trained)
+    draft_weights: str = "q8"
 
 
 def _available_memory() -> int:
@@ -137,10 +146,12 @@ def resolve_draft(loaded: LoadedModel, options: ExportOptions) -> DraftLayer | N
 
 
 def _draft_manifest(draft: DraftLayer, options: ExportOptions, capacity: int,
-                    config: DecoderConfig) -> dict:
+                    config: DecoderConfig, quantized: bool) -> dict:
     spec = KVCacheSpec(capacity + options.draft_depth, 1, config.num_key_value_heads,
                        config.head_dim)
-    return {"graph": GraphKey.DRAFT.value, "topk": options.draft_topk,
+    weights = ("rtn8, int8 compute" if quantized or options.draft_weights == "q8"
+               else "fp32")
+    return {"graph": GraphKey.DRAFT.value, "topk": options.draft_topk, "weights": weights,
             "depth": options.draft_depth, "output_vocab": draft.config.output_vocab,
             "kv_cache": dataclasses.asdict(spec),
             "draft_source": str(options.draft or "registered model's draft"),
@@ -205,6 +216,8 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         raise ConfigError(f"--medusa-topk must be in [1, {config.vocab_size}], got "
                           f"{options.medusa_topk}")
     draft = resolve_draft(loaded, options)
+    if options.draft_weights not in ("q8", "fp32"):
+        raise ConfigError(f"--draft-weights must be q8 or fp32, got {options.draft_weights!r}")
     if draft is not None and not (1 <= options.draft_topk <= draft.config.projected_vocab
                                   and options.draft_depth >= 1):
         raise ConfigError(f"--draft-topk must be in [1, {draft.config.projected_vocab}] and "
@@ -220,6 +233,9 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
                                       str(options.heads or "registered model's heads"))
             tree = resolve_export_tree(loaded, heads, options)
         quantization = _quantize_graphs(graphs, loaded, options.weights, log)
+        if draft is not None and quantization is None and options.draft_weights == "q8":
+            own = quantize_own_weights(graphs[DRAFT_FILE], config)
+            log(f"draft layer: {len(own)} matrices 8-bit, int8 compute")
         eos_ids = _eos_ids(loaded)
         log("writing the weights...")
         written = save_graphs_sharing_weights(graphs, tmp, WEIGHTS_FILE)
@@ -254,7 +270,8 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             medusa=medusa,
             tree=tree,
             dhsa=dhsa.to_dict() if dhsa is not None else None,
-            draft=(_draft_manifest(draft, options, capacity, config) if draft is not None
+            draft=(_draft_manifest(draft, options, capacity, config,
+                                   quantized=quantization is not None) if draft is not None
                    else None),
         )
         write_manifest(tmp, manifest.to_dict())
@@ -313,7 +330,7 @@ def _quantize_graphs(graphs: dict, loaded: LoadedModel, options: WeightOptions,
     asks for (in place); the manifest's ``quantization`` section, None when all stay fp32."""
     blocks, report = plan_quantization(loaded, options)
     if not blocks:
-        return None
+        return None  # fp32 weights (the draft's own: ``_quantize_draft``)
     used: set[str] = set()
     own: dict[str, dict] = {}
     for file, graph in graphs.items():

@@ -535,6 +535,18 @@ def _attr(node: onnx.NodeProto, name: str, default):
 OWN_WEIGHT_BITS = 8  # the Medusa heads' own weights: trained in fp32, stored 8-bit
 
 
+def quantize_own_weights(model: onnx.ModelProto, config: DecoderConfig,
+                         accuracy_level: int = COMPUTE_MODES["int8"]) -> dict[str, dict]:
+    """Quantize only ``model``'s own weight matrices to ``OWN_WEIGHT_BITS`` bits (round to
+    nearest, in place), whatever the artifact's weights: for a graph whose outputs are only
+    proposals that the backbone verifies (the draft layer), precision changes speed, not
+    output. Returns a report row per weight."""
+    rewriter = _GraphQuantizer(model.graph, {}, config, accuracy_level, OWN_WEIGHT_BITS)
+    if rewriter.run() and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return rewriter.own
+
+
 def quantize_graph(model: onnx.ModelProto, blocks: dict[str, BlockQuantized],
                    config: DecoderConfig, options: WeightOptions,
                    own_weights: bool = False) -> tuple[set[str], dict[str, dict]]:

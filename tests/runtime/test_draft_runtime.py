@@ -73,7 +73,9 @@ def export(tiny_dir, out, draft, **options):
 
 @pytest.fixture(scope="module")
 def draft_artifact(tiny_dir, random_draft_dir, tmp_path_factory):
-    return export(tiny_dir, tmp_path_factory.mktemp("a") / "art", random_draft_dir)
+    """The draft kept fp32 (the default stores its own matrices 8-bit)."""
+    return export(tiny_dir, tmp_path_factory.mktemp("a") / "art", random_draft_dir,
+                  draft_weights="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,21 @@ def trained_artifact(tiny_dir, trained_draft_dir, tmp_path_factory):
     return export(tiny_dir, tmp_path_factory.mktemp("t") / "art", trained_draft_dir)
 
 
+def test_the_draft_is_8_bit_by_default(trained_artifact):
+    """In an fp32 artifact too: its tokens are verified, so precision is only speed."""
+    import onnx
+
+    manifest = json.loads((trained_artifact / "edgert.json").read_text())
+    assert manifest["quantization"] is None and manifest["draft"]["weights"].startswith("rtn8")
+    graph = onnx.load(str(trained_artifact / "draft.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(next(a.i for a in n.attribute if a.name == "bits") == 8
+                         for n in nbits)
+
+
 def test_manifest_and_files(draft_artifact):
     manifest = json.loads((draft_artifact / "edgert.json").read_text())
+    assert manifest["draft"]["weights"] == "fp32"
     assert manifest["draft"]["topk"] == 4 and manifest["draft"]["depth"] == 4
     assert manifest["draft"]["kv_cache"]["num_layers"] == 1
     assert manifest["draft"]["kv_cache"]["capacity"] >= manifest["kv_cache"]["capacity"]
