@@ -90,3 +90,32 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     engine or mode measured in a process of its own); its output is captured as text."""
     return subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True)
+
+
+RSS_CHILD = """
+import json, sys
+import edgert
+from bench import common
+engine = edgert.load(sys.argv[1], verify=False)
+mode = None if sys.argv[3] == "default" else sys.argv[3]
+engine.generate("warm up", max_new_tokens=8, speculative=mode)
+loaded = common.status_mb("VmRSS")
+r = engine.generate("Once upon a time", max_new_tokens=int(sys.argv[2]), chat=False,
+                    temperature=float(sys.argv[4]), seed=0, ignore_eos=True, speculative=mode)
+print(json.dumps({"new_tokens": len(r.output_ids), "kv_bytes": r.stats["kv_bytes"],
+                  "speculative": r.stats["speculative"],
+                  "rss_after_load_mb": loaded, "rss_after_mb": common.status_mb("VmRSS")}))
+"""
+
+
+def rss_check(artifact, speculative: str = "default", temperature: float = 0.8,
+              lengths=(100, 2000)) -> dict:
+    """Fixed memory: in a fresh process per length, RSS (``VmRSS``, not the peak) after load
+    and after generating that many tokens (``ignore_eos``) in mode ``speculative``."""
+    out = {}
+    for n in lengths:
+        proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(artifact).resolve()),
+                               str(n), speculative, str(temperature)], capture_output=True,
+                              text=True, check=True, cwd=REPO_ROOT)
+        out[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -33,20 +32,6 @@ MODES = {
     "medusa greedy": {"medusa": True},
     "medusa typical": {"medusa": True, "temperature": 0.7, "seed": 0, "acceptance": "typical"},
 }
-
-RSS_CHILD = """
-import json, sys
-import edgert
-from bench import common
-engine = edgert.load(sys.argv[1], verify=False)
-engine.generate("warm up", max_new_tokens=8)
-loaded = common.status_mb("VmRSS")
-r = engine.generate("Once upon a time", max_new_tokens=int(sys.argv[2]), chat=False,
-                    temperature=0.8, seed=0, ignore_eos=True)
-print(json.dumps({"new_tokens": len(r.output_ids), "kv_bytes": r.stats["kv_bytes"],
-                  "rss_after_load_mb": loaded, "rss_after_mb": common.status_mb("VmRSS")}))
-"""
-
 
 def run_modes(engine, prompts, new_tokens, runs):
     per_run = defaultdict(list)
@@ -68,16 +53,6 @@ def run_modes(engine, prompts, new_tokens, runs):
                     kinds[(mode, p["kind"])][1] += dt
             per_run[mode].append(tokens / elapsed)
     return per_run, outputs, accepted, kinds
-
-
-def rss_check(artifact: Path) -> dict:
-    out = {}
-    for n in (100, 2000):
-        proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(artifact).resolve()),
-                               str(n)], capture_output=True, text=True, check=True,
-                              cwd=common.REPO_ROOT)
-        out[str(n)] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
 
 
 def main() -> None:
@@ -156,7 +131,7 @@ def main() -> None:
         rows.append({"engine": peer["engine"], "tok/s": rate, "mean accepted": 1.0,
                      "vs plain": rate / plain})
     if not args.no_rss:
-        record["fixed_memory"] = rss_check(args.artifact)
+        record["fixed_memory"] = common.rss_check(args.artifact)
     common.emit(record, rows, ["engine", "tok/s", "mean accepted", "vs plain"], args.json_path)
     print(f"lossless: {record['lossless']['identical']}/{len(prompts)} prompts identical; "
           + ", ".join(f"Medusa greedy vs {k[10:]}: {v:.2f}x" for k, v in record.items()

@@ -5,9 +5,11 @@
         [--json bench/results/serve.json]
 
 Throughput: ``BatchDecoder`` with N sequences (the bench prompts, greedy, ``ignore_eos``),
-all prompts read first; then decode steps until each has ``--new-tokens``: aggregate decode
-tokens/s = N x new tokens / decode time (median of ``--runs``), and its ratio to one stream
-measured in the same run.
+all prompts read first; then decode steps until each has ``--new-tokens``, one token a step
+per sequence (``speculative="off"``): aggregate decode tokens/s = N x new tokens / decode time
+(median of ``--runs``), and its ratio to one stream measured in the same run (median of the
+per-run ratios). One more row: a single stream with the speculative steps a sequence decoding
+alone gets by default.
 
 Load: ``edgert serve --parallel P`` in a process of its own, ``--clients`` threads sending
 chat requests (greedy, 16 to 64 tokens, the bench prompts in turn) for ``--load-seconds``.
@@ -39,9 +41,10 @@ from edgert.runtime.batch import BatchDecoder, BatchSequence
 LENGTHS = [16, 32, 64, 24]  # max_tokens of the load test's requests, in turn
 
 
-def decode_throughput(engine, streams: int, new_tokens: int, prompts: list[str]) -> float:
+def decode_throughput(engine, streams: int, new_tokens: int, prompts: list[str],
+                      speculative: str | None = "off") -> float:
     """Aggregate decode tokens/s of ``streams`` sequences decoded together."""
-    decoder = BatchDecoder(engine, slots=streams, prefill_budget=4096)
+    decoder = BatchDecoder(engine, slots=streams, prefill_budget=4096, speculative=speculative)
     seqs = [BatchSequence(engine.encode(prompts[i % len(prompts)]), new_tokens,
                           ignore_eos=True) for i in range(streams)]
     for seq in seqs:
@@ -173,14 +176,16 @@ def main() -> None:
     engine = edgert.load(args.artifact)
     prompts = [p["prompt"] for p in common.load_prompts()]
     streams = [int(s) for s in args.streams.split(",")]
-    runs = {n: [] for n in streams}
+    runs = {n: [] for n in [*streams, "1, speculative"]}
     for _ in range(args.runs):  # interleaved: noise hits every stream count alike
         for n in streams:
             runs[n].append(decode_throughput(engine, n, args.new_tokens, prompts))
-    base = common.median(runs[streams[0]])
+        runs["1, speculative"].append(decode_throughput(engine, 1, args.new_tokens, prompts,
+                                                        speculative=None))
+    base = runs[streams[0]]
     rows = [{"streams": n, "tokens_per_s": round(common.median(runs[n]), 1),
-             "vs_one": round(common.median(runs[n]) / base, 2),
-             "runs": [round(r, 1) for r in runs[n]]} for n in streams]
+             "vs_one": round(common.median([r / b for r, b in zip(runs[n], base)]), 2),
+             "runs": [round(r, 1) for r in runs[n]]} for n in runs]
     record = {"bench": "serve", "machine": common.machine(), "artifact": Path(args.artifact).name,
               "new_tokens": args.new_tokens, "throughput": rows,
               "command": ("python -m bench.serve " + " ".join(sys.argv[1:]))}

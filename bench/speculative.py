@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--modes", default="off,medusa,lookup,medusa+lookup")
     ap.add_argument("--limit", type=int, default=None, help="the first N prompts of each set")
+    ap.add_argument("--rss", action="store_true",
+                    help="also check fixed memory in the default mode (greedy, 100 and 2,000 "
+                         "tokens, a fresh process each)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     modes = args.modes.split(",")
@@ -134,11 +137,17 @@ def main() -> None:
                          "x plain": r["ratio_to_plain"], "tau": r["tau"],
                          "accepted by": ", ".join(f"{k} {v}" for k, v in r["accepted_by"].items())
                          or "-", "lossless": f"{r['lossless']}/{r['prompts']}"})
+    if args.rss:
+        del engine
+        record["fixed_memory"] = common.rss_check(args.artifact, temperature=0.0)
     common.emit(record, rows, ["set", "mode", "decode tok/s", "x plain", "tau", "accepted by",
                                "lossless"], args.json)
     print("verification forward ms by tree size:", record["verification_ms"])
     if "draft_step_ms" in record:
         print("draft step ms:", record["draft_step_ms"], "tree:", record["draft_tree"])
+    for n, row in record.get("fixed_memory", {}).items():
+        print(f"fixed memory, {n} tokens ({row['speculative']}): RSS after load "
+              f"{row['rss_after_load_mb']:.1f} MB, after {row['rss_after_mb']:.1f} MB")
 
 
 if __name__ == "__main__":
