@@ -104,6 +104,9 @@ class Engine:
         if self.backend.has_heads and self.manifest.tree:
             self.set_tree(self.manifest.tree["choices"])
         self._vocab_masks: VocabMasks | None = None
+        # tokens the draft layer drafts per step: its chain's length at int8 activations, its
+        # tree's depth otherwise (the artifact's ``draft.depth``, ``--draft-depth``; settable)
+        self.draft_depth = int((self.manifest.draft or {}).get("depth", 0))
         # the draft layer's dynamic tree (fp32 artifacts; int8 ones verify its chain)
         self.draft_tree = DraftTreeParams(depth=max(1, self.draft_depth),
                                           topk=min(2, int((self.manifest.draft or {}).get(
@@ -222,10 +225,6 @@ class Engine:
         """Whether the artifact has a draft layer this backend runs."""
         return getattr(self.backend, "has_draft", False)
 
-    @property
-    def draft_depth(self) -> int:
-        """Tokens the draft layer drafts per step (the artifact's ``draft.depth``)."""
-        return int((self.manifest.draft or {}).get("depth", 0))
 
     # -- prompt handling ------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
