@@ -84,8 +84,10 @@ def main() -> None:
               help="EAGLE-style draft layer directory (edgert train-draft). Default: the "
                    "registered model's committed draft, if any.")
 @click.option("--no-draft", is_flag=True, help="Export without a draft layer.")
-@click.option("--draft-depth", type=int, default=4, show_default=True,
-              help="Tokens the draft layer drafts per step.")
+@click.option("--draft-depth", type=int, default=1, show_default=True,
+              help="Tokens the draft layer drafts per step (its chain at int8 activations, "
+                   "its tree's depth otherwise). 1 measured fastest on a 2-core CPU for "
+                   "SmolLM2's draft (bench/results/speculative_draft_q4.json).")
 @click.option("--draft-topk", type=int, default=4, show_default=True,
               help="Candidates per row the draft graph returns.")
 @click.option("--draft-weights", type=click.Choice(["q8", "fp32"]), default="q8",
@@ -394,10 +396,12 @@ def eval_heads(artifact: Path, prompts_file: Path | None, max_new_tokens: int,
                                  "prompts, never used in training).")
 @click.option("--max-new-tokens", type=int, default=96, show_default=True,
               help="Greedy continuation length per prompt.")
+@click.option("--depth", type=int, default=4, show_default=True,
+              help="Draft steps evaluated at each position.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"top1": [...], "accept": [...], "tokens_per_step": ...}.')
 @friendly_errors
-def eval_draft(artifact: Path, prompts_file: Path | None, max_new_tokens: int,
+def eval_draft(artifact: Path, prompts_file: Path | None, max_new_tokens: int, depth: int,
                as_json: bool) -> None:
     """Top-1 of ARTIFACT's draft layer at each draft step against its own greedy output."""
     from tqdm import tqdm
@@ -410,7 +414,7 @@ def eval_draft(artifact: Path, prompts_file: Path | None, max_new_tokens: int,
     prompts = ([line for line in prompts_file.read_text().splitlines() if line.strip()]
                if prompts_file else heldout_prompts())
     with tqdm(total=len(prompts), desc="eval-draft", unit="prompt", disable=as_json) as bar:
-        acc = evaluate_draft(engine, prompts, max_new_tokens, bar.update)
+        acc = evaluate_draft(engine, prompts, max_new_tokens, bar.update, depth)
     if as_json:
         click.echo(json.dumps(acc.to_dict()))
         return

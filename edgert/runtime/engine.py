@@ -530,11 +530,15 @@ class Engine:
 
     @property
     def default_speculative(self) -> str:
-        """The decoding mode when a request names none: prompt lookup, with the Medusa heads
-        when the artifact has them and their tree is not tuned to be slower than plain
-        decoding. Measured on SmolLM2 (bench/results/speculative_q4.json): medusa+lookup
-        1.26x/1.41x plain greedy on the chat/copy prompts, Medusa alone 1.22x/1.17x, lookup
-        alone 1.18x/1.27x."""
+        """The decoding mode when a request names none: prompt lookup, with the draft layer
+        when the artifact has one, else with the Medusa heads when it has them and their tree
+        is not tuned to be slower than plain decoding. Measured on SmolLM2, chat/copy prompts,
+        x plain greedy: fp32 draft+lookup 1.30x/1.55x against medusa+lookup 1.17x/1.48x
+        (bench/results/speculative_draft_fp32.json); q4 1.25x/1.51x against 1.33x/1.44x, the
+        chat figures within the run's noise (speculative_draft_q4.json); before the draft
+        layer, Medusa alone 1.22x/1.17x, lookup alone 1.18x/1.27x (speculative_q4.json)."""
+        if self.has_draft:
+            return "draft+lookup"
         return "medusa+lookup" if self.medusa_by_default else "lookup"
 
     def drafters_for(self, speculative: str | None = None, medusa: bool | None = None
@@ -604,8 +608,10 @@ class Engine:
 
         ``speculative`` picks the drafters whose proposals each step verifies in one forward:
         "medusa" (the heads' tree), "lookup" (continuations copied from earlier text: prompt
-        lookup), "medusa+lookup" (their union), or "off". Default: ``medusa`` when given
-        (True: "medusa", False: "off"), else :attr:`default_speculative` (lookup, plus Medusa
+        lookup), "draft" (the artifact's draft layer), a combination such as "draft+lookup"
+        (their union), or "off". Default: ``medusa`` when given
+        (True: "medusa", False: "off"), else :attr:`default_speculative` (lookup, plus the
+        draft layer when the artifact has one, else Medusa
         when the artifact has heads whose tree is not tuned to be slower than plain
         decoding). Greedy acceptance at
         ``temperature=0`` (output identical to plain greedy). When sampling, ``acceptance``

@@ -57,12 +57,13 @@ def greedy_with_features(engine, ids: list[int], max_new_tokens: int
 
 
 def evaluate_draft(engine, prompts: list[str] | None = None, max_new_tokens: int = 96,
-                   progress: Callable[[int], None] = lambda n: None) -> DraftAccuracy:
+                   progress: Callable[[int], None] = lambda n: None,
+                   depth: int = 4) -> DraftAccuracy:
+    """``depth`` draft steps per position (whatever the artifact drafts at run time)."""
     if not engine.has_draft:
         raise ArtifactError(f"artifact {engine.path} has no draft layer; export it with "
                             "--draft (train one with `edgert train-draft`)")
     prompts = prompts if prompts is not None else heldout_prompts()
-    depth = engine.draft_depth
     hits = np.zeros(depth)
     prefixes = np.zeros(depth + 1, dtype=np.int64)  # positions whose chain is right for p steps
     skipped = 0

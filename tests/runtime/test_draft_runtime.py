@@ -68,7 +68,8 @@ def trained_draft_dir(loaded, tmp_path_factory):
 
 def export(tiny_dir, out, draft, **options):
     return export_model(str(tiny_dir), out, ExportOptions(draft=draft, max_context=512,
-                                                          **options), log=lambda m: None)
+                                                          draft_depth=4, **options),
+                        log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_the_draft_is_8_bit_by_default(trained_artifact):
 def test_manifest_and_files(draft_artifact):
     manifest = json.loads((draft_artifact / "edgert.json").read_text())
     assert manifest["draft"]["weights"] == "fp32"
-    assert manifest["draft"]["topk"] == 4 and manifest["draft"]["depth"] == 4
+    assert manifest["draft"]["topk"] == 4 and manifest["draft"]["depth"] == 4  # as exported
     assert manifest["draft"]["kv_cache"]["num_layers"] == 1
     assert manifest["draft"]["kv_cache"]["capacity"] >= manifest["kv_cache"]["capacity"]
     assert (draft_artifact / "draft.onnx").is_file()
@@ -222,9 +223,9 @@ def test_eval_draft_reports_per_step_accuracy(trained_artifact):
     from edgert.train.eval_draft import evaluate_draft
 
     engine = edgert.load(trained_artifact)
-    acc = evaluate_draft(engine, TRAIN_PROMPTS[:3], max_new_tokens=24)
+    acc = evaluate_draft(engine, TRAIN_PROMPTS[:3], max_new_tokens=24, depth=4)
     assert acc.prompts == 3 and acc.positions > 30
-    assert len(acc.top1) == len(acc.accept) == engine.draft_depth
+    assert len(acc.top1) == len(acc.accept) == engine.draft_depth == 4
     assert acc.accept[0] == acc.top1[0] > 0.5  # step 1 has no previous step
     assert all(0.0 <= a <= 1.0 for a in acc.accept)
     # tau is one plus the mean accepted chain: at least one token when step 1 is right
