@@ -179,8 +179,10 @@ class BatchDecoder:
         self.active: list[BatchSequence] = []
         self.compactions = 0
         self.prefix_reuse = prefix_reuse
-        self.drafters = tuple(name for name in engine.drafters_for(speculative)
-                              if name != "draft")
+        names = [name for name in engine.drafters_for(speculative) if name != "draft"]
+        if speculative is None and engine.has_draft and engine.has_medusa:
+            names.insert(0, "medusa")  # the heads stand in for the draft layer
+        self.drafters = tuple(names)
         # the prompt-lookup index of the sequence that last decoded alone, and its length
         self._lookup_of: tuple[BatchSequence, PromptLookup, int] | None = None
         # finished sequences' (tokens, entries), newest last: prefixes a joining sequence may
