@@ -173,6 +173,24 @@ def tune_cmd(artifact: Path, target: str, device: str | None, trials: int,
     click.echo(json.dumps({"tuned": summary}))
 
 
+def self_distillation_options(command):
+    """The self-distillation data options train-heads and train-draft share."""
+    for option in reversed([
+            click.option("--data", "data_file", type=click.Path(path_type=Path, exists=True),
+                         default=None,
+                         help="JSONL of {prompt, response} or {text}; default: "
+                              "self-distillation on the shipped prompt set."),
+            click.option("--max-prompts", type=int, default=None,
+                         help="Use only the first N shipped prompts (default: all)."),
+            click.option("--max-new-tokens", type=int, default=256, show_default=True,
+                         help="Length of the backbone's self-distillation responses."),
+            click.option("--prompts-per-topic", type=int, default=3, show_default=True,
+                         help="Templates per topic in the shipped prompt set (more = more "
+                              "data).")]):
+        command = option(command)
+    return command
+
+
 @main.command("train-heads")
 @click.argument("model", default="smollm2-135m")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
@@ -184,15 +202,7 @@ def tune_cmd(artifact: Path, target: str, device: str | None, trials: int,
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Positions per step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--data", "data_file", type=click.Path(path_type=Path, exists=True), default=None,
-              help="JSONL of {prompt, response} or {text}; default: self-distillation on the "
-                   "shipped prompt set.")
-@click.option("--max-prompts", type=int, default=None,
-              help="Use only the first N shipped prompts (default: all).")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True,
-              help="Length of the backbone's self-distillation responses.")
-@click.option("--prompts-per-topic", type=int, default=3, show_default=True,
-              help="Templates per topic in the shipped prompt set (more = more data).")
+@self_distillation_options
 @click.option("--condition", type=click.Choice(["none", "token"]), default="none",
               show_default=True,
               help="token: heads also read the embedding of the token the backbone chose "
@@ -230,15 +240,7 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
 @click.option("--max-tokens", type=int, default=2048, show_default=True,
               help="Rows per step (the packed sequences are cut there).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--data", "data_file", type=click.Path(path_type=Path, exists=True), default=None,
-              help="JSONL of {prompt, response} or {text}; default: self-distillation on the "
-                   "shipped prompt set.")
-@click.option("--max-prompts", type=int, default=None,
-              help="Use only the first N shipped prompts (default: all).")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True,
-              help="Length of the backbone's self-distillation responses.")
-@click.option("--prompts-per-topic", type=int, default=3, show_default=True,
-              help="Templates per topic in the shipped prompt set (more = more data).")
+@self_distillation_options
 @click.option("--output-vocab", type=int, default=8192, show_default=True,
               help="The draft scores only this many of the most frequent tokens (0 = all): "
                    "a cheaper draft step.")

@@ -7,7 +7,6 @@ bias), so the exported graph and the trained module are one definition.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from edgert.export.attention import PortableCore
 from edgert.export.decoder import DecoderLayer, Rotary, norm, rotary_tables
 from edgert.model.config import DecoderConfig
 from edgert.model.draft_config import DRAFT_CONFIG, DRAFT_WEIGHTS, DraftConfig, read_draft_config
+from edgert.model.module_files import save_module_files
 from edgert.model.rope import inverse_frequencies
 
 
@@ -73,12 +73,7 @@ class DraftLayer(nn.Module):
 
 
 def save_draft(draft: DraftLayer, directory: Path) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in draft.state_dict().items()}
-    save_file(state, str(directory / DRAFT_WEIGHTS))
-    (directory / DRAFT_CONFIG).write_text(json.dumps(draft.config.to_dict(), indent=2) + "\n")
+    save_module_files(draft, draft.config.to_dict(), directory, DRAFT_WEIGHTS, DRAFT_CONFIG)
 
 
 def load_draft(directory: Path, backbone: DecoderConfig | None = None) -> DraftLayer:

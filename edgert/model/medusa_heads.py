@@ -34,6 +34,7 @@ from torch import nn
 
 from edgert.errors import ConfigError, ModelSourceError
 from edgert.model.config import DecoderConfig, reject_unknown_fields
+from edgert.model.module_files import save_module_files
 
 HEADS_CONFIG = "heads.json"
 HEADS_WEIGHTS = "heads.safetensors"
@@ -172,12 +173,7 @@ class MedusaHeads(nn.Module):
 
 
 def save_heads(heads: MedusaHeads, directory: Path) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in heads.state_dict().items()}
-    save_file(state, str(directory / HEADS_WEIGHTS))
-    (directory / HEADS_CONFIG).write_text(json.dumps(heads.config.to_dict(), indent=2) + "\n")
+    save_module_files(heads, heads.config.to_dict(), directory, HEADS_WEIGHTS, HEADS_CONFIG)
 
 
 def load_heads(directory: Path, backbone: DecoderConfig | None = None) -> MedusaHeads:

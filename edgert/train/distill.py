@@ -166,6 +166,23 @@ def read_data_file(path: Path, encoder: PromptEncoder) -> list[tuple[list[int], 
     return pairs
 
 
+def padded_states(model, seqs: list[list[int]]) -> torch.Tensor:
+    """One teacher-forced forward of ``model`` over ``seqs`` (padded on the right): the
+    final-norm hidden states [B, T, H] (rows past a sequence's end are padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        return model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def argmax_tokens(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """The backbone's argmax after each hidden state [T, H] (lm_head [V, H]), in chunks."""
+    with torch.no_grad():
+        return torch.cat([torch.matmul(chunk, lm_head.t()).argmax(-1)
+                          for chunk in hidden.split(256)])
+
+
 def hidden_and_targets(model, pairs: list[tuple[list[int], list[int]]], num_heads: int,
                        batch_size: int = 8, progress: Callable[[int], None] = lambda n: None
                        ) -> DistillData:
@@ -175,17 +192,11 @@ def hidden_and_targets(model, pairs: list[tuple[list[int], list[int]]], num_head
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
         seqs = [p + r for p, r in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        with torch.no_grad():
-            states = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        states = padded_states(model, seqs)
         for row, ((prompt, _), seq) in enumerate(zip(batch, seqs)):
             length = len(seq)
             h = states[row, :length]
-            with torch.no_grad():
-                argmax = torch.cat([torch.matmul(chunk, lm_head.t()).argmax(-1)
-                                    for chunk in h.split(256)])  # a_t for every t
+            argmax = argmax_tokens(h, lm_head)  # a_t for every t
             first = len(prompt) - 1  # heads run from the last prompt token on
             positions = torch.arange(first, length)
             targets = torch.full((len(positions), num_heads), IGNORE, dtype=torch.int64)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from edgert.train.distill import argmax_tokens, padded_states
+
 
 @dataclass
 class DraftData:
@@ -56,19 +58,14 @@ def sequence_features(model, pairs: list[tuple[list[int], list[int]]], batch_siz
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
         seqs = [p + r for p, r in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        with torch.no_grad():
-            states = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            for row, ((prompt, _), seq) in enumerate(zip(batch, seqs)):
-                h = states[row, :len(seq)]
-                tokens.append(torch.tensor(seq, dtype=torch.int64))
-                hidden.append(h.to(torch.float16))
-                argmax.append(torch.cat([torch.matmul(chunk, lm_head.t()).argmax(-1)
-                                         for chunk in h.split(256)]))
-                lengths.append(len(seq))
-                prompts.append(len(prompt))
+        states = padded_states(model, seqs)
+        for row, ((prompt, _), seq) in enumerate(zip(batch, seqs)):
+            h = states[row, :len(seq)]
+            tokens.append(torch.tensor(seq, dtype=torch.int64))
+            hidden.append(h.to(torch.float16))
+            argmax.append(argmax_tokens(h, lm_head))
+            lengths.append(len(seq))
+            prompts.append(len(prompt))
         progress(len(batch))
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
