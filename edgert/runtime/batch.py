@@ -311,14 +311,14 @@ class BatchDecoder:
 
     def _lookup(self, seq: BatchSequence) -> PromptLookup:
         """``seq``'s prompt-lookup index, brought up to its current text."""
-        text = [*seq.prompt_ids, *seq.output]
+        length = len(seq.prompt_ids) + len(seq.output)
         if self._lookup_of is not None and self._lookup_of[0] is seq:
-            _, index, known = self._lookup_of
-            index.extend(text[known:])
-        else:
+            _, index, known = self._lookup_of  # only the new tokens: no copy of the text
+            index.extend(seq.output[known - len(seq.prompt_ids):])
+        else:  # it starts decoding alone: index its whole text once
             index = PromptLookup(LookupParams())
-            index.reset(text)
-        self._lookup_of = (seq, index, len(text))
+            index.reset([*seq.prompt_ids, *seq.output])
+        self._lookup_of = (seq, index, length)
         return index
 
     def _speculative_step(self, seq: BatchSequence) -> list[tuple[BatchSequence, int]] | None:

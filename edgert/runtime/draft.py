@@ -32,6 +32,7 @@ class DraftState:
         self.backend = backend
         self.cache = backend.draft_cache
         self.depth = depth
+        self._mask_buffer = np.empty(0, dtype=np.float32)  # dynamic trees' whole-cache masks
         self._tokens: list[int] = []  # pending rows: x_p ...
         self._features: list[np.ndarray] = []  # ... and h_{p-1}, [m, H] blocks
 
@@ -114,7 +115,8 @@ class DraftState:
             expand = tree.best(frontier, params.beam)
             q = len(expand)
             total = committed + written + q
-            mask = np.full((1, 1, q, total), MASK_VALUE, dtype=np.float32)
+            mask = self._mask(q, total)
+            mask[..., committed:] = MASK_VALUE
             mask[..., :committed] = 0.0
             for r, node in enumerate(expand):
                 entry_of[node] = committed + written + r
@@ -133,6 +135,13 @@ class DraftState:
                 frontier += tree.add_children(node, out_ids[0, r, :params.topk],
                                               out_logprobs[0, r, :params.topk])
         return tree.select(params.budget)
+
+    def _mask(self, q: int, total: int) -> np.ndarray:
+        """A [1,1,q,total] view of one buffer, grown only for a wider beam (no allocation per
+        draft call)."""
+        if self._mask_buffer.size < q * total:
+            self._mask_buffer = np.empty(q * self.cache.capacity, dtype=np.float32)
+        return self._mask_buffer[:q * total].reshape(1, 1, q, total)
 
     def _call(self, tokens: np.ndarray, features: np.ndarray, position: int, past: int = 0
               ) -> tuple[np.ndarray, np.ndarray]:
