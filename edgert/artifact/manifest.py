@@ -68,6 +68,9 @@ class GraphSpec:
     shared_cache: bool
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    # the graph's attention runs at least this many query rows: a lone row is padded with an
+    # uncommitted copy inside the graph (edgert.export.row_padding; int8-activation artifacts)
+    min_attention_rows: int = 1
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "graph.") -> GraphSpec:

@@ -37,6 +37,7 @@ from edgert.export.quantize import (
     quantize_own_weights,
     summarize,
 )
+from edgert.export.row_padding import MIN_ROWS, pad_lone_attention_rows
 from edgert.medusa.tree_buffers import build_tree_buffers
 from edgert.medusa.tree_presets import resolve_tree
 from edgert.model.config import DecoderConfig
@@ -233,6 +234,8 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
                                       str(options.heads or "registered model's heads"))
             tree = resolve_export_tree(loaded, heads, options)
         quantization = _quantize_graphs(graphs, loaded, options.weights, log)
+        if quantization is not None and options.weights.compute == "int8":
+            _pad_lone_attention_rows(graphs, graph_specs)
         if draft is not None and quantization is None and options.draft_weights == "q8":
             own = quantize_own_weights(graphs[DRAFT_FILE], config)
             log(f"draft layer: {len(own)} matrices 8-bit, int8 compute")
@@ -322,6 +325,15 @@ def _trace_graphs(loaded: LoadedModel, heads: MedusaHeads | None, draft: DraftLa
                                          untied)
         graph_specs[GraphKey.DRAFT] = draft_graph_spec(draft, options.draft_topk)
     return graphs, graph_specs
+
+
+def _pad_lone_attention_rows(graphs: dict, graph_specs: dict) -> None:
+    """int8 activations: ONNX Runtime's decode graph runs a lone row's attention as two rows
+    (edgert.export.row_padding), so one-row plain steps equal speculative steps' rows."""
+    file = GRAPH_FILES[GraphKey.ORT_GQA]
+    if pad_lone_attention_rows(graphs[file]):
+        spec = graph_specs[GraphKey.ORT_GQA]
+        graph_specs[GraphKey.ORT_GQA] = dataclasses.replace(spec, min_attention_rows=MIN_ROWS)
 
 
 def _quantize_graphs(graphs: dict, loaded: LoadedModel, options: WeightOptions,

@@ -260,8 +260,9 @@ class BatchDecoder:
         if not plan:
             return []
         q = sum(len(rows.tokens) for rows in plan)
-        # int8-activation artifacts: a lone row runs as two (see steps.decode_one), so a
-        # sequence decoding alone gets the tokens Engine.generate gets
+        # int8-activation artifacts whose graph does not pad a lone row's attention itself:
+        # a lone row runs as two (see steps.decode_one), so a sequence decoding alone gets
+        # the tokens Engine.generate gets
         pad = q == 1 and self.engine.decode_rows == 2
         if self._should_compact(q + pad):
             self._compact()

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgert.artifact.io import load_manifest
+from edgert.artifact.manifest import GraphKey
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import CapacityError, GenerationError
 from edgert.medusa.tree_buffers import TreeBuffers, build_tree_buffers
@@ -93,13 +94,17 @@ class Engine:
         # as exported (``--dhsa fixed_chunk=N``) unless set here
         self.dhsa_fixed_chunk = self.dhsa.fixed_chunk if self.dhsa else 0
         # ONNX Runtime's int8-activation matmuls turn the rounding-level differences between
-        # a one-row and a multi-row forward, or between a chain and a branching tree (masked
+        # a one-row and a multi-row attention, or between a chain and a branching tree (masked
         # siblings change the attention's summation), into logit differences of ~0.5. Plain
-        # steps then run as two-row forwards (``steps.decode_one``) and verification trees are
-        # chains, whose rows reproduce plain steps bit for bit: every mode stays lossless.
+        # steps then run their attention as two rows (inside the graph where the artifact pads
+        # a lone row, ``min_attention_rows``; else as two-row forwards, ``steps.decode_one``)
+        # and verification trees are chains, whose rows reproduce plain steps bit for bit:
+        # every mode stays lossless.
         quantization = self.manifest.quantization or {}
         self.row_exact = backend == "ort" and quantization.get("accuracy_level") == 4
-        self.decode_rows = 2 if self.row_exact else 1
+        graph = self.manifest.graphs.get(GraphKey.ORT_GQA)
+        padded = graph is not None and graph.min_attention_rows >= 2
+        self.decode_rows = 2 if self.row_exact and not padded else 1
         self.tree: TreeBuffers | None = None
         if self.backend.has_heads and self.manifest.tree:
             self.set_tree(self.manifest.tree["choices"])

@@ -71,11 +71,13 @@ def decode_one(backend: Backend, cache: KVCacheBase, token: int, rows: int = 1
 
     ``rows=2`` runs the token as the first row of a two-row causal block (the second row a
     copy, uncommitted: the next step overwrites its entry): the step then goes through the
-    same multi-row kernels as a tree verification. ONNX Runtime's int8-activation MatMulNBits
-    computes a one-row product differently from a multi-row one (logits ~0.2 apart), so a
-    speculative step's greedy choice could differ from a one-row plain step's; decoding every
-    token through multi-row forwards keeps all modes token-for-token identical. The last free
-    slot of the cache falls back to one row."""
+    same multi-row kernels as a tree verification. ONNX Runtime's GroupQueryAttention
+    computes one row differently from several (in the last bits), which int8 activations
+    turn into logits ~0.5 apart, so a speculative step's greedy choice could differ from a
+    one-row plain step's; decoding every token through multi-row attention keeps all modes
+    token-for-token identical. Artifacts whose graph pads a lone row's attention itself
+    (``min_attention_rows``, edgert.export.row_padding) decode one row. The last free slot of
+    the cache falls back to one row."""
     if rows == 2 and cache.length + 2 <= cache.capacity:
         step = StepInputs(np.array([[token, token]], dtype=np.int64),
                           np.array([[cache.length, cache.length + 1]], dtype=np.int64),

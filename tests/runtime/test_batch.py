@@ -141,8 +141,9 @@ def test_compact_keeps_the_chosen_entries(engine):
 
 
 def test_int8_artifact_batched_equals_alone(tiny_dir, tmp_path):
-    """int8 activations (q4 weights): ONNX Runtime's multi-row matmuls differ from one-row
-    ones, so a lone row runs as two (as Engine.generate's plain steps do): eight sequences
+    """int8 activations (q4 weights): ONNX Runtime's multi-row attention differs from the
+    one-row one, so a lone row's attention runs as two (the graph pads it, as in
+    Engine.generate's plain steps): eight sequences
     together, and one alone in the batch, give each sequence's solo output."""
     from edgert.export.exporter import ExportOptions, export_model
     from edgert.export.quantize import WeightOptions

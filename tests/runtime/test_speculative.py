@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import edgert
+from edgert.artifact.manifest import GraphKey
 from edgert.medusa.tree_buffers import build_tree_buffers, chain_tree
 from edgert.model.medusa_heads import save_heads
 from edgert.runtime.sampling import SamplingParams
@@ -322,12 +323,13 @@ def int8_engine(tiny_dir, random_heads_dir, tmp_path_factory):
 
 def test_int8_activations_verify_chains_and_stay_lossless(int8_engine, monkeypatch):
     """At int8 activations a row's logits depend on the rows before it (masked or not), so
-    plain steps run as two-row forwards and every verification tree is a chain: all modes give
-    plain greedy's tokens."""
+    plain steps run their attention as two rows (the graph pads a lone row) and every
+    verification tree is a chain: all modes give plain greedy's tokens."""
     import edgert.runtime.engine as engine_module
 
     engine = int8_engine
-    assert engine.row_exact and engine.decode_rows == 2
+    assert engine.row_exact and engine.decode_rows == 1
+    assert engine.manifest.graphs[GraphKey.ORT_GQA].min_attention_rows == 2
     assert len(engine.tree.retrieve) > 1  # the artifact's own tree branches
     shapes = []
     real_accept = engine_module.accept
