@@ -165,6 +165,27 @@ def chat_ids(args, prompts: list[str]) -> list[list[int]]:
     return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
 
 
+GENAI_BUILD = """
+import sys
+from bench.peers import GenaiPeer
+print(GenaiPeer.build(sys.argv[1], sys.argv[2]))
+"""
+
+
+def build_genai_peer(source: str, precision: str) -> Path:
+    """The onnxruntime-genai model (bench.peers.GenaiPeer.build), built in a child process:
+    building loads the fp32 weights (about 1.2 GB resident), and every process this one
+    forks afterwards would start with that in its ru_maxrss (Linux keeps the high-water mark
+    across fork and exec), inflating the measured peaks."""
+    proc = subprocess.run([sys.executable, "-c", GENAI_BUILD, source, precision],
+                          cwd=common.REPO_ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the onnxruntime-genai {precision} peer failed:\n"
+                           f"{proc.stderr[-2000:]}")
+    sys.stderr.write(proc.stderr)
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
 def median_row(rows: list[dict]) -> dict:
     return {key: common.median([r[key] for r in rows]) for key in rows[0]}
 
@@ -182,9 +203,7 @@ def engines(args) -> list[tuple[str, str, str, Path]]:
             out.append((f"edgert {label}, Medusa+lookup", "edgert-medusa+lookup", artifact,
                         Path(artifact)))
     if args.genai:
-        from bench.peers import GenaiPeer
-
-        model_dir = GenaiPeer.build(args.genai_source, args.genai)
+        model_dir = build_genai_peer(args.genai_source, args.genai)
         out.append((f"onnxruntime-genai {args.genai}", "genai", str(model_dir), model_dir))
     if args.llamacpp:
         gguf = Path(args.llamacpp).resolve()

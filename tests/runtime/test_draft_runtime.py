@@ -193,10 +193,15 @@ def test_a_trained_draft_gets_tokens_accepted(trained_artifact):
     assert accepted / steps > 0.5, (accepted, steps)
 
 
-def test_draft_cache_is_allocated_once(draft_artifact):
+def test_draft_cache_is_allocated_once_when_drafting_starts(draft_artifact):
+    """Plain and Medusa decoding hold no draft cache; the first drafting step allocates it,
+    and every later generation reuses that one."""
     engine = edgert.load(draft_artifact)
-    before = engine.backend.draft_cache.storage
+    engine.generate(PROMPTS[0], max_new_tokens=10, speculative="off")
+    assert engine.backend._draft_cache is None
     engine.generate(PROMPTS[0], max_new_tokens=30, speculative="draft")
+    before = engine.backend.draft_cache.storage
+    engine.generate(PROMPTS[1], max_new_tokens=30, speculative="draft")
     assert engine.backend.draft_cache.storage is before
 
 

@@ -169,9 +169,8 @@ class OrtBackend:
         self._dhsa_session = None
         self._draft_spec = manifest.graphs.get(GraphKey.DRAFT)
         self._draft_session = None
-        # the draft layer's own cache: allocated at load, beside the backbone's
-        self.draft_cache = (KVCache(manifest.draft_kv_cache) if self._draft_spec is not None
-                            else None)
+        self._draft_cache_spec = manifest.draft_kv_cache
+        self._draft_cache: KVCache | None = None
 
     def _digest(self, graph_file: str) -> str | None:
         """What a session's cache entry is keyed by: the graph's SHA-256 and that of the
@@ -307,6 +306,15 @@ class OrtBackend:
     @property
     def has_draft(self) -> bool:
         return self._draft_spec is not None
+
+    @property
+    def draft_cache(self) -> KVCache | None:
+        """The draft layer's own cache, beside the backbone's: allocated once, when drafting
+        first needs it (with the draft's session), so a process that never drafts (plain or
+        Medusa decoding) holds none of it; fixed from then on."""
+        if self._draft_cache is None and self._draft_spec is not None:
+            self._draft_cache = KVCache(self._draft_cache_spec)
+        return self._draft_cache
 
     @property
     def draft_session(self):
