@@ -16,10 +16,12 @@ the same chat prompts (bench/prompts.json), greedy. A worker reports:
 - ``decode tok/s``: median over the prompts of the decode rate (the first token excluded).
 
 The table shows medians over ``--runs`` runs. edgert runs plain, with Medusa and with
-Medusa+lookup (the default speculative mode; both when the
-artifact has heads). ``edgert run`` itself is measured too, as a user starts it: the CLI
-process's peak RSS (``wait4``) and the time to its first byte of output, next to the
-artifact's ``kv_bytes`` (the acceptance line: peak <= kv_bytes + 300 MB).
+Medusa+lookup (when the artifact has heads), and with draft+lookup (when it has a draft
+layer: the default speculative mode of such artifacts). ``edgert run`` itself is measured
+too, as a user starts it (plain, Medusa, and the artifact's default mode): the CLI process's
+peak RSS (``wait4``) and the time to its first
+byte of output, next to the artifact's ``kv_bytes`` (the acceptance line: peak <= kv_bytes +
+300 MB).
 
 Peers: onnxruntime-genai int4 built by its own builder from the same weights (block 32,
 accuracy level 4, its defaults); llama.cpp through llama-cpp-python on the same GGUF when it
@@ -124,12 +126,15 @@ def llamacpp_worker(gguf: str, prompt_ids: list[list[int]], new_tokens: int) -> 
             "peak_rss_mb": common.status_mb("VmHWM")}
 
 
-def edgert_run_cli(artifact: str, prompt: str, new_tokens: int) -> dict:
-    """``edgert run`` as a user starts it: first byte of output, peak RSS (wait4)."""
+def edgert_run_cli(artifact: str, prompt: str, new_tokens: int, speculative: str) -> dict:
+    """``edgert run`` as a user starts it (``speculative``: "default" for the artifact's
+    own mode): first byte of output, peak RSS (wait4)."""
     cli = Path(sys.executable).parent / "edgert"
+    mode = [] if speculative == "default" else ["--speculative", speculative]
     t0 = time.time()
     proc = subprocess.Popen([str(cli), "run", artifact, "--prompt", prompt, "--max-new-tokens",
-                             str(new_tokens)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                             str(new_tokens), *mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     proc.stdout.read(1)
     first = time.time() - t0
     proc.stdout.read()
@@ -202,6 +207,9 @@ def engines(args) -> list[tuple[str, str, str, Path]]:
             out.append((f"edgert {label}, Medusa", "edgert-medusa", artifact, Path(artifact)))
             out.append((f"edgert {label}, Medusa+lookup", "edgert-medusa+lookup", artifact,
                         Path(artifact)))
+        if manifest.get("draft"):
+            out.append((f"edgert {label}, draft+lookup", "edgert-draft+lookup", artifact,
+                        Path(artifact)))
     if args.genai:
         model_dir = build_genai_peer(args.genai_source, args.genai)
         out.append((f"onnxruntime-genai {args.genai}", "genai", str(model_dir), model_dir))
@@ -257,16 +265,22 @@ def main() -> None:
     cli = []
     for spec in args.edgert:
         label, _, artifact = spec.partition("=")
-        runs = [edgert_run_cli(artifact, prompts[0], args.new_tokens) for _ in range(args.runs)]
         kv_mb = next(r["kv_mb"] for r in results if r["engine"] == f"edgert {label}, plain")
-        cli.append({"artifact": label, "kv_mb": kv_mb, **median_row(runs), "runs": runs})
+        manifest = json.loads((Path(artifact) / "edgert.json").read_text())
+        modes = ["off", *(["medusa"] if manifest.get("medusa") else []), "default"]
+        for mode in modes:
+            runs = [edgert_run_cli(artifact, prompts[0], args.new_tokens, mode)
+                    for _ in range(args.runs)]
+            cli.append({"artifact": label, "speculative": mode, "kv_mb": kv_mb,
+                        **median_row(runs), "runs": runs})
     record = {"bench": "footprint", "machine": common.machine(), "prompts": args.prompts,
               "new_tokens": args.new_tokens, "runs": args.runs, "engines": results,
               "edgert_run": cli}
     common.emit(record, rows, ["engine", "files MB", "load RSS MB", "peak RSS MB",
                                "first token s", "decode tok/s"], args.json)
     for row in cli:
-        print(f"edgert run {row['artifact']}: first byte {row['first_byte_s']:.2f} s, peak RSS "
+        print(f"edgert run {row['artifact']} ({row['speculative']}): first byte "
+              f"{row['first_byte_s']:.2f} s, peak RSS "
               f"{row['peak_rss_mb']:.0f} MB (kv {row['kv_mb']:.0f} MB + "
               f"{row['peak_rss_mb'] - row['kv_mb']:.0f} MB)")
 
