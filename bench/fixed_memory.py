@@ -5,8 +5,9 @@
 
 Each length in a fresh process (``bench.common.rss_check``): ``VmRSS`` (not the peak) after
 loading and a warm-up request, then after generating that many tokens (``ignore_eos``) in
-``--speculative`` (default: the artifact's default mode). Every cache (the KV cache, the
-draft layer's) is taken at load, so the two samples should be within a few MB.
+``--speculative`` (default: the artifact's default mode). Every cache is taken once (the KV
+cache at load, the draft layer's by the warm-up's first drafting step), so the two samples
+should be within a few MB.
 """
 
 from __future__ import annotations
