@@ -7,7 +7,7 @@ verifies several rows, so a plain step must compute its token as a multi-row for
 or the speculative modes stop being token-for-token equal to plain greedy decoding.
 
 The runtime used to feed plain steps as two-row forwards, paying for the second row in every
-matmul of the step (17% of a SmolLM2 step). This rewrite pads the rows only where the
+matmul of the step (bench/step_cost.py measures it). This rewrite pads the rows only where the
 difference arises: each attention node's query, key and value get an uncommitted copy of a
 lone row, its bias a causal row and column for it, its lengths one more entry; its output is
 cut back to the real rows. Everything else (the matmuls, the norms, the lm_head) runs one row.
@@ -30,9 +30,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgert.export.attention import GQA_BIAS_SLOT
+from edgert.export.decoder import MASK_VALUE
 
 PREFIX = "edgert.pad_rows"
-MASK_VALUE = np.float32(-1e9)  # as edgert.runtime.steps.MASK_VALUE
 MIN_ROWS = 2
 # GroupQueryAttention inputs: query, key, value, past_key, past_value, seqlens_k,
 # total_sequence_length, cos_cache, sin_cache, position_ids, attention_bias
@@ -98,7 +98,7 @@ def pad_lone_attention_rows(model: onnx.ModelProto) -> bool:
     start, first_rows = b.const("start", [0]), b.const("axis1", [1])
     column = b.const("column_pads", [0, 0, 0, 0, 0, 0, 0, 1])
     row = b.const("row_pads_bias", [0, 0, 0, 0, 0, 0, 1, 0])
-    masked, visible = b.const("mask", MASK_VALUE), b.const("visible", np.float32(0))
+    masked, visible = b.const("mask", np.float32(MASK_VALUE)), b.const("visible", np.float32(0))
     width_axes = b.const("bias_axes", [2, 3])
     prefix, padded_bias = b.nodes, {}
     b.nodes = []
