@@ -6,7 +6,8 @@ holds its own packed copy. The first load of a graph on a machine saves the opti
 with the packed weights in its external data (``session.save_external_prepacked_constant_
 initializers``); later loads read that file, already optimized, and ONNX Runtime maps the
 packed weights from it instead of packing them again (0.21 s), so sessions and processes
-share them through the page cache.
+share them through the page cache. Once such a session is created, the pages of the file it
+no longer reads are given back (``page_release``).
 
 The packed layout depends on the CPU's instruction set and on ONNX Runtime's version, so the
 cache key is the SHA-256 of the graph and of the weights file it reads (from the manifest: two
@@ -27,6 +28,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from edgert.runtime.backends.page_release import release_clean_pages
 
 GRAPH = "graph.onnx"
 DATA = "graph.onnx.data"
@@ -92,9 +95,12 @@ def cached_session(graph: Path, graph_sha256: str | None, make_options: Callable
         options = make_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(str(entry / GRAPH), options, providers=providers)
+            session = ort.InferenceSession(str(entry / GRAPH), options, providers=providers)
         except Exception:  # a damaged entry: rebuild it below
             shutil.rmtree(entry, ignore_errors=True)
+        else:
+            release_clean_pages(entry / DATA)
+            return session
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
