@@ -186,7 +186,11 @@ def self_distillation_options(command):
                          help="Length of the backbone's self-distillation responses."),
             click.option("--prompts-per-topic", type=int, default=3, show_default=True,
                          help="Templates per topic in the shipped prompt set (more = more "
-                              "data).")]):
+                              "data)."),
+            click.option("--prompt-set", type=click.Choice(["base", "wide"]), default="base",
+                         show_default=True,
+                         help="wide: the shipped prompts plus about 180 training-only topics "
+                              "(about 3x the data; the held-out prompts stay the same).")]):
         command = option(command)
     return command
 
@@ -214,8 +218,8 @@ def self_distillation_options(command):
 @friendly_errors
 def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps: int,
                 batch_size: int, lr: float, data_file: Path | None, max_prompts: int | None,
-                max_new_tokens: int, prompts_per_topic: int, condition: str, output_vocab: int,
-                seed: int) -> None:
+                max_new_tokens: int, prompts_per_topic: int, prompt_set: str, condition: str,
+                output_vocab: int, seed: int) -> None:
     """Train Medusa-1 heads for MODEL on its own responses (frozen backbone)."""
     from edgert.train.distill import DistillOptions
     from edgert.train.heads_loop import TrainOptions
@@ -226,7 +230,8 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
                            batch_size=batch_size, lr=lr, seed=seed, condition=condition,
                            output_vocab=output_vocab),
         distill=DistillOptions(max_new_tokens=max_new_tokens, seed=seed),
-        data_file=data_file, max_prompts=max_prompts, prompts_per_topic=prompts_per_topic)
+        data_file=data_file, max_prompts=max_prompts, prompts_per_topic=prompts_per_topic,
+        prompt_set=prompt_set)
     train_heads_for_model(model, output, options)
 
 
@@ -252,8 +257,8 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
 @friendly_errors
 def train_draft(model: str, output: Path, steps: int, sequences_per_step: int, max_tokens: int,
                 lr: float, data_file: Path | None, max_prompts: int | None,
-                max_new_tokens: int, prompts_per_topic: int, output_vocab: int,
-                responses_artifact: Path | None, seed: int) -> None:
+                max_new_tokens: int, prompts_per_topic: int, prompt_set: str,
+                output_vocab: int, responses_artifact: Path | None, seed: int) -> None:
     """Train an EAGLE-style draft layer for MODEL on its own responses (frozen backbone)."""
     from edgert.train.distill import DistillOptions
     from edgert.train.draft_loop import DraftTrainOptions
@@ -265,7 +270,7 @@ def train_draft(model: str, output: Path, steps: int, sequences_per_step: int, m
                                 lr=lr, seed=seed),
         distill=DistillOptions(max_new_tokens=max_new_tokens, seed=seed),
         data_file=data_file, max_prompts=max_prompts, prompts_per_topic=prompts_per_topic,
-        responses_artifact=responses_artifact)
+        prompt_set=prompt_set, responses_artifact=responses_artifact)
     train_draft_for_model(model, output, options)
 
 

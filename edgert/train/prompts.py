@@ -73,6 +73,49 @@ MATH_TEMPLATES = [
     "Simplify the fraction {b}/{c} and explain how.",
 ]
 
+# Training-only topics (``prompt_set="wide"``): the held-out split above never changes, so
+# eval-heads / eval-draft figures stay comparable whichever set a model was trained on.
+WIDE_TOPICS = [
+    "octopuses", "wolves", "coral reefs", "mushrooms", "migratory birds", "sharks", "ants",
+    "owls", "whales", "cats", "dogs", "horses", "butterflies", "frogs", "tigers",
+    "the solar system", "Mars", "comets", "telescopes", "gravity", "magnets", "electricity",
+    "light", "sound waves", "atoms", "DNA", "vaccines", "antibiotics", "the brain",
+    "the digestive system", "bones", "allergies", "nutrition", "yoga", "swimming", "hiking",
+    "camping", "cooking pasta", "making soup", "chocolate", "cheese", "rice", "pizza",
+    "fermentation", "composting", "houseplants", "beekeeping", "knitting", "woodworking",
+    "pottery", "calligraphy", "playing the guitar", "the piano", "orchestras", "opera",
+    "hip hop", "film making", "animation", "comic books", "board games", "card games",
+    "crossword puzzles", "magic tricks", "the ancient Egyptians", "the Vikings",
+    "the Silk Road", "the Renaissance", "the Industrial Revolution", "castles", "pyramids",
+    "democracy", "elections", "taxes", "banks", "credit cards", "insurance", "startups",
+    "negotiation", "leadership", "teamwork", "email etiquette", "note taking",
+    "studying for exams", "homework", "online courses", "handwriting", "spelling",
+    "grammar", "translation", "sign language", "emojis", "social media", "blogging",
+    "search engines", "web browsers", "passwords", "computer viruses", "operating systems",
+    "programming languages", "machine learning", "spreadsheets", "version control",
+    "keyboards", "headphones", "drones", "satellites", "GPS", "electric guitars",
+    "the telephone", "radio", "television", "newspapers", "post offices", "ships",
+    "submarines", "cars", "traffic lights", "roads", "city parks", "farming", "tractors",
+    "wheat", "apples", "forests", "lakes", "caves", "storms", "rainbows", "snow", "seasons",
+    "sunsets", "lighthouses", "zoos", "aquariums", "birthdays", "weddings", "holidays",
+    "moving to a new city", "packing for a trip", "airports", "hotels", "tourism",
+    "recycling electronics", "plastic pollution", "clean water", "first aid",
+    "fire safety", "stress", "happiness", "kindness", "habits", "motivation", "curiosity",
+]
+WIDE_CODE_TOPICS = [
+    "checks if a string is a palindrome", "computes Fibonacci numbers", "sums the digits of "
+    "a number", "finds the second largest number in a list", "capitalizes every word in a "
+    "sentence", "counts the lines in a file", "shuffles a list", "chunks a list into pieces of "
+    "size n", "finds common elements of two lists", "converts a string to title case",
+    "checks if a year is a leap year", "computes the power set of a set",
+    "implements a queue", "computes the average of a list", "finds the mode of a list",
+    "converts a number to binary", "counts characters in a string", "removes whitespace from "
+    "a string", "finds the minimum and maximum of a list", "implements bubble sort",
+    "implements merge sort", "checks if two strings are anagrams", "generates a random "
+    "password", "reverses the words in a sentence",
+]
+
+PROMPT_SETS = ("base", "wide")
 HELDOUT_SHARE = 0.15
 
 
@@ -119,19 +162,25 @@ def _build(topics, code_topics, passages, seed, per_topic: int = 3) -> list[str]
     return sorted(set(prompts))
 
 
-def _splits(per_topic: int = 3):
+def _splits(per_topic: int = 3, prompt_set: str = "base"):
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompt_set!r}: choose one of {PROMPT_SETS}")
     train_topics, held_topics = _split(TOPICS, 1)
     train_code, held_code = _split(CODE_TOPICS, 2)
     train_pass, held_pass = _split(_passages(), 3)
     held = _build(held_topics, held_code, held_pass, 11)
     train = _build(train_topics, train_code, train_pass, 10, per_topic)
+    if prompt_set == "wide":  # a separate stream: the base prompts stay exactly as they were
+        train = sorted(set(train) | set(_build(WIDE_TOPICS, WIDE_CODE_TOPICS, [], 12,
+                                               per_topic)))
     return [p for p in train if p not in set(held)], held  # random arithmetic can collide
 
 
-def training_prompts(per_topic: int = 3) -> list[str]:
-    """Prompts used to self-distill the heads: a few hundred at ``per_topic=3``; more
-    templates per topic give more (the held-out topics and passages never appear)."""
-    return _splits(per_topic)[0]
+def training_prompts(per_topic: int = 3, prompt_set: str = "base") -> list[str]:
+    """Prompts used to self-distill the heads and the draft layer: a few hundred at
+    ``per_topic=3``; more templates per topic give more, and ``prompt_set="wide"`` adds the
+    training-only topics (the held-out topics and passages never appear)."""
+    return _splits(per_topic, prompt_set)[0]
 
 
 def heldout_prompts() -> list[str]:

@@ -41,6 +41,7 @@ class TrainDraftOptions:
     data_file: Path | None = None
     max_prompts: int | None = None  # None: the whole shipped prompt set
     prompts_per_topic: int = 3  # templates per topic in the shipped set (more: more data)
+    prompt_set: str = "base"  # "wide" adds the training-only topics (edgert.train.prompts)
     # an exported artifact of the same model that answers the prompts (parallel slots, about
     # 4x faster than transformers on a CPU); None: transformers' generate
     responses_artifact: Path | None = None
@@ -49,6 +50,7 @@ class TrainDraftOptions:
 def data_key(loaded: LoadedModel, options: TrainDraftOptions) -> str:
     described = {"source": loaded.source, "distill": dataclasses.asdict(options.distill),
                  "max_prompts": options.max_prompts, "per_topic": options.prompts_per_topic,
+                 **({"prompt_set": options.prompt_set} if options.prompt_set != "base" else {}),
                  "data_file": str(options.data_file) if options.data_file else None,
                  **({"responses_artifact": str(options.responses_artifact)}
                     if options.responses_artifact else {})}
@@ -70,7 +72,8 @@ def sequences(loaded: LoadedModel, model, options: TrainDraftOptions, cache: Pat
     if path.is_file():
         log(f"using cached backbone responses {path}")
         return [tuple(pair) for pair in json.loads(path.read_text())]
-    prompts = training_prompts(options.prompts_per_topic)[:options.max_prompts]
+    prompts = training_prompts(options.prompts_per_topic,
+                                   options.prompt_set)[:options.max_prompts]
     with tqdm(total=len(prompts), desc="backbone responses", unit="prompt") as bar:
         if options.responses_artifact is not None:
             from edgert.runtime.engine import load
@@ -139,6 +142,7 @@ def train_draft_for_model(source: str, output: Path,
                  "prompts": "edgert.train.prompts.training_prompts",
                  "max_prompts": options.max_prompts,
                  "prompts_per_topic": options.prompts_per_topic,
+                 "prompt_set": options.prompt_set,
                  "sequences": data.sequences, "positions": len(data.tokens),
                  **dataclasses.asdict(options.distill)},
         "train": dataclasses.asdict(options.train),

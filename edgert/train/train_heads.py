@@ -36,6 +36,7 @@ class TrainHeadsOptions:
     data_file: Path | None = None
     max_prompts: int | None = None  # None: the whole shipped prompt set
     prompts_per_topic: int = 3  # templates per topic in the shipped set (more: more data)
+    prompt_set: str = "base"  # "wide" adds the training-only topics (edgert.train.prompts)
 
 
 def _data_key(loaded: LoadedModel, options: TrainHeadsOptions) -> str:
@@ -43,6 +44,7 @@ def _data_key(loaded: LoadedModel, options: TrainHeadsOptions) -> str:
                  "num_heads": options.train.num_heads, "max_prompts": options.max_prompts,
                  **({"per_topic": options.prompts_per_topic}
                     if options.prompts_per_topic != 3 else {}),
+                 **({"prompt_set": options.prompt_set} if options.prompt_set != "base" else {}),
                  "data_file": str(options.data_file) if options.data_file else None}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -57,7 +59,8 @@ def build_distill_data(loaded: LoadedModel, options: TrainHeadsOptions,
         pairs = read_data_file(options.data_file, encoder)
         log(f"using {len(pairs)} examples from {options.data_file}")
     else:
-        prompts = training_prompts(options.prompts_per_topic)[:options.max_prompts]
+        prompts = training_prompts(options.prompts_per_topic,
+                                   options.prompt_set)[:options.max_prompts]
         with tqdm(total=len(prompts), desc="backbone responses", unit="prompt") as bar:
             pairs = generate_responses(model, encoder, prompts, options.distill, bar.update)
     with tqdm(total=len(pairs), desc="hidden states", unit="seq") as bar:
@@ -104,7 +107,8 @@ def train_heads_for_model(source: str, output: Path,
         "data": {"file": str(options.data_file) if options.data_file else None,
                  "prompts": "edgert.train.prompts.training_prompts",
                  "max_prompts": options.max_prompts,
-                 "prompts_per_topic": options.prompts_per_topic, "sequences": data.sequences,
+                 "prompts_per_topic": options.prompts_per_topic,
+                 "prompt_set": options.prompt_set, "sequences": data.sequences,
                  "positions": len(data.hidden), **dataclasses.asdict(options.distill)},
         "train": dataclasses.asdict(options.train),
         "seconds": round(time.time() - started, 1),
