@@ -110,3 +110,26 @@ def test_the_least_recently_used_entries_go_beyond_the_size_limit(tmp_path):
         os.utime(entry / ort_cache.COMPLETE, (1000 + i, 1000 + i))
     ort_cache.prune(root, keep=root / "new", limit=2100)
     assert sorted(p.name for p in root.iterdir()) == ["mid", "new"]
+
+
+def test_a_cached_session_gives_back_its_mapped_weight_pages(tiny_artifact, cache_dir,
+                                                             monkeypatch):
+    from edgert.runtime.backends.page_release import file_mappings
+
+    ids = list(range(3, 40))
+    want = edgert.load(tiny_artifact).logprobs(ids)  # fills the cache
+    (entry,) = entries(cache_dir)
+    data = entry / ort_cache.DATA
+
+    def resident_kb():
+        return sum(m.rss_kb for m in file_mappings(data))
+
+    monkeypatch.setenv("EDGERT_RELEASE_PAGES", "0")
+    kept = edgert.load(tiny_artifact)
+    assert resident_kb() > 0  # ONNX Runtime maps the weights and reads them at load
+    del kept
+    monkeypatch.delenv("EDGERT_RELEASE_PAGES")
+    released = edgert.load(tiny_artifact)
+    assert file_mappings(data) and resident_kb() == 0
+    np.testing.assert_allclose(released.logprobs(ids), want, atol=1e-5)  # faulted back in
+    assert resident_kb() > 0

@@ -4,15 +4,15 @@ ONNX Runtime maps each initializer of a cached, pre-packed graph (``ort_cache``)
 external data file and reads every page while it creates the session. Afterwards the process
 keeps all of them resident, including pages no step reads again: most of the token embedding
 (a step gathers a handful of its rows) and original-layout tensors whose packed copies are what
-the kernels use. On SmolLM2's default artifact that is about 35 MB of the 167 MB file.
+the kernels use (SmolLM2's default artifact: README, Footprint).
 
 After the session is created, ``release_clean_pages`` tells the kernel (``madvise
 MADV_DONTNEED``) that the process no longer needs the file's pages. Only mappings with no
-anonymous page are released: a private mapping's page becomes anonymous when the process writes
-to it (copy on write), so the pages of the others are the page cache's, the file's own bytes,
-and a later read faults the same bytes back in (a minor fault, no disk read while the file
-stays cached); a mapping ONNX Runtime wrote to is left alone. The first decode step brings back the
-pages it reads, and RSS settles at what the steps actually touch.
+anonymous page are released: a private mapping's page becomes anonymous when the process
+writes to it (copy on write), so the pages of the others are the page cache's, the file's own
+bytes, and a later read faults the same bytes back in (a minor fault, no disk read while the
+file stays cached); a mapping ONNX Runtime wrote to is left alone. The first decode step
+brings back the pages it reads, and RSS settles at what the steps actually touch.
 
 Linux only (``/proc/self/smaps``); elsewhere, or with ``EDGERT_RELEASE_PAGES=0``, it does
 nothing.
