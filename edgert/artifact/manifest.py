@@ -34,6 +34,7 @@ class GraphKey(StrEnum):
     DHSA = "dhsa"  # model.dhsa.onnx: the DHSA sparse prefill (long prompts)
     MEDUSA = "medusa"  # medusa.onnx: the Medusa heads' top-k
     DRAFT = "draft"  # draft.onnx: the EAGLE-style draft layer over its own KV cache
+    DRAFT_PORTABLE = "draft_portable"  # draft.portable.onnx: the draft layer for TVM
 
 
 # the KV cache's element types (numpy names) and their sizes in bytes

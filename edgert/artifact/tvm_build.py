@@ -8,6 +8,8 @@ One home for the build's file and function names, imported by the writer
       decoder.so      the Relax VM executable of model.onnx: ``main`` (a decode step or a tree
                       over the cache) and, with DHSA, ``prefill_dhsa`` (the sparse prefill)
       medusa.so       the Medusa heads (when the artifact has them)
+      draft.so        the draft layer (draft.portable.onnx, when the artifact has it): ``main``,
+                      one draft call over the draft's own cache
       kv_commit.so    ``edgert_kv_commit``: the device KV cache's commit of accepted entries
       *.cu|.cl|.metal|.wgsl, *.fatbin   device sources (GPU targets), CUDA fatbins
       build.json      the build record (also kept in edgert.json under ``compiled``)
@@ -35,6 +37,7 @@ KEPT_ACROSS_BUILDS = (TUNING_DATABASE, METASCHEDULE_DIR)  # a rebuild keeps the 
 # library stems: ``<stem>.so``, and ``<stem>.<ext>`` for the device sources
 DECODER = "decoder"
 MEDUSA = "medusa"
+DRAFT = "draft"
 KV_COMMIT = "kv_commit"
 
 DHSA_FUNCTION = "prefill_dhsa"  # the decoder's second function, when the artifact has DHSA

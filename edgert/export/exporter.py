@@ -25,7 +25,7 @@ from edgert.artifact.manifest import (
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import ConfigError
 from edgert.export.decoder import Decoder
-from edgert.export.draft_graph import DRAFT_FILE, draft_graph_spec, trace_draft
+from edgert.export.draft_graph import DRAFT_FORMS, draft_graph_spec, trace_draft
 from edgert.export.draft_layer import DraftLayer, load_draft
 from edgert.export.graph_specs import decode_graph_spec
 from edgert.export.medusa_graph import MEDUSA_FILE, medusa_graph_spec, trace_medusa
@@ -48,6 +48,8 @@ from edgert.model.sources import REGISTERED_MODELS, load_model
 
 GRAPH_FILES = {GraphKey.PORTABLE: "model.onnx", GraphKey.ORT_GQA: "model.ort.onnx"}
 DHSA_FILE = "model.dhsa.onnx"
+# graphs with weights of their own (not the backbone's), stored 8-bit in quantized artifacts
+OWN_WEIGHT_GRAPHS = (MEDUSA_FILE, *(form.file for form in DRAFT_FORMS.values()))
 WEIGHTS_FILE = "model.onnx.data"
 TRACE_DIR = ".trace"  # inside the export's temporary directory: the traced graphs' weights
 TOKENIZER_FILE = "tokenizer.json"
@@ -237,7 +239,8 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
         if quantization is not None and options.weights.compute == "int8":
             _pad_lone_attention_rows(graphs, graph_specs)
         if draft is not None and quantization is None and options.draft_weights == "q8":
-            own = quantize_own_weights(graphs[DRAFT_FILE], config)
+            for form in DRAFT_FORMS.values():  # the same tensors, the same bytes (shared)
+                own = quantize_own_weights(graphs[form.file], config)
             log(f"draft layer: {len(own)} matrices 8-bit, int8 compute")
         eos_ids = _eos_ids(loaded)
         log("writing the weights...")
@@ -307,8 +310,8 @@ def _trace_graphs(loaded: LoadedModel, heads: MedusaHeads | None, draft: DraftLa
     for variant, file in variants:
         log(f"exporting {file} ({variant} attention)...")
         core_options = {"dhsa": dhsa} if variant == GraphKey.DHSA else {}
-        # with a draft layer, ONNX Runtime's graphs return every row's features (its input)
-        features = draft is not None and variant != GraphKey.PORTABLE
+        # with a draft layer, the decode graphs return every row's features (its input)
+        features = draft is not None
         graphs[file] = trace_decoder(_build_decoder(loaded, variant, features=features,
                                                     **core_options), workdir / variant)
         graph_specs[variant] = decode_graph_spec(file, variant, config, features)
@@ -318,12 +321,13 @@ def _trace_graphs(loaded: LoadedModel, heads: MedusaHeads | None, draft: DraftLa
         graphs[MEDUSA_FILE] = trace_medusa(heads, loaded.lm_head_t(), options.medusa_topk,
                                            untied)
         graph_specs[GraphKey.MEDUSA] = medusa_graph_spec(heads, options.medusa_topk)
-    if draft is not None:
-        log(f"exporting {DRAFT_FILE} (draft layer)...")
+    if draft is not None:  # ONNX Runtime's form and the portable one (TVM)
         untied = None if config.tie_word_embeddings else loaded.embedding()
-        graphs[DRAFT_FILE] = trace_draft(draft, config, loaded.lm_head_t(), options.draft_topk,
-                                         untied)
-        graph_specs[GraphKey.DRAFT] = draft_graph_spec(draft, options.draft_topk)
+        for key, form in DRAFT_FORMS.items():
+            log(f"exporting {form.file} (draft layer, {form.variant} attention)...")
+            graphs[form.file] = trace_draft(draft, config, loaded.lm_head_t(),
+                                            options.draft_topk, untied, key)
+            graph_specs[key] = draft_graph_spec(draft, options.draft_topk, key)
     return graphs, graph_specs
 
 
@@ -347,7 +351,7 @@ def _quantize_graphs(graphs: dict, loaded: LoadedModel, options: WeightOptions,
     own: dict[str, dict] = {}
     for file, graph in graphs.items():
         graph_used, graph_own = quantize_graph(graph, blocks, loaded.config, options,
-                                               own_weights=file in (MEDUSA_FILE, DRAFT_FILE))
+                                               own_weights=file in OWN_WEIGHT_GRAPHS)
         used |= graph_used
         own.update(graph_own)
     requantized = [row for name, row in report.items() if name in used and row["requantized"]]

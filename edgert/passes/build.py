@@ -134,7 +134,7 @@ def _keep_tuning(final: Path, tmp: Path) -> None:
 def compile_artifact(path: Path, target: str = "llvm", device: str | None = None,
                      dump_ir: Path | None = None,
                      log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
-    """Compile the artifact's portable graph (and Medusa heads) for ``target``; writes
+    """Compile the artifact's portable graph (and Medusa heads, draft layer) for ``target``; writes
     ``path/tvm/<target>/`` atomically and records it in the manifest. Returns the record
     (:class:`edgert.artifact.tvm_build.TvmBuild` fields plus ``target``)."""
     from edgert.passes.fuse_dhsa_prefill import check_supported
@@ -149,6 +149,8 @@ def compile_artifact(path: Path, target: str = "llvm", device: str | None = None
     graphs = {tvm_build.DECODER: (manifest.graphs[GraphKey.PORTABLE].file, "decoder")}
     if GraphKey.MEDUSA in manifest.graphs:
         graphs[tvm_build.MEDUSA] = (manifest.graphs[GraphKey.MEDUSA].file, "plain")
+    if GraphKey.DRAFT_PORTABLE in manifest.graphs:
+        graphs[tvm_build.DRAFT] = (manifest.graphs[GraphKey.DRAFT_PORTABLE].file, "draft")
     final = tvm_build.build_directory(path, target)
     tuning = TuningDatabase.load(final)
     if tuning.records:

@@ -25,9 +25,10 @@ Signature: ``(input_ids [1,T], position_ids [1,T], tree_order [T,2] int32, logit
 cache_key_0, cache_value_0, ... [Hkv,C,D], fixed_chunk int32)``: the prompt goes into an empty
 cache, written in place at [0, T); ``tree_order`` is the causal order (read by the dense layers
 only); ``fixed_chunk`` 0 = dynamic boundaries, N > 0 = N-token chunks. It returns ``(logits,
-hidden, cache_key_0, cache_value_0, ...)``: the updated caches (the same buffers, written in
-place) replace main's ``present_*`` outputs, so that no dead-code elimination drops the cache
-writes of the sparse layers, whose attention does not read the cache.
+hidden, cache_key_0, cache_value_0, ...[, features])``: the updated caches (the same buffers,
+written in place) replace main's ``present_*`` outputs, so that no dead-code elimination drops
+the cache writes of the sparse layers, whose attention does not read the cache; ``features``
+(every row's hidden state, artifacts with a draft layer) passes through.
 """
 
 from __future__ import annotations
@@ -232,11 +233,14 @@ class _PrefillRewriter(PyExprMutator):
         return emit(relax.op.reshape(out, [1, t, fuse.h * fuse.d]))
 
     def rewrite_outputs(self, outputs: relax.Tuple):
-        """(logits, hidden, present_*) -> (logits, hidden, updated caches)."""
-        if len(outputs.fields) != 2 + 2 * len(self.layers):
+        """(logits, hidden, present_*[, features]) -> (logits, hidden, updated caches
+        [, features]) (features: every row's hidden state, in artifacts with a draft layer)."""
+        presents = 2 * len(self.layers)
+        if len(outputs.fields) not in (2 + presents, 3 + presents):
             raise EdgertError(f"main returns {len(outputs.fields)} values; expected logits, "
-                              f"hidden and {2 * len(self.layers)} present K/V")
+                              f"hidden, {presents} present K/V and perhaps features")
         fields = [self.new(f) for f in outputs.fields[:2]]
         fields += [cache for layer in self.layers for cache in layer]
+        fields += [self.new(f) for f in outputs.fields[2 + presents:]]
         self.outputs_rewritten = True
         return self.builder_.emit_output(relax.Tuple(fields))

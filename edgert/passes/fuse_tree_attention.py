@@ -19,9 +19,16 @@ become the runtime's cache buffers ``k_cache_i``/``v_cache_i`` [Hkv,C,D] (writte
 only the q new entries move), ``tree_mask`` [1,1,q,q] becomes ``tree_order`` [q,2] int32 (DFS
 intervals, see ``kernels.tree_attention``), and a shape argument ``past`` carries the prefix
 length. No whole-cache copy remains: no Concat of the past, no tile of the cache.
+
+``mask="visibility"`` (the draft layer's graph, ``draft.portable.onnx``): ``tree_mask``
+becomes ``visibility`` [q, w] float32 instead, the graph's additive mask without its two
+leading axes, read by ``edgert_masked_attention`` (w = q: among the new rows; w = past + q:
+over the whole cache, a dynamic draft tree's ancestry).
 """
 
 from __future__ import annotations
+
+import re
 
 import tvm
 from tvm import relax, tirx
@@ -30,10 +37,14 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from edgert.errors import EdgertError
 from edgert.passes.tir.tree_attention import (
     DEFAULT_KNOBS,
+    MASKS,
     TreeAttentionKnobs,
     kv_append_tir,
     tree_attention_tir,
 )
+
+# the cache inputs: past_key_i/past_value_i (model.onnx), draft_past_key/value (the draft's)
+CACHE_INPUT = re.compile(r"(draft_)?past_(key|value)(_\d+)?")
 
 
 def core_pattern(softcap: bool = False):
@@ -98,20 +109,32 @@ class FuseTreeAttention:
     gpu : emit the GPU loop mapping of the kernels (thread blocks) instead of the CPU one.
     knobs : the tree-attention kernel's schedule (the tuning database's best, or untuned).
     softcap : the model's attention soft-capping (0: none), matched and applied in-kernel.
+    mask : "tree" (``tree_order`` intervals) or "visibility" (a dense [q, w] row per token).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  gpu: bool = False, knobs: TreeAttentionKnobs = DEFAULT_KNOBS,
-                 softcap: float = 0.0) -> None:
+                 softcap: float = 0.0, mask: str = "tree") -> None:
+        if mask not in MASKS:
+            raise EdgertError(f"FuseTreeAttention's mask must be one of {MASKS}, got {mask!r}")
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
         self.gpu = gpu
         self.knobs = knobs
         self.softcap = softcap
+        self.mask = mask
+
+    def _mask_param(self, q_len) -> relax.Var:
+        """What replaces ``tree_mask``: the tree's intervals or the visibility rows."""
+        if self.mask == "tree":
+            return relax.Var("tree_order", relax.TensorType([q_len, 2], "int32"))
+        width = tirx.Var("width", "int64")
+        return relax.Var("visibility", relax.TensorType([q_len, width], "float32"))
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         bb = relax.BlockBuilder(mod)
-        attn = bb.add_func(tree_attention_tir(self.h, self.hkv, self.d, self.gpu, self.knobs,
-                                              self.softcap), "edgert_tree_attention")
+        kernel = tree_attention_tir(self.h, self.hkv, self.d, self.gpu, self.knobs,
+                                    self.softcap, self.mask)
+        attn = bb.add_func(kernel, kernel.attrs["global_symbol"])
         append = bb.add_func(kv_append_tir(self.hkv, self.d, self.gpu), "edgert_kv_append")
         mod = bb.get()
         func = mod["main"]
@@ -122,9 +145,9 @@ class FuseTreeAttention:
         cache_ty = relax.TensorType([self.hkv, cap, self.d], "float32")
         caches = {}  # past_key_i param -> k_cache_i var
         for name, param in params.items():
-            if name.startswith("past_"):
+            if CACHE_INPUT.fullmatch(name):
                 caches[param] = relax.Var(name.replace("past_", "cache_", 1), cache_ty)
-        tree_order = relax.Var("tree_order", relax.TensorType([q_len, 2], "int32"))
+        mask_param = self._mask_param(q_len)
         past_shape = relax.Var("past", relax.ShapeType([past]))
         bindings = _Bindings(func)
         root, query, keys, values = core_pattern(bool(self.softcap))
@@ -138,7 +161,7 @@ class FuseTreeAttention:
             k_cache = self._append(append, caches[past_k], new_k, past, q_len)
             v_cache = self._append(append, caches[past_v], new_v, past, q_len)
             q = relax.op.reshape(matched[query], [q_len, self.h, self.d])
-            out = relax.call_tir(attn, [q, k_cache, v_cache, tree_order, relax.prim_value(past)],
+            out = relax.call_tir(attn, [q, k_cache, v_cache, mask_param, relax.prim_value(past)],
                                  relax.TensorType([q_len, self.h, self.d], "float32"))
             rewritten.append(past_k)
             return relax.op.reshape(out, [1, q_len, self.h * self.d])
@@ -147,7 +170,7 @@ class FuseTreeAttention:
         if len(rewritten) != len(caches) // 2:
             raise EdgertError(f"FuseTreeAttention rewrote {len(rewritten)} attention cores but "
                               f"the model has {len(caches) // 2} layers")
-        new_params = [tree_order if p.name == "tree_mask" else caches.get(p, p)
+        new_params = [mask_param if p.name == "tree_mask" else caches.get(p, p)
                       for p in func.params] + [past_shape]
         new_func = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs)
         new_func = new_func.with_attr("num_input", len(new_params))

@@ -12,6 +12,9 @@
                                               tuning DB),
                                               PackMatmulWeights (CPU: constant-weight matmuls ->
                                               panel-packed kernels, knobs from the tuning DB)
+    the "draft" pipeline (draft.portable.onnx): FuseTreeAttention over the draft's own cache,
+                                              the mask a dense visibility row per draft row;
+                                              then the same weight passes
     phase "legalize" remaining ops -> TIR     (DispatchSortScan, LegalizeOps, FuseOps, FuseTIR;
                                                under the target)
     phase "build"    tvm.compile for the target (its default build pipeline)
@@ -81,6 +84,19 @@ def _edgert_passes(ctx: CompileContext) -> list:
     return passes + _weight_passes(ctx)
 
 
+def _draft_passes(ctx: CompileContext) -> list:
+    """The draft layer: one decoder layer of the backbone's shape over its own cache; its
+    attention takes a visibility mask (a dynamic draft tree's rows see their ancestors among
+    the rows of earlier draft calls, which no per-call interval can say)."""
+    config = ctx.config
+    shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    passes = [FuseTreeAttention(*shape, gpu=ctx.gpu, knobs=ctx.knobs("tree_attention", *shape),
+                                softcap=config.attn_logit_softcapping, mask="visibility")]
+    if not ctx.gpu:
+        passes.append(FuseParallelMatmuls())
+    return passes + _weight_passes(ctx)
+
+
 def _weight_passes(ctx: CompileContext) -> list:
     # block-quantized weights first: the kernels that dequantize them, on every target
     passes = [FuseDequantizeMatmul(functools.partial(ctx.knobs, "quant_matmul"), gpu=ctx.gpu,
@@ -105,6 +121,7 @@ def _legalize_passes(ctx: CompileContext) -> list:
 
 PIPELINES: dict[str, list[Phase]] = {
     "decoder": [Phase("edgert", _edgert_passes), Phase("legalize", _legalize_passes)],
+    "draft": [Phase("edgert", _draft_passes), Phase("legalize", _legalize_passes)],
     # graphs without attention (Medusa heads)
     "plain": [Phase("edgert", _weight_passes), Phase("legalize", _legalize_passes)],
 }

@@ -20,16 +20,18 @@ from edgert.runtime.kv_cache import KVCacheBase
 class DeviceKVCache(KVCacheBase):
     """``spec``'s buffers on ``device`` (a ``tvm.runtime.Device``); ``commit_lib`` is a runtime
     module holding ``edgert_kv_commit`` built for this spec and device: the one ``edgert
-    compile`` wrote (``kv_commit.so``), or ``passes.tir.kv_commit.build_kv_commit_library``'s."""
+    compile`` wrote (``kv_commit.so``), or ``passes.tir.kv_commit.build_kv_commit_library``'s;
+    None for a cache whose entries are only ever committed as written (the draft layer's)."""
 
-    def __init__(self, spec: KVCacheSpec, device, commit_lib) -> None:
+    def __init__(self, spec: KVCacheSpec, device, commit_lib=None) -> None:
         import tvm
 
         super().__init__(spec)
         self.device = device
         self._tvm = tvm
         self._lib = commit_lib  # kept: the function calls into its code
-        self._commit = commit_lib[KV_COMMIT_FUNCTION]
+        self._commit = commit_lib[KV_COMMIT_FUNCTION] if commit_lib is not None else None
+        self.can_move_entries = self._commit is not None
         shape = (spec.num_kv_heads, spec.capacity, spec.head_dim)
         zeros = np.zeros(shape, dtype=spec.dtype)
         self._tensors = []
@@ -45,6 +47,9 @@ class DeviceKVCache(KVCacheBase):
         return list(self._tensors)
 
     def _move(self, offsets: np.ndarray) -> None:
+        if self._commit is None:
+            raise NotImplementedError("this device cache has no commit kernel: it cannot move "
+                                      "entries")
         staged = self._offsets.get(len(offsets))
         if staged is None:
             staged = self._tvm.runtime.empty((len(offsets),), "int64", self.device)

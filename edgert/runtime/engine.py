@@ -573,12 +573,18 @@ class Engine:
                                       "with heads, or decode without them (speculative='off' "
                                       "or 'lookup'; CLI: --no-medusa)")
             if name == "draft" and not self.has_draft:
-                raise GenerationError("this artifact has no draft layer; export it with one "
-                                      "(`edgert train-draft`, then `edgert export --draft DIR`) "
-                                      "or use medusa and/or lookup")
+                raise GenerationError(self._no_draft_reason())
         if len(set(names)) != len(names):
             raise GenerationError(f"speculative mode '{speculative}' names a drafter twice")
         return tuple(names)
+
+    def _no_draft_reason(self) -> str:
+        if self.manifest.draft is not None:  # the artifact has one; this backend's build not
+            return (f"this artifact's {self.backend.name} build has no draft layer (the draft "
+                    "graph for TVM, draft.portable.onnx, came with a later edgert): re-export "
+                    "the artifact and re-run `edgert compile`, or use medusa and/or lookup")
+        return ("this artifact has no draft layer; export it with one (`edgert train-draft`, "
+                "then `edgert export --draft DIR`) or use medusa and/or lookup")
 
     def _options(self, max_new_tokens, temperature, top_p, top_k, seed, medusa, threshold,
                  alpha, ignore_eos=False, dhsa=None, speculative=None,

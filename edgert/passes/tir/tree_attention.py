@@ -17,6 +17,19 @@ A causal chunk is the chain 0 -> 1 -> ... -> n-1: order[i] = (i, n).
 
 The intervals come from ``edgert.medusa.tree_order`` (the runtime builds them per step).
 
+The same kernel with ``mask="visibility"`` (``edgert_masked_attention``, the draft layer's)
+reads a dense visibility row per new token instead of the intervals::
+
+    visibility [n, w] float32   0: the key is visible, the mask value (-1e9; anything below
+                                VISIBLE_ABOVE = -1e4): it is not; column c is
+                                key past + n - w + c (w = n: over the new tokens, every cached
+                                key visible; w = past + n: over the whole cache, which a
+                                dynamic draft tree needs: a row sees the committed entries and
+                                its ancestors among the rows drafted earlier in the step)
+
+It is the ONNX graphs' additive mask read as a visibility: their masks only ever hold 0 and
+the mask value.
+
 ``kv_append`` writes the new K or V entries into the cache in place (only those n entries).
 Both kernels come as one TIR template with two loop mappings: GPU (blocks x threads) and CPU
 (serial x parallel).
@@ -31,22 +44,41 @@ import numpy as np
 
 from edgert.passes.tir.common import MASKED, flat_axes, loop_mapping, softmax_state, vector_loop
 
+MASKS = ("tree", "visibility")  # how the new tokens' visible keys reach the kernel
+# a visibility entry above this: the key is visible (an additive bias below it weighs
+# exp(-1e4) = 0 in float32 anyway: reading it as a visibility changes nothing)
+VISIBLE_ABOVE = -1e4
+
 
 def tree_attention_reference(q, k_cache, v_cache, order, past: int,
                              softcap: float = 0.0) -> np.ndarray:
     """NumPy reference: q [n,Hq,D], caches [Hkv,C,D] (new entries at [past, past+n));
     ``softcap`` c > 0: scores -> c*tanh(scores/c) before the mask (Gemma 2)."""
+    n = q.shape[0]
+    pre, end = order[:, 0], order[:, 1]
+    tree_ok = (pre[None, :] <= pre[:, None]) & (pre[:, None] < end[None, :])  # [i, j]
+    ok = np.concatenate([np.ones((n, past), bool), tree_ok], axis=1)
+    return _reference(q, k_cache, v_cache, ok, softcap)
+
+
+def masked_attention_reference(q, k_cache, v_cache, visibility, past: int) -> np.ndarray:
+    """NumPy reference of ``mask="visibility"``: ``visibility`` [n, w] additive (0 or the
+    mask value) over the last w of the past + n keys."""
+    n, w = visibility.shape
+    ok = np.concatenate([np.ones((n, past + n - w), bool), visibility > VISIBLE_ABOVE], axis=1)
+    return _reference(q, k_cache, v_cache, ok, 0.0)
+
+
+def _reference(q, k_cache, v_cache, ok, softcap: float) -> np.ndarray:
+    """Attention of q [n,Hq,D] over the first T = ok.shape[1] cache entries, ``ok`` [n, T]."""
     n, hq, d = q.shape
     group = hq // k_cache.shape[0]
-    total = past + n
+    total = ok.shape[1]
     keys = np.repeat(k_cache[:, :total], group, axis=0)  # [Hq,T,D]
     values = np.repeat(v_cache[:, :total], group, axis=0)
     scores = np.einsum("ihd,htd->hit", q, keys) / math.sqrt(d)
     if softcap:
         scores = np.tanh(scores / softcap) * softcap
-    pre, end = order[:, 0], order[:, 1]
-    tree_ok = (pre[None, :] <= pre[:, None]) & (pre[:, None] < end[None, :])  # [i, j]
-    ok = np.concatenate([np.ones((n, past), bool), tree_ok], axis=1)
     scores = np.where(ok[None], scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -100,15 +132,21 @@ def tree_attention_search_space(num_heads: int, num_kv_heads: int,
 
 
 def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bool = False,
-                       knobs: TreeAttentionKnobs = DEFAULT_KNOBS, softcap: float = 0.0):
-    """The kernel as TIR. One task per (query, ``heads_per_task`` heads of a KV group) (GPU:
+                       knobs: TreeAttentionKnobs = DEFAULT_KNOBS, softcap: float = 0.0,
+                       mask: str = "tree"):
+    """The kernel as TIR (``mask``: "tree" intervals, or a dense "visibility" row per token,
+    the module docstring's two forms; global symbols ``edgert_tree_attention`` and
+    ``edgert_masked_attention``). One task per (query, ``heads_per_task`` heads of a KV group) (GPU:
     blocks x threads; CPU: parallel tasks); keys in tiles of ``key_tile``: the tile's scores,
     then one rescale of the running max/sum/accumulator (online softmax), so no score matrix
     is materialised. Marked scheduled: dlight's generic rules cannot schedule fused
     attention; ``knobs`` are the schedule. ``softcap`` c > 0 soft-limits each score to
     c*tanh(score/c) (Gemma 2)."""
+    from tvm import tirx
     from tvm.script import tirx as T
 
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
     knobs.check(num_heads, num_kv_heads, head_dim)
     hq, hkv, d = num_heads, num_kv_heads, head_dim
     group = hq // hkv
@@ -134,16 +172,30 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
         # bounds for cached keys (j < past) and the padding of the last tile
         return T.max(T.min(j - past, n - 1), T.int64(0))
 
+    def mask_shape(n):
+        if mask == "tree":
+            return (n, 2), "int32"
+        return (n, tirx.Var("w", "int64")), "float32"
+
+    def visible(masks, i, j, past, n):
+        """Whether key j (< past + n) is visible to new token i."""
+        if mask == "tree":
+            return T.Or(j < past, T.And(masks[node(j, past, n), 0] <= masks[i, 0],
+                                        masks[i, 0] < masks[node(j, past, n), 1]))
+        w = masks.shape[1]
+        first = past + n - w  # the key of column 0
+        return T.Or(j < first, masks[i, T.max(j - first, T.int64(0))] > T.float32(VISIBLE_ABOVE))
+
     @T.prim_func(private=True, s_tir=True)
     def tree_attention(var_q: T.handle, var_kc: T.handle, var_vc: T.handle,
-                       var_order: T.handle, past: T.int64, var_out: T.handle):
+                       var_mask: T.handle, past: T.int64, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
         cap = T.int64()
         q = T.match_buffer(var_q, (n, hq, d), "float32")
         kc = T.match_buffer(var_kc, (hkv, cap, d), "float32")
         vc = T.match_buffer(var_vc, (hkv, cap, d), "float32")
-        order = T.match_buffer(var_order, (n, 2), "int32")
+        masks = T.match_buffer(var_mask, *mask_shape(n))
         out = T.match_buffer(var_out, (n, hq, d), "float32")
         # one flat loop over (query, task): GPU blocks of ``threads`` threads; CPU one parallel
         # loop (one thread-pool launch per call, not one per query)
@@ -153,7 +205,7 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
                     i, task = flat_axes(b * threads + th, n, tasks)
                     T.reads(q[i, task * hpt:task * hpt + hpt, 0:d],
                             kc[task * hpt // group, 0:cap, 0:d],
-                            vc[task * hpt // group, 0:cap, 0:d], order[0:n, 0:2])
+                            vc[task * hpt // group, 0:cap, 0:d], masks[0:n, 0:masks.shape[1]])
                     T.writes(out[i, task * hpt:task * hpt + hpt, 0:d])
                     m = T.alloc_buffer((hpt,), "float32", scope="local")
                     total = T.alloc_buffer((hpt,), "float32", scope="local")
@@ -166,9 +218,7 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
                     init_state(m, total, acc)
                     for jt in range((past + n + tile - 1) // tile):
                         for t in range(tile):
-                            if key(jt, t) < past + n and (key(jt, t) < past or (
-                                    order[node(key(jt, t), past, n), 0] <= order[i, 0]
-                                    and order[i, 0] < order[node(key(jt, t), past, n), 1])):
+                            if key(jt, t) < past + n and visible(masks, i, key(jt, t), past, n):
                                 for g, lane in T.grid(hpt, lanes):
                                     part[g, lane] = T.float32(0)
                                 for xo in range(d // lanes):
@@ -212,7 +262,8 @@ def tree_attention_tir(num_heads: int, num_kv_heads: int, head_dim: int, gpu: bo
                                         task * hpt // group, T.min(key(jt, t), past + n - 1), x]
                     store_state(out, i, task * hpt, acc, total)
 
-    return tree_attention.with_attr("global_symbol", "edgert_tree_attention")
+    name = "edgert_tree_attention" if mask == "tree" else "edgert_masked_attention"
+    return tree_attention.with_attr("global_symbol", name)
 
 
 def kv_append_tir(num_kv_heads: int, head_dim: int, gpu: bool = False):

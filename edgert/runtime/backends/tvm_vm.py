@@ -20,6 +20,11 @@ Where the cache lives:
 When the artifact has DHSA, the module has a second function, ``prefill_dhsa`` (see
 ``passes.fuse_dhsa_prefill``): the whole prompt in one call, sparse attention from the boundary
 layer on, its K/V written in place into the same cache buffers at [0, T).
+
+When the artifact has a draft layer, ``draft.so`` runs one draft call over the draft's own
+cache (allocated when drafting first needs it, beside the backbone's, in the same kind of
+memory), and both decoder functions also return every row's features (the draft's input).
+The draft's mask reaches its kernel as the graph's additive mask rows (``visibility``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from edgert.artifact.manifest import GraphKey, Manifest
 from edgert.artifact.tvm_build import (
     DECODER,
     DHSA_FUNCTION,
+    DRAFT,
     KV_COMMIT,
     MEDUSA,
     build_directory,
@@ -167,10 +173,12 @@ class TvmBackend:
             dev = tvm.cpu()
         self.device = device
         self._tvm = tvm
+        self._tvm_ffi = tvm_ffi
         if threads > 0 and device == "cpu":
             set_cpu_threads(tvm_ffi, threads)
         self._dev = dev
-        stems = [stem for stem in (DECODER, MEDUSA, KV_COMMIT) if build.has_library(stem)]
+        stems = [stem for stem in (DECODER, MEDUSA, DRAFT, KV_COMMIT)
+                 if build.has_library(stem)]
         loaded = {}
         try:
             with precompiled_cuda(directory, build.files) if target == "cuda" else nullcontext():
@@ -185,6 +193,14 @@ class TvmBackend:
         self.heads_vm = (relax.VirtualMachine(loaded[MEDUSA], dev) if MEDUSA in loaded else None)
         medusa = manifest.graphs.get(GraphKey.MEDUSA)
         self._heads_read_root = medusa is not None and heads_read_root(medusa)
+        # the decoder returns every row's features last (artifacts with a draft layer)
+        self._features = "features" in {t.name for t in
+                                         manifest.graphs[GraphKey.PORTABLE].outputs}
+        self.draft_vm = (relax.VirtualMachine(loaded[DRAFT], dev)
+                         if DRAFT in loaded and self._features else None)
+        self._draft_cache_spec = manifest.draft_kv_cache
+        self._draft_cache = None
+        self._on_device = on_device
         if on_device:
             from edgert.runtime.device_kv_cache import DeviceKVCache
 
@@ -197,15 +213,17 @@ class TvmBackend:
             self._cache_tensors = self.cache.tensors()
         else:
             self.cache = KVCache(manifest.kv_cache)
-            misaligned = [i for i, buf in enumerate(self.cache.buffers())
-                          if buf.ctypes.data % ALIGNMENT]
-            if misaligned:
-                raise BackendError(f"KV cache buffers {misaligned} are not {ALIGNMENT}-byte "
-                                   "aligned; the compiled kernels would fault on them "
-                                   "(capacity x head_dim must be a multiple of 16)")
-            # [1,Hkv,C,D] views -> [Hkv,C,D] zero-copy tensors over the runtime's cache memory
-            self._cache_tensors = [tvm_ffi.from_dlpack(buf[0]) for buf in self.cache.buffers()]
+            self._cache_tensors = self._host_tensors(self.cache)
         self.has_dhsa = self.vm.module.implements_function(DHSA_FUNCTION)
+
+    def _host_tensors(self, cache: KVCache) -> list:
+        """[1,Hkv,C,D] views -> [Hkv,C,D] zero-copy tensors over the runtime's cache memory."""
+        misaligned = [i for i, buf in enumerate(cache.buffers()) if buf.ctypes.data % ALIGNMENT]
+        if misaligned:
+            raise BackendError(f"KV cache buffers {misaligned} are not {ALIGNMENT}-byte "
+                               "aligned; the compiled kernels would fault on them "
+                               "(capacity x head_dim must be a multiple of 16)")
+        return [self._tvm_ffi.from_dlpack(buf[0]) for buf in cache.buffers()]
 
     def _tensor(self, array: np.ndarray):
         return self._tvm.runtime.tensor(np.ascontiguousarray(array), device=self._dev)
@@ -222,6 +240,12 @@ class TvmBackend:
         out = self.heads_vm["main"](*args)
         return out[0].numpy(), out[1].numpy()
 
+    def _outputs(self, out) -> StepOutputs:
+        """(logits, hidden, ...[, features]) of a decoder function -> StepOutputs."""
+        features = out[len(out) - 1].numpy()[0] if self._features else None
+        return StepOutputs(logits=out[0].numpy()[0], hidden=out[1].numpy()[0],
+                           features=features)
+
     def forward(self, step: StepInputs) -> StepOutputs:
         tensor = self._tensor
         q = step.input_ids.shape[1]
@@ -231,7 +255,7 @@ class TvmBackend:
         out = self.vm["main"](tensor(step.input_ids), tensor(step.position_ids), tensor(order),
                               tensor(step.logits_index), *self._cache_tensors,
                               self._tvm.runtime.ShapeTuple([step.past_len]))
-        return StepOutputs(logits=out[0].numpy()[0], hidden=out[1].numpy()[0])
+        return self._outputs(out)
 
     def prefill_sparse(self, ids: np.ndarray, fixed_chunk: int = 0) -> StepOutputs:
         """Whole-prompt DHSA prefill into an empty cache: ids [1,T]; K/V land at [0, T)."""
@@ -245,4 +269,48 @@ class TvmBackend:
                                      tensor(causal_order(q)),
                                      tensor(np.array([q - 1], dtype=np.int64)),
                                      *self._cache_tensors, int(fixed_chunk))
-        return StepOutputs(logits=out[0].numpy()[0], hidden=out[1].numpy()[0])
+        return self._outputs(out)
+
+    # -- the draft layer ------------------------------------------------------------------
+    @property
+    def has_draft(self) -> bool:
+        """The build has the draft layer and the decoder returns the features it reads (an
+        artifact exported before the portable draft graph has neither: re-export it)."""
+        return self.draft_vm is not None
+
+    @property
+    def draft_cache(self):
+        """The draft layer's own cache (one layer), allocated when drafting first needs it,
+        in host memory shared zero-copy with the kernels, or in the device's memory."""
+        if self._draft_cache is None and self.has_draft:
+            spec = self._draft_cache_spec
+            if self._on_device:
+                from edgert.runtime.device_kv_cache import DeviceKVCache
+
+                cache = DeviceKVCache(spec, self._dev)  # entries only ever committed as written
+                self._draft_tensors = cache.tensors()
+            else:
+                cache = KVCache(spec)
+                self._draft_tensors = self._host_tensors(cache)
+            self._draft_cache = cache
+        return self._draft_cache
+
+    def draft_forward(self, input_ids: np.ndarray, features: np.ndarray,
+                      position_ids: np.ndarray, tree_mask: np.ndarray,
+                      logits_index: np.ndarray, past_len: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One draft call (the ONNX Runtime backend's ``draft_forward``): q rows after
+        ``past_len`` draft-cache entries, written at [past_len, past_len + q); ``tree_mask``
+        [1,1,q,q] or [1,1,q,past_len+q]. Returns (top-k ids, log-probabilities, features)."""
+        if self.draft_cache is None:
+            raise BackendError("this TVM build has no draft layer; re-export the artifact with "
+                               "a draft and re-run `edgert compile`")
+        tensor = self._tensor
+        out = self.draft_vm["main"](
+            tensor(np.asarray(input_ids, dtype=np.int64)),
+            tensor(np.asarray(features, dtype=np.float32)),
+            tensor(np.asarray(position_ids, dtype=np.int64)),
+            tensor(np.asarray(tree_mask, dtype=np.float32)[0, 0]),
+            tensor(np.asarray(logits_index, dtype=np.int64)), *self._draft_tensors,
+            self._tvm.runtime.ShapeTuple([past_len]))
+        return out[0].numpy(), out[1].numpy(), out[2].numpy()

@@ -95,6 +95,48 @@ def test_soft_capped_tree_attention_matches_numpy(knobs):
     assert np.abs(expected - uncapped).max() > 1e-2  # the cap is not a no-op here
 
 
+def additive_attention(q, kc, vc, bias, past):
+    """softmax(q K^T / sqrt(D) + bias) V over keys [0, past + n), ``bias`` [n, w] over the
+    last w of them (0 before): the ONNX graphs' own semantics, independent of the kernel's
+    visibility threshold."""
+    n, w = bias.shape
+    total = past + n
+    full = np.concatenate([np.zeros((n, total - w), np.float32), bias], axis=1)
+    keys = np.repeat(kc[:, :total], HQ // HKV, axis=0)
+    values = np.repeat(vc[:, :total], HQ // HKV, axis=0)
+    scores = np.einsum("ihd,htd->hit", q, keys) / np.sqrt(D) + full[None]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("hit,htd->ihd", probs / probs.sum(-1, keepdims=True), values)
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=str)
+def test_masked_attention_kernel_matches_the_additive_mask(knobs):
+    """The draft layer's kernel: a [n, w] mask of 0 / -1e9 (the runtime's MASK_VALUE) over
+    the new rows (w = n) or the whole cache (w = past + n: a row hides some cached entries,
+    as a dynamic draft tree's rows hide their cousins drafted earlier)."""
+    from edgert.passes.tir.tree_attention import masked_attention_reference, tree_attention_tir
+    from edgert.runtime.steps import MASK_VALUE
+
+    mod = tvm.IRModule({"m": tree_attention_tir(HQ, HKV, D, knobs=knobs, mask="visibility")})
+    kernel = tvm.tirx.build(mod, tvm.target.Target(LLVM))["edgert_masked_attention"]
+    rng = np.random.default_rng(5)
+    cap = 24
+    for n, past, whole in [(1, 0, False), (4, 6, False), (1, 9, True), (5, 7, True)]:
+        q = rng.standard_normal((n, HQ, D)).astype(np.float32)
+        kc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+        vc = rng.standard_normal((HKV, cap, D)).astype(np.float32)
+        w = past + n if whole else n
+        bias = np.where(rng.random((n, w)) < 0.5, MASK_VALUE, 0).astype(np.float32)
+        bias[np.arange(n), w - n + np.arange(n)] = 0  # every row sees itself
+        out = tvm.runtime.tensor(np.zeros((n, HQ, D), np.float32))
+        kernel(tvm.runtime.tensor(q), tvm.runtime.tensor(kc), tvm.runtime.tensor(vc),
+               tvm.runtime.tensor(bias), past, out)
+        expected = additive_attention(q, kc, vc, bias, past)
+        np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(masked_attention_reference(q, kc, vc, bias, past), expected,
+                                   atol=1e-5)
+
+
 def test_knobs_that_do_not_fit_are_refused():
     from edgert.passes.tir.tree_attention import tree_attention_tir
 
