@@ -1,4 +1,4 @@
-"""Tree attention, KV append and KV commit as TVM generates them for opencl, opencl -device=adreno
+"""Tree attention (and its masked form, the draft layer's), KV append and KV commit as TVM generates them for opencl, opencl -device=adreno
 and webgpu, executed (PoCL, wgpu/lavapipe) against their NumPy references."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from edgert.passes.tir.kv_commit import kv_commit_reference, kv_commit_tir
 from edgert.passes.tir.tree_attention import (
     TreeAttentionKnobs,
     kv_append_tir,
+    masked_attention_reference,
     tree_attention_reference,
     tree_attention_tir,
 )
@@ -44,6 +45,26 @@ def test_tree_attention(gpu, schedule):
         want = tree_attention_reference(q, kc, vc, order, past, softcap)
         np.testing.assert_allclose(out["out"], want, atol=ATOL,
                                    err_msg=f"{gpu.name} {schedule}: tree {tree}, past {past}")
+
+
+@pytest.mark.parametrize("schedule", ["default", "grouped"])
+def test_masked_attention(gpu, schedule):
+    """The draft layer's kernel: 0 / -1e9 mask rows over the new rows or the whole cache."""
+    knobs, _ = SCHEDULES[schedule]
+    built = gpu.build(("masked_attention", knobs), lambda: tree_attention_tir(
+        HQ, HKV, D, gpu=True, knobs=knobs, mask="visibility"))
+    for n, past, whole in ((1, 0, False), (4, 37, False), (3, 9, True)):
+        rng = np.random.default_rng(n * 100 + past)
+        cap = past + n + 5
+        q = rng.standard_normal((n, HQ, D)).astype(np.float32)
+        kc, vc = (rng.standard_normal((HKV, cap, D)).astype(np.float32) for _ in range(2))
+        w = past + n if whole else n
+        mask = np.where(rng.random((n, w)) < 0.5, -1e9, 0).astype(np.float32)
+        mask[np.arange(n), w - n + np.arange(n)] = 0
+        out = gpu.run(built, [q, kc, vc, mask, past, np.zeros((n, HQ, D), np.float32)],
+                      "edgert_masked_attention")
+        np.testing.assert_allclose(out["out"], masked_attention_reference(q, kc, vc, mask, past),
+                                   atol=ATOL, err_msg=f"{gpu.name} {schedule}: n {n}, w {w}")
 
 
 @pytest.mark.parametrize("past, n", [(0, 1), (0, 37), (5, 3), (60, 4)])
