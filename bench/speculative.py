@@ -4,6 +4,10 @@
                                 [--modes off,medusa,lookup,medusa+lookup] [--limit N]
                                 [--json bench/results/speculative.json]
 
+A mode ``MODE@D`` runs MODE with the draft layer drafting D tokens per step (its chain's
+length at int8 activations, its tree's depth otherwise: ``engine.draft_depth``) instead of
+the artifact's ``draft.depth``, so depths compare in one run.
+
 Greedy decoding on two prompt sets: bench/prompts.json (32 chat/code/math/writing prompts)
 and bench/prompts_copy.json (16 prompts whose answers copy from the prompt: edits, summaries,
 code changes). All modes run in this process on one engine, interleaved within each run;
@@ -29,10 +33,27 @@ from bench import common
 SETS = {"chat": "prompts", "copy": "prompts_copy"}
 
 
-def run_once(engine, prompt: str, mode: str, new_tokens: int) -> dict:
-    t0 = time.perf_counter()
-    result = engine.generate(prompt, max_new_tokens=new_tokens, speculative=mode)
-    elapsed = time.perf_counter() - t0
+def split_mode(label: str) -> tuple[str, int | None]:
+    """"draft+lookup@2" -> ("draft+lookup", 2); a label without "@" keeps the artifact's
+    draft depth (None)."""
+    mode, _, depth = label.partition("@")
+    if depth and (not depth.isdigit() or int(depth) < 1):
+        raise SystemExit(f"mode {label!r}: the draft depth after '@' must be a positive integer")
+    return mode, int(depth) if depth else None
+
+
+def run_once(engine, prompt: str, label: str, new_tokens: int) -> dict:
+    mode, depth = split_mode(label)
+    kept = engine.draft_depth, engine.draft_tree
+    if depth is not None:
+        engine.draft_depth = depth
+        engine.draft_tree = dataclasses.replace(engine.draft_tree, depth=depth)
+    try:
+        t0 = time.perf_counter()
+        result = engine.generate(prompt, max_new_tokens=new_tokens, speculative=mode)
+        elapsed = time.perf_counter() - t0
+    finally:
+        engine.draft_depth, engine.draft_tree = kept
     return {"ids": result.output_ids, "decode_s": elapsed - result.stats["prefill_ms"] / 1e3,
             "steps": result.stats["steps"],
             "accepted_by": result.stats.get("accepted_by", {})}

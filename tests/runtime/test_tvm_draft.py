@@ -204,3 +204,18 @@ def test_dhsa_prefill_returns_the_features_too(tiny_dir, trained_draft_dir, tmp_
     drafted = tvm_engine.generate(text, max_new_tokens=24, chat=False, dhsa=True,
                                   speculative="draft")
     assert drafted.stats["prefill"] == "dhsa" and drafted.output_ids == plain.output_ids
+
+
+def test_tune_covers_the_draft_matmuls(fp32_draft, q8_draft, loaded):
+    """`edgert tune` measures the draft layer's matmuls too, at the format its graph stores
+    them in (fp32, or its own 8-bit blocks), and compile applies what it finds to draft.so."""
+    from edgert.artifact.io import load_manifest
+    from edgert.passes.tuning.tunable import TuneScope, workloads_for
+
+    h = loaded.config.hidden_size
+    for art, fc in ((fp32_draft, f"matmul_{2 * h}_{h}"), (q8_draft, f"quant_matmul8_{2 * h}_{h}")):
+        manifest = load_manifest(art)
+        assert TuneScope.from_manifest(manifest).draft_shapes == frozenset()
+        scope = TuneScope.from_manifest(manifest, art)
+        names = {w.name for w in workloads_for(scope, ["matmul", "quant_matmul"])}
+        assert fc in names, sorted(names)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgert.artifact.manifest import GraphKey
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import EdgertError
 from edgert.medusa.tree_order import causal_order, tree_order_from_parents
@@ -92,9 +94,22 @@ class TuneScope:
     context: int
     dhsa: DHSAParams | None = None
     bits: dict[str, int] = dataclasses.field(default_factory=dict)
+    # (K, N, bits) of the draft layer's weight matmuls (its graph's own shapes and formats)
+    draft_shapes: frozenset = frozenset()
 
     @classmethod
-    def from_manifest(cls, manifest) -> TuneScope:
+    def from_manifest(cls, manifest, artifact: Path | None = None) -> TuneScope:
+        """The scope of an artifact's manifest; with ``artifact`` (its directory) the draft
+        layer's matmuls too, read from its portable graph."""
+        scope = cls._from_manifest(manifest)
+        spec = manifest.graphs.get(GraphKey.DRAFT_PORTABLE)
+        if artifact is None or spec is None:
+            return scope
+        return dataclasses.replace(scope, draft_shapes=frozenset(
+            graph_weight_shapes(Path(artifact) / spec.file)))
+
+    @classmethod
+    def _from_manifest(cls, manifest) -> TuneScope:
         quantization = manifest.quantization or {}
         # at --compute fp32 an 8-bit weight is expanded to fp32 in the graph (ONNX Runtime has
         # no fp32-compute kernel for it): TVM sees an fp32 matmul
@@ -109,13 +124,34 @@ class TuneScope:
         (``decoder_matmul_shapes``: q/k/v, o, gate/up, down, vocab) and of the Medusa heads'
         blocks (H, H); bits None for fp32. The heads of a quantized artifact are quantized
         (``medusa_heads``: 8-bit, fp32 at --compute fp32; tuned whether the artifact has
-        heads or not)."""
+        heads or not); and the draft layer's, as its graph has them (``draft_shapes``)."""
         qkv, o, gate_up, down, vocab = decoder_matmul_shapes(self.config)
         h = self.config.hidden_size
         groups = [(qkv, "q_proj"), (o, "o_proj"), (gate_up, "gate_proj"), (down, "down_proj"),
                   (vocab, "vocab")]
         groups.append(((h, h), "medusa_heads"))
-        return {(k, n, self.bits.get(group)) for (k, n), group in groups}
+        return {(k, n, self.bits.get(group)) for (k, n), group in groups} | set(
+            self.draft_shapes)
+
+
+def graph_weight_shapes(path: Path) -> set[tuple[int, int, int | None]]:
+    """(K, N, bits) of an ONNX graph's weight matmuls, as TVM will see them:
+    MatMulNBits (its K, N and bits) and MatMul against an initializer [K, N] (bits None).
+    Read without the weights."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name: tuple(init.dims) for init in graph.initializer}
+    shapes = set()
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            shapes.add((int(attrs["K"]), int(attrs["N"]), int(attrs["bits"])))
+        elif node.op_type == "MatMul" and len(initializers.get(node.input[1], ())) == 2:
+            k, n = initializers[node.input[1]]
+            shapes.add((int(k), int(n), None))
+    return shapes
 
 
 def _named(func, name: str):

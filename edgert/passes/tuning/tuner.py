@@ -257,7 +257,7 @@ def tune_artifact(path: Path, target: str = "llvm", options: TuneOptions | None 
         raise BackendError(f"tuning for {target} measures on a {target} device: pass "
                            "--rpc-tracker/--rpc-key of a device that has one")
     database = TuningDatabase.load(build_directory(path, target))
-    workloads = workloads_for(TuneScope.from_manifest(manifest), options.kernels)
+    workloads = workloads_for(TuneScope.from_manifest(manifest, path), options.kernels)
     summary = tune(workloads, database, tvm_target, options)
     for name, row in summary.items():
         if row["best_ms"] is None or row["untuned_ms"] is None:
