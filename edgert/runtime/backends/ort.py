@@ -128,6 +128,15 @@ def _allocate_cache(spec, device: str, ort) -> tuple:
     return cache, [ort.OrtValue.ortvalue_from_numpy(buf) for buf in cache.buffers()]
 
 
+def bound_outputs(binding) -> list:
+    """The outputs of the binding's last run, in binding order, each with ``.numpy()``.
+
+    ``IOBinding.get_outputs()`` wraps every output in a Python OrtValue, the 60 cache buffers
+    included: 0.26 ms of a ~11 ms decode step on SmolLM2 (cProfile, 2 cores). The pybind
+    vector's own items have the same ``.numpy()``; only the outputs read get converted."""
+    return binding._iobinding.get_outputs()
+
+
 class OrtBackend:
     name = "ort"
 
@@ -297,7 +306,7 @@ class OrtBackend:
             self.session.run_with_iobinding(b)
         except Exception as exc:  # ORT's own Fail/InvalidArgument/RuntimeException types
             raise run_error(exc, self._graph_file) from None
-        outputs = b.get_outputs()
+        outputs = bound_outputs(b)
         features = outputs[self._features_index].numpy()[0] if self._features else None
         return StepOutputs(logits=outputs[0].numpy()[0], hidden=outputs[1].numpy()[0],
                            features=features)
@@ -358,5 +367,5 @@ class OrtBackend:
             session.run_with_iobinding(b)
         except Exception as exc:
             raise run_error(exc, self._draft_spec.file) from None
-        outputs = b.get_outputs()  # the presents first (bound first), then these three
+        outputs = bound_outputs(b)  # the presents first (bound first), then these three
         return outputs[2].numpy(), outputs[3].numpy(), outputs[4].numpy()
