@@ -70,6 +70,23 @@ class Backend(Protocol):
         as many calls as the backend runs it (ORT: `prefill_calls`; TVM: one)."""
         ...
 
+    has_draft: bool  # the artifact's draft layer runs here (its graph and the features)
+
+    @property
+    def draft_cache(self) -> KVCacheBase | None:
+        """The draft layer's own one-layer cache, allocated when drafting first needs it."""
+        ...
+
+    def draft_forward(self, input_ids: np.ndarray, features: np.ndarray,
+                      position_ids: np.ndarray, tree_mask: np.ndarray,
+                      logits_index: np.ndarray, past_len: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One draft call of q rows after ``past_len`` draft-cache entries (written at
+        [past_len, past_len + q)): (top-k ids [1,n,k], log-probabilities [1,n,k], features
+        [1,n,H]) of the rows ``logits_index``; ``tree_mask`` [1,1,q,q] or [1,1,q,past_len+q]
+        (0 visible, -1e9 hidden)."""
+        ...
+
 
 # (path, manifest, device, threads, kv_on_device) -> a backend with its cache
 BackendFactory = Callable[[Path, Manifest, str, int, "bool | None"], Backend]
