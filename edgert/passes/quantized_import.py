@@ -6,8 +6,9 @@ rewrites, before import, every MatMulNBits of an artifact graph into a standard 
 ``edgert_quantized_<i>`` [K, N] float32, and takes the weight out of the graph as a
 :class:`~edgert.passes.tir.quant_matmul.QuantizedWeight` (MatMulNBits' B read as 32-bit words,
 its scales, and bias = -scale * zero_point; zero points 2^(bits-1) when absent). Inputs
-computed from initializers (the fp16 scales' Cast) are evaluated first: the constant chains
-of Cast, Mul, Add, Sub, Transpose, Unsqueeze, Reshape.
+computed from initializers (the fp16 scales' Cast; the draft layer's rows of lm_head's blocks)
+are evaluated first: the constant chains of Cast, Mul, Add, Sub, Transpose, Unsqueeze,
+Reshape, Gather.
 
 The export's Q4_1 correction (``+ MatMul(blocksum(x), C)``, C [K/32, N]: the blocks' minimum
 plus zero point times scale, ``edgert.export.quantize``) is the bias of the same blocks: when
@@ -30,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgert.passes.tir.quant_matmul import QuantizedWeight, dequantize_tir
 
-FOLDABLE = {"Cast", "Mul", "Add", "Sub", "Transpose", "Unsqueeze", "Reshape"}
+FOLDABLE = {"Cast", "Mul", "Add", "Sub", "Transpose", "Unsqueeze", "Reshape", "Gather"}
 PLACEHOLDER = "edgert_quantized_"
 DEQUANTIZE_ATTR = "edgert.dequantize"  # PrimFunc attribute: [bits, block]
 
@@ -51,6 +52,8 @@ def _fold(node: onnx.NodeProto, values: list[np.ndarray]) -> np.ndarray:
         return np.transpose(values[0], attrs.get("perm"))
     if op == "Unsqueeze":
         return np.expand_dims(values[0], tuple(int(a) for a in values[1]))
+    if op == "Gather":  # rows of a quantized tensor (the draft's output vocabulary)
+        return np.take(values[0], values[1], axis=attrs.get("axis", 0))
     shape = [int(d) if d != 0 else values[0].shape[i] for i, d in enumerate(values[1])]
     return values[0].reshape(shape)  # Reshape
 

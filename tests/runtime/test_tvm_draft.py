@@ -219,3 +219,24 @@ def test_tune_covers_the_draft_matmuls(fp32_draft, q8_draft, loaded):
         scope = TuneScope.from_manifest(manifest, art)
         names = {w.name for w in workloads_for(scope, ["matmul", "quant_matmul"])}
         assert fc in names, sorted(names)
+
+
+def test_a_4_bit_artifact_drafts_on_tvm(tiny_dir, trained_draft_dir, tmp_path):
+    """A 4-bit artifact: its draft's projection reads rows of lm_head's blocks (a Gather of
+    the quantized tensor, folded at import). At --compute fp32 TVM's plain and drafted
+    outputs equal ONNX Runtime's plain greedy ones."""
+    from edgert.export.quantize import WeightOptions
+
+    art = compiled_export(tiny_dir, trained_draft_dir, tmp_path,
+                          weights=WeightOptions(weights="q4", compute="fp32"))
+    ort_engine, tvm_engine = edgert.load(art), edgert.load(art, backend="tvm")
+    assert tvm_engine.has_draft
+    accepted = 0
+    for prompt in TRAIN_PROMPTS[:2]:
+        plain = ort_engine.generate(prompt, max_new_tokens=32, speculative="off").output_ids
+        assert tvm_engine.generate(prompt, max_new_tokens=32, speculative="off").output_ids \
+            == plain
+        drafted = tvm_engine.generate(prompt, max_new_tokens=32, speculative="draft+lookup")
+        assert drafted.output_ids == plain, prompt
+        accepted += drafted.stats["accepted_by"]["draft"]
+    assert accepted > 0

@@ -1,5 +1,6 @@
-"""Tree attention (and its masked form, the draft layer's), KV append and KV commit as TVM generates them for opencl, opencl -device=adreno
-and webgpu, executed (PoCL, wgpu/lavapipe) against their NumPy references."""
+"""Tree attention (and its masked form, the draft layer's), KV append and KV commit as TVM
+generates them for opencl, opencl -device=adreno and webgpu, executed (PoCL, wgpu/lavapipe)
+against their NumPy references."""
 
 from __future__ import annotations
 
