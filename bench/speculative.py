@@ -5,8 +5,10 @@
                                 [--json bench/results/speculative.json]
 
 A mode ``MODE@D`` runs MODE with the draft layer drafting D tokens per step (its chain's
-length at int8 activations, its tree's depth otherwise: ``engine.draft_depth``) instead of
-the artifact's ``draft.depth``, so depths compare in one run.
+length at int8 activations, its tree's depth otherwise: ``engine.draft_depth``), and
+``MODE@D.B.K.N`` with the whole draft tree (depth, beam, top-k, node budget), instead of the
+artifact's own (``draft.depth``, or the ``draft.tree`` tune-tree wrote), so trees compare in
+one run.
 
 Greedy decoding on two prompt sets: bench/prompts.json (32 chat/code/math/writing prompts)
 and bench/prompts_copy.json (16 prompts whose answers copy from the prompt: edits, summaries,
@@ -29,25 +31,32 @@ from collections import defaultdict
 
 import edgert
 from bench import common
+from edgert.speculative.dynamic_tree import DraftTreeParams
 
 SETS = {"chat": "prompts", "copy": "prompts_copy"}
 
 
-def split_mode(label: str) -> tuple[str, int | None]:
-    """"draft+lookup@2" -> ("draft+lookup", 2); a label without "@" keeps the artifact's
-    draft depth (None)."""
-    mode, _, depth = label.partition("@")
-    if depth and (not depth.isdigit() or int(depth) < 1):
-        raise SystemExit(f"mode {label!r}: the draft depth after '@' must be a positive integer")
-    return mode, int(depth) if depth else None
+def split_mode(label: str) -> tuple[str, tuple[int, ...] | None]:
+    """"draft+lookup@2" -> ("draft+lookup", (2,)): the draft drafts 2 tokens per step;
+    "draft+lookup@3.1.3.4" -> the whole draft tree (depth, beam, top-k, budget); a label
+    without "@" keeps the artifact's own (None)."""
+    mode, _, spec = label.partition("@")
+    if not spec:
+        return mode, None
+    parts = spec.split(".")
+    if len(parts) not in (1, 4) or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise SystemExit(f"mode {label!r}: after '@' give the draft depth, or depth.beam.topk."
+                         "budget, as positive integers")
+    return mode, tuple(int(p) for p in parts)
 
 
 def run_once(engine, prompt: str, label: str, new_tokens: int) -> dict:
-    mode, depth = split_mode(label)
+    mode, tree = split_mode(label)
     kept = engine.draft_depth, engine.draft_tree
-    if depth is not None:
-        engine.draft_depth = depth
-        engine.draft_tree = dataclasses.replace(engine.draft_tree, depth=depth)
+    if tree is not None:
+        params = (DraftTreeParams(*tree) if len(tree) == 4
+                  else dataclasses.replace(engine.draft_tree, depth=tree[0]))
+        engine.set_draft_tree(params)
     try:
         t0 = time.perf_counter()
         result = engine.generate(prompt, max_new_tokens=new_tokens, speculative=mode)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgert.errors import EdgertError
+from edgert.errors import ArtifactError, EdgertError
 
 # packages of the extras -> the extra that installs them (`pip install edgert` runs artifacts)
 EXTRA_OF = {"torch": "export", "onnx": "export", "gguf": "export", "safetensors": "export",
@@ -436,34 +436,60 @@ def eval_draft(artifact: Path, prompts_file: Path | None, max_new_tokens: int, d
 
 @main.command("tune-tree")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--max-nodes", type=int, default=64, show_default=True,
-              help="Largest tree considered (nodes after the root).")
+@click.option("--drafter", type=click.Choice(["auto", "medusa", "draft"]), default="auto",
+              show_default=True,
+              help="Whose tree: the Medusa heads' static tree, or the draft layer's dynamic "
+                   "tree (depth, beam, top-k, node budget); auto: the draft layer's when the "
+                   "artifact has one, else the heads'.")
+@click.option("--max-nodes", type=int, default=None,
+              help="Largest tree considered (nodes after the root). [default: 64 Medusa, "
+                   "12 draft]")
 @click.option("--prompts", "max_prompts", type=int, default=24, show_default=True,
-              help="How many held-out prompts measure the heads' accuracy.")
+              help="How many held-out prompts measure the drafter's accuracy.")
 @click.option("--save", type=click.Path(path_type=Path), default=None,
               help="Also write the tree (with what it was tuned for) to this JSON file.")
 @click.option("--dry-run", is_flag=True, help="Report only; leave the artifact unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 @friendly_errors
-def tune_tree_cmd(artifact: Path, max_nodes: int, max_prompts: int, save: Path | None,
-                  dry_run: bool, as_json: bool) -> None:
-    """Measure head accuracy and verification latency here; store the fastest tree in
-    ARTIFACT's manifest."""
+def tune_tree_cmd(artifact: Path, drafter: str, max_nodes: int | None, max_prompts: int,
+                  save: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Measure the drafter's accuracy and verification latency here; store the fastest tree
+    in ARTIFACT's manifest."""
     from tqdm import tqdm
 
     from edgert.runtime.engine import load
     from edgert.train.prompts import heldout_prompts
-    from edgert.train.tune_tree import tune_tree
 
     engine = load(artifact)
+    if drafter == "auto":
+        drafter = "draft" if engine.has_draft else "medusa"
+    if drafter == "draft" and not engine.has_draft:
+        raise ArtifactError(f"{artifact} has no draft layer; tune the Medusa tree "
+                                   "(--drafter medusa) or export with a draft")
+    if drafter == "medusa" and not engine.has_medusa:
+        raise ArtifactError(f"{artifact} has no Medusa heads; tune the draft layer's "
+                                   "tree (--drafter draft) or export with heads")
     prompts = heldout_prompts()[:max_prompts]
-    with tqdm(total=len(prompts), desc="head accuracy", unit="prompt", disable=as_json) as bar:
-        record = tune_tree(engine, prompts, max_nodes, write=not dry_run, progress=bar.update)
+    with tqdm(total=len(prompts), desc=f"{drafter} accuracy", unit="prompt",
+              disable=as_json) as bar:
+        if drafter == "draft":
+            from edgert.train.tune_draft_tree import tune_draft_tree
+
+            record = tune_draft_tree(engine, prompts, max_nodes or 12, write=not dry_run,
+                                     progress=bar.update)
+        else:
+            from edgert.train.tune_tree import tune_tree
+
+            record = tune_tree(engine, prompts, max_nodes or 64, write=not dry_run,
+                               progress=bar.update)
     if save:
         save.write_text(json.dumps({k: v for k, v in record.items() if k != "curve"},
                                    indent=1) + "\n")
     if as_json:
         click.echo(json.dumps(record))
+        return
+    if drafter == "draft":
+        _report_draft_tree(record, artifact, dry_run)
         return
     tuned = record["tuned_for"]
     click.echo(f"plain step {tuned['plain_step_ms']:.1f} ms; heads {tuned['heads_ms']:.1f} ms")
@@ -475,6 +501,29 @@ def tune_tree_cmd(artifact: Path, max_nodes: int, max_prompts: int, save: Path |
                        f"{c['tokens_per_s']:15.1f}{mark}")
     click.echo(("would write" if dry_run else "wrote") + f" tree '{record['name']}' "
                f"({record['nodes']} nodes) to {artifact}")
+
+
+def _report_draft_tree(record: dict, artifact: Path, dry_run: bool) -> None:
+    """The draft tree's table: the best budget of each shape, the chosen one marked."""
+    tuned = record["tuned_for"]
+    click.echo(f"plain step {tuned['plain_step_ms']:.1f} ms"
+               + ("; chains only (int8 activations)" if tuned["chains_only"] else ""))
+    click.echo("depth | beam | topk | budget | expected tokens/step | step ms | predicted tok/s")
+    best: dict = {}
+    for c in record["curve"]:
+        shape = (c["depth"], c["beam"], c["topk"])
+        if shape not in best or c["tokens_per_s"] > best[shape]["tokens_per_s"]:
+            best[shape] = c
+    chosen = tuple(record[k] for k in ("depth", "beam", "topk", "budget"))
+    for c in sorted(best.values(), key=lambda c: -c["tokens_per_s"]):
+        row = (c["depth"], c["beam"], c["topk"], c["budget"])
+        mark = "  <- chosen" if row == chosen else ""
+        click.echo(f"{row[0]:5d} | {row[1]:4d} | {row[2]:4d} | {row[3]:6d} | "
+                   f"{c['expected_tokens']:20.2f} | {c['step_ms']:7.1f} | "
+                   f"{c['tokens_per_s']:15.1f}{mark}")
+    click.echo(("would write" if dry_run else "wrote") + " the draft tree (depth "
+               f"{chosen[0]}, beam {chosen[1]}, top-{chosen[2]}, {chosen[3]} nodes) to "
+               f"{artifact}")
 
 
 if __name__ == "__main__":

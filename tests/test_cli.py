@@ -62,6 +62,8 @@ def test_errors_are_one_line(tiny_artifact, tmp_path):
                           "top_p")
     assert_one_line_error(run_cli("export", "no-such-model", "-o", str(tmp_path / "o")),
                           "unknown model 'no-such-model'")
+    assert_one_line_error(run_cli("tune-tree", str(tiny_artifact), "--drafter", "draft"),
+                          "has no draft layer")
 
 
 def test_export_takes_dhsa_parameters(tiny_dir, tmp_path):

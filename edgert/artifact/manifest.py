@@ -37,6 +37,10 @@ class GraphKey(StrEnum):
     DRAFT_PORTABLE = "draft_portable"  # draft.portable.onnx: the draft layer for TVM
 
 
+# ``draft.tree`` (written by `edgert tune-tree`): the draft layer's dynamic tree
+# (``edgert.speculative.dynamic_tree.DraftTreeParams``)
+DRAFT_TREE_FIELDS = ("depth", "beam", "topk", "budget")
+
 # the KV cache's element types (numpy names) and their sizes in bytes
 KV_DTYPES = {"float32": 4, "float16": 2}
 REEXPORT = "re-export the artifact"
@@ -403,6 +407,14 @@ class Manifest:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"draft.{field_name} must be a positive integer, got "
                                   f"{_describe(value)}; {REEXPORT}")
+        tree = draft.get("tree")
+        if tree is not None:
+            for field_name in DRAFT_TREE_FIELDS:
+                value = tree.get(field_name) if isinstance(tree, dict) else None
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ConfigError(f"draft.tree.{field_name} must be a positive integer, "
+                                      f"got {_describe(value)}; re-run `edgert tune-tree` or "
+                                      f"{REEXPORT}")
         kv = self.draft_kv_cache
         ids = {t.name: t for t in graph.outputs}.get("draft_topk_ids")
         got = ids.shape[2] if ids is not None and len(ids.shape) == 3 else None

@@ -33,6 +33,7 @@ class DraftState:
         self.cache = backend.draft_cache
         self.depth = depth
         self._mask_buffer = np.empty(0, dtype=np.float32)  # dynamic trees' whole-cache masks
+        self.last_tree: DraftTree | None = None  # the last dynamic tree grown, all its nodes
         self._tokens: list[int] = []  # pending rows: x_p ...
         self._features: list[np.ndarray] = []  # ... and h_{p-1}, [m, H] blocks
 
@@ -134,6 +135,7 @@ class DraftState:
                 feature_of[node] = out_features[0, r]
                 frontier += tree.add_children(node, out_ids[0, r, :params.topk],
                                               out_logprobs[0, r, :params.topk])
+        self.last_tree = tree  # (tune-tree selects several budgets from one growth)
         return tree.select(params.budget)
 
     def _mask(self, q: int, total: int) -> np.ndarray:

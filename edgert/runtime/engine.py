@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgert.artifact.io import load_manifest
-from edgert.artifact.manifest import GraphKey
+from edgert.artifact.manifest import DRAFT_TREE_FIELDS, GraphKey
 from edgert.dhsa.params import DHSAParams
 from edgert.errors import CapacityError, GenerationError
 from edgert.medusa.tree_buffers import TreeBuffers, build_tree_buffers
@@ -116,6 +116,9 @@ class Engine:
         self.draft_tree = DraftTreeParams(depth=max(1, self.draft_depth),
                                           topk=min(2, int((self.manifest.draft or {}).get(
                                               "topk", 2))))
+        tuned = (self.manifest.draft or {}).get("tree")
+        if tuned:  # `edgert tune-tree` measured it on this kind of machine
+            self.set_draft_tree(DraftTreeParams(*(tuned[k] for k in DRAFT_TREE_FIELDS)))
         self.prefix_reuse = prefix_reuse
         self._cached_ids: list[int] = []  # the tokens whose K/V fill cache[0:len], in order
         # draft-cache rows valid for those tokens (rows 1..n: x_p and the backbone's h_{p-1})
@@ -532,6 +535,12 @@ class Engine:
         return {"prefill_ms": 0.0, "decode_tokens_per_s": 0.0, "new_tokens": 0, "reused_tokens": 0,
                 "kv_capacity": self.cache.capacity, "kv_bytes": self.cache.nbytes,
                 "steps": 0, "mean_accepted": 1.0}
+
+    def set_draft_tree(self, params: DraftTreeParams) -> None:
+        """How much the draft layer drafts per step: ``params`` shapes its dynamic tree, and
+        its depth is also the chain's length where verification takes chains only."""
+        self.draft_tree = params
+        self.draft_depth = params.depth
 
     @property
     def default_speculative(self) -> str:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgert.artifact.manifest import DRAFT_TREE_FIELDS
+
 
 @dataclass(frozen=True)
 class DraftTreeParams:
@@ -33,7 +35,7 @@ class DraftTreeParams:
     budget: int = 6
 
     def __post_init__(self) -> None:
-        for name in ("depth", "beam", "topk", "budget"):
+        for name in DRAFT_TREE_FIELDS:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"draft tree {name} must be a positive integer, got "
                                  f"{getattr(self, name)!r}")
