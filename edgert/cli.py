@@ -95,11 +95,14 @@ def main() -> None:
               help="The draft layer's own matrices: q8 (8-bit, int8 compute, in every "
                    "artifact: its tokens are verified, so precision changes speed only) or "
                    "fp32.")
+@click.option("--no-draft-tree", is_flag=True,
+              help="Ignore the draft directory's tuned trees (its tree.json, written from "
+                   "`edgert tune-tree --drafter draft --save`): draft --draft-depth tokens.")
 @friendly_errors
 def export(model: str, output: Path, max_context: int | None, force: bool, heads: Path | None,
            no_heads: bool, medusa_topk: int, tree: str | None, dhsa_settings: tuple[str, ...],
            no_dhsa: bool, weights: str, compute: str, draft: Path | None, no_draft: bool,
-           draft_depth: int, draft_topk: int, draft_weights: str) -> None:
+           draft_depth: int, draft_topk: int, draft_weights: str, no_draft_tree: bool) -> None:
     """Export MODEL (a registered name, a Hugging Face directory or a .gguf file) to an
     ONNX artifact. Default MODEL: smollm2-135m."""
     from edgert.dhsa.params import DHSAParams
@@ -113,7 +116,8 @@ def export(model: str, output: Path, max_context: int | None, force: bool, heads
                                               weights=WeightOptions(weights, compute),
                                               draft=draft, use_draft=not no_draft,
                                               draft_depth=draft_depth, draft_topk=draft_topk,
-                                              draft_weights=draft_weights))
+                                              draft_weights=draft_weights,
+                                              use_draft_tree=not no_draft_tree))
 
 
 @main.command()

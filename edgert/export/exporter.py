@@ -15,6 +15,7 @@ import torch
 from edgert.__about__ import __version__
 from edgert.artifact.io import atomic_directory, hash_files, quick_checks, write_manifest
 from edgert.artifact.manifest import (
+    DRAFT_TREE_FIELDS,
     FORMAT,
     FORMAT_VERSION,
     GraphKey,
@@ -54,6 +55,7 @@ WEIGHTS_FILE = "model.onnx.data"
 TRACE_DIR = ".trace"  # inside the export's temporary directory: the traced graphs' weights
 TOKENIZER_FILE = "tokenizer.json"
 KV_MEMORY_FRACTION = 0.25  # the cache may take at most this share of available memory
+DRAFT_TREES = "tree.json"  # in a draft directory: its tuned trees ("chain", "tree")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class ExportOptions:
     # the draft's own matrices: 8-bit with int8 compute in every artifact (its tokens are
     # verified, so this changes speed only), or "fp32" (kept as trained)
     draft_weights: str = "q8"
+    # the draft directory's tuned trees (``DRAFT_TREES``), when it has them, instead of
+    # ``draft_depth``
+    use_draft_tree: bool = True
 
 
 def _available_memory() -> int:
@@ -133,32 +138,66 @@ def resolve_heads(loaded: LoadedModel, options: ExportOptions) -> MedusaHeads | 
     return load_heads(Path(path), loaded.config)
 
 
-def resolve_draft(loaded: LoadedModel, options: ExportOptions) -> DraftLayer | None:
-    """The draft layer to export: --draft, else the registered model's committed one, else
-    none."""
+def draft_directory(loaded: LoadedModel, options: ExportOptions) -> Path | None:
+    """--draft, else the registered model's committed draft, else None."""
     if not options.use_draft:
         return None
-    path = options.draft
-    if path is None:
-        registered = REGISTERED_MODELS.get(loaded.source.get("registered_name", ""))
-        default = registered.assets_dir / "draft" if registered else None
-        if default is None or not (default / DRAFT_CONFIG).is_file():
-            return None
-        path = default
-    return load_draft(Path(path), loaded.config)
+    if options.draft is not None:
+        return Path(options.draft)
+    registered = REGISTERED_MODELS.get(loaded.source.get("registered_name", ""))
+    default = registered.assets_dir / "draft" if registered else None
+    if default is None or not (default / DRAFT_CONFIG).is_file():
+        return None
+    return default
+
+
+def resolve_draft(loaded: LoadedModel, options: ExportOptions) -> DraftLayer | None:
+    """The draft layer to export (``draft_directory``), or none."""
+    path = draft_directory(loaded, options)
+    return None if path is None else load_draft(path, loaded.config)
+
+
+def tuned_draft_tree(directory: Path | None, chains: bool) -> dict | None:
+    """The draft directory's tuned tree for how this artifact verifies (``chains``: int8
+    activations, where ONNX Runtime verifies chains only; else trees), or None. The file
+    ``DRAFT_TREES`` holds `edgert tune-tree --drafter draft --save` records under "chain"
+    and "tree"."""
+    file = None if directory is None else Path(directory) / DRAFT_TREES
+    if file is None or not file.is_file():
+        return None
+    try:
+        trees = json.loads(file.read_text())
+        record = trees.get("chain" if chains else "tree")
+        if record is not None and not all(
+                isinstance(record[k], int) and not isinstance(record[k], bool) and record[k] >= 1
+                for k in DRAFT_TREE_FIELDS):
+            raise ValueError(f"{', '.join(DRAFT_TREE_FIELDS)} must be positive integers")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{file} is not a tuned draft tree file ({exc}); re-run `edgert "
+                          "tune-tree --drafter draft --save` or export with --no-draft-tree"
+                          ) from None
+    return record
 
 
 def _draft_manifest(draft: DraftLayer, options: ExportOptions, capacity: int,
-                    config: DecoderConfig, quantized: bool) -> dict:
-    spec = KVCacheSpec(capacity + options.draft_depth, 1, config.num_key_value_heads,
-                       config.head_dim)
+                    config: DecoderConfig, quantized: bool, tree: dict | None) -> dict:
+    """The manifest's ``draft`` section; ``tree``: the tuned tree it drafts (its cache holds
+    the rows that tree drafts past the committed entries)."""
+    extra = options.draft_depth
+    if tree is not None:
+        chain = tree["beam"] == 1 and tree["topk"] == 1 and tree["budget"] == tree["depth"]
+        extra = max(extra, tree["depth"] if chain else tree["beam"] * (tree["depth"] - 1) + 1)
+    spec = KVCacheSpec(capacity + extra, 1, config.num_key_value_heads, config.head_dim)
     weights = ("rtn8, int8 compute" if quantized or options.draft_weights == "q8"
                else "fp32")
-    return {"graph": GraphKey.DRAFT.value, "topk": options.draft_topk, "weights": weights,
-            "depth": options.draft_depth, "output_vocab": draft.config.output_vocab,
-            "kv_cache": dataclasses.asdict(spec),
-            "draft_source": str(options.draft or "registered model's draft"),
-            "training": draft.config.training}
+    section = {"graph": GraphKey.DRAFT.value, "topk": options.draft_topk, "weights": weights,
+               "depth": options.draft_depth, "output_vocab": draft.config.output_vocab,
+               "kv_cache": dataclasses.asdict(spec),
+               "draft_source": str(options.draft or "registered model's draft"),
+               "training": draft.config.training}
+    if tree is not None:
+        section["tree"] = tree
+    return section
 
 
 def resolve_export_tree(loaded: LoadedModel, heads: MedusaHeads, options: ExportOptions) -> dict:
@@ -277,8 +316,13 @@ def export_loaded(loaded: LoadedModel, output: Path, options: ExportOptions = Ex
             tree=tree,
             dhsa=dhsa.to_dict() if dhsa is not None else None,
             draft=(_draft_manifest(draft, options, capacity, config,
-                                   quantized=quantization is not None) if draft is not None
-                   else None),
+                                   quantized=quantization is not None,
+                                   tree=tuned_draft_tree(
+                                       draft_directory(loaded, options) if
+                                       options.use_draft_tree else None,
+                                       chains=options.weights.compute == "int8"
+                                       and quantization is not None))
+                   if draft is not None else None),
         )
         write_manifest(tmp, manifest.to_dict())
     log(f"wrote {output}")

@@ -117,7 +117,10 @@ class Engine:
                                           topk=min(2, int((self.manifest.draft or {}).get(
                                               "topk", 2))))
         tuned = (self.manifest.draft or {}).get("tree")
-        if tuned:  # `edgert tune-tree` measured it on this kind of machine
+        if tuned and tuned.get("tuned_for", {}).get("chains_only",
+                                                    self.verifies_chains) == self.verifies_chains:
+            # `edgert tune-tree` measured it on this kind of machine, verifying as this engine
+            # does (chains at int8 activations on ONNX Runtime, trees otherwise)
             self.set_draft_tree(DraftTreeParams(*(tuned[k] for k in DRAFT_TREE_FIELDS)))
         self.prefix_reuse = prefix_reuse
         self._cached_ids: list[int] = []  # the tokens whose K/V fill cache[0:len], in order
@@ -477,7 +480,7 @@ class Engine:
                    ) -> Engine._StepTree | None:
         """This step's verification tree: the drafters' proposals merged under ``root``;
         None when none proposed anything."""
-        if self.row_exact or not self.cache.can_move_entries:
+        if self.verifies_chains:
             return self._step_chain(root, head_ids, lookup, draft)
         if lookup is None and draft is None:  # Medusa alone: its static tree, mask computed once
             tokens = propose_tree(self.tree, root, head_ids)
@@ -535,6 +538,12 @@ class Engine:
         return {"prefill_ms": 0.0, "decode_tokens_per_s": 0.0, "new_tokens": 0, "reused_tokens": 0,
                 "kv_capacity": self.cache.capacity, "kv_bytes": self.cache.nbytes,
                 "steps": 0, "mean_accepted": 1.0}
+
+    @property
+    def verifies_chains(self) -> bool:
+        """Whether verification takes chains only (int8 activations on ONNX Runtime, or a
+        cache that cannot move a side branch's entries), not trees."""
+        return self.row_exact or not self.cache.can_move_entries
 
     def set_draft_tree(self, params: DraftTreeParams) -> None:
         """How much the draft layer drafts per step: ``params`` shapes its dynamic tree, and

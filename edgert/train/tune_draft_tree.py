@@ -8,9 +8,10 @@ speed(tree) ~ expected tokens per step / time per step, where
   the true prefix; a tree's accepted length is the depth of its deepest node whose path spells
   the continuation (greedy verification accepts exactly that);
 - time per step = the verification forward of the tree's nodes + the root (measured at a few
-  sizes, ``tune_tree.measure_forward_ms``, and fitted by a line: the candidates differ by a
-  node or two, less than a shared machine's noise at one size) + the measured drafting time
-  (the median ``propose_tree`` or ``propose`` call of the simulation itself).
+  sizes, ``tune_tree.measure_forward_ms``; for trees fitted by a line, as the candidates differ
+  by a node or two, less than a shared machine's noise at one size; for chains interpolated,
+  as at int8 activations two rows cost what one does) + the measured drafting time (the
+  median ``propose_tree`` or ``propose`` call of the simulation itself).
 
 Shapes (depth, beam, topk) are simulated one by one; a shape's budgets come from one growth
 (the ``budget`` best nodes are a prefix of its score order). Where verification must be a
@@ -161,7 +162,7 @@ def tune_draft_tree(engine, prompts: list[str] | None = None, max_nodes: int = 1
     if not engine.has_draft:
         raise ValueError("this artifact has no draft layer to tune")
     prompts = prompts if prompts is not None else heldout_prompts()
-    chains_only = engine.row_exact or not engine.cache.can_move_entries
+    chains_only = engine.verifies_chains
     prepared = []
     for prompt in prompts:
         item = _prepare(engine, prompt, new_tokens)
@@ -184,7 +185,9 @@ def tune_draft_tree(engine, prompts: list[str] | None = None, max_nodes: int = 1
         stats[shape] = {"accepted": accepted, "draft_ms": statistics.median(times)}
     sizes = sorted({1, 2, 3, 5, 7, 9, max_nodes + 1})
     measured = measure_forward_ms(engine, [s for s in sizes if s <= max_nodes + 1], repeats=15)
-    latency = fit_latency(measured, range(1, max_nodes + 2))
+    # chains: 2..5 rows, each measured (at int8 activations two rows cost one: not a line)
+    latency = ({q: interpolate(measured, q) for q in range(1, max_nodes + 2)} if chains_only
+               else fit_latency(measured, range(1, max_nodes + 2)))
     best, curve = choose_draft_tree(stats, latency)
     record = {
         **asdict(best.params),
@@ -197,7 +200,8 @@ def tune_draft_tree(engine, prompts: list[str] | None = None, max_nodes: int = 1
             "predicted_tokens_per_s": round(best.tokens_per_s, 2),
             "plain_tokens_per_s": round(1e3 / measured[1], 2),
             "forward_ms_by_q": {str(q): round(v, 2) for q, v in measured.items()},
-            "forward_ms_fit": [round(latency[1], 3), round(latency[2] - latency[1], 3)],
+            **({} if chains_only else {"forward_ms_fit": [round(latency[1], 3),
+                                                          round(latency[2] - latency[1], 3)]}),
             "prompts": len(prepared), "new_tokens": new_tokens,
         },
     }

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgert
-from edgert.errors import ArtifactError
+from edgert.errors import ArtifactError, ConfigError
 from edgert.speculative.dynamic_tree import DraftTreeParams
 from edgert.train.tune_draft_tree import (
     accepted_length,
@@ -126,3 +126,49 @@ def test_a_malformed_tree_is_refused(tuned, tmp_path):
     (copy / "edgert.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="draft.tree.budget must be a positive integer"):
         edgert.load(copy, verify=False)
+
+
+def test_export_applies_the_draft_directorys_tuned_trees(tiny_dir, trained_draft_dir,
+                                                         tmp_path):
+    """A draft directory's tree.json ("tree" for trees, "chain" for int8 artifacts) goes into
+    the manifest, and the draft cache holds the rows it drafts; --no-draft-tree leaves it out;
+    a malformed file is refused naming the fix."""
+    import shutil
+
+    from edgert.export.quantize import WeightOptions
+
+    draft = tmp_path / "draft"
+    shutil.copytree(trained_draft_dir, draft)
+    tree = {"depth": 4, "beam": 2, "topk": 3, "budget": 5, "tuned_for": {"chains_only": False}}
+    chain = {"depth": 2, "beam": 1, "topk": 1, "budget": 2, "tuned_for": {"chains_only": True}}
+    (draft / "tree.json").write_text(json.dumps({"tree": tree, "chain": chain}))
+    fp32 = export(tiny_dir, tmp_path / "fp32", draft)
+    manifest = json.loads((fp32 / "edgert.json").read_text())
+    assert manifest["draft"]["tree"] == tree
+    assert manifest["draft"]["kv_cache"]["capacity"] == manifest["kv_cache"]["capacity"] + 7
+    assert edgert.load(fp32).draft_tree == DraftTreeParams(4, 2, 3, 5)
+    q4 = export(tiny_dir, tmp_path / "q4", draft, weights=WeightOptions(weights="q4"))
+    engine = edgert.load(q4)
+    assert json.loads((q4 / "edgert.json").read_text())["draft"]["tree"] == chain
+    assert engine.verifies_chains and engine.draft_depth == 2
+    plain = export(tiny_dir, tmp_path / "plain", draft, use_draft_tree=False)
+    assert "tree" not in json.loads((plain / "edgert.json").read_text())["draft"]
+    (draft / "tree.json").write_text(json.dumps({"tree": {"depth": 0}}))
+    with pytest.raises(ConfigError, match="tree.json is not a tuned draft tree file"):
+        export(tiny_dir, tmp_path / "bad", draft)
+
+
+def test_a_tree_tuned_for_chains_is_not_used_for_trees(tuned, tmp_path):
+    """An engine that verifies trees ignores a record tuned for chains (and keeps its
+    defaults), and the reverse."""
+    import shutil
+
+    art, _, _ = tuned
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    manifest = json.loads((copy / "edgert.json").read_text())
+    manifest["draft"]["tree"] = {"depth": 3, "beam": 1, "topk": 1, "budget": 3,
+                                 "tuned_for": {"chains_only": True}}
+    (copy / "edgert.json").write_text(json.dumps(manifest))
+    engine = edgert.load(copy, verify=False)
+    assert not engine.verifies_chains and engine.draft_depth == manifest["draft"]["depth"]
