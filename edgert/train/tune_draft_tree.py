@@ -33,7 +33,7 @@ from edgert.runtime.draft import DraftState
 from edgert.speculative.dynamic_tree import DraftTree, DraftTreeParams
 from edgert.train.eval_draft import greedy_with_features
 from edgert.train.prompts import heldout_prompts
-from edgert.train.tune_tree import device_description, interpolate, measure_forward_ms
+from edgert.train.tune_tree import interpolate, measure_forward_ms, tuned_summary
 
 MAX_DEPTH = 4
 
@@ -192,14 +192,9 @@ def tune_draft_tree(engine, prompts: list[str] | None = None, max_nodes: int = 1
     record = {
         **asdict(best.params),
         "tuned_for": {
-            **device_description(engine),
+            **tuned_summary(engine, best.expected_tokens, best.step_ms, best.tokens_per_s,
+                            measured),
             "chains_only": chains_only,
-            "expected_tokens_per_step": round(best.expected_tokens, 3),
-            "step_ms": round(best.step_ms, 2),
-            "plain_step_ms": round(measured[1], 2),
-            "predicted_tokens_per_s": round(best.tokens_per_s, 2),
-            "plain_tokens_per_s": round(1e3 / measured[1], 2),
-            "forward_ms_by_q": {str(q): round(v, 2) for q, v in measured.items()},
             **({} if chains_only else {"forward_ms_fit": [round(latency[1], 3),
                                                           round(latency[2] - latency[1], 3)]}),
             "prompts": len(prepared), "new_tokens": new_tokens,

@@ -82,6 +82,19 @@ def choose_tree(rank_accuracy: np.ndarray, latency: dict[int, float], heads_ms: 
     return max(curve, key=lambda c: c.tokens_per_s), curve
 
 
+def tuned_summary(engine, expected_tokens: float, step_ms: float, tokens_per_s: float,
+                  forward_ms: dict[int, float]) -> dict:
+    """What a tuned tree was tuned for and predicted (the manifest's ``tuned_for``): this
+    machine, the chosen tree's tokens per step and step time, and the measured forwards."""
+    return {**device_description(engine),
+            "expected_tokens_per_step": round(expected_tokens, 3),
+            "step_ms": round(step_ms, 2),
+            "plain_step_ms": round(forward_ms[1], 2),
+            "predicted_tokens_per_s": round(tokens_per_s, 2),
+            "plain_tokens_per_s": round(1e3 / forward_ms[1], 2),
+            "forward_ms_by_q": {str(q): round(v, 2) for q, v in forward_ms.items()}}
+
+
 def device_description(engine) -> dict:
     return {"device": engine.device, "backend": engine.backend_name,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -107,13 +120,8 @@ def tune_tree(engine, prompts: list[str] | None = None, max_nodes: int = 64,
         "choices": [list(p) for p in tree.paths],
         "nodes": best.nodes,
         "tuned_for": {
-            **device_description(engine),
-            "expected_tokens_per_step": round(best.expected_tokens, 3),
-            "step_ms": round(best.step_ms, 2),
-            "plain_step_ms": round(latency[1], 2),
-            "predicted_tokens_per_s": round(best.tokens_per_s, 2),
-            "plain_tokens_per_s": round(1e3 / latency[1], 2),
-            "forward_ms_by_q": {str(q): round(v, 2) for q, v in latency.items()},
+            **tuned_summary(engine, best.expected_tokens, best.step_ms, best.tokens_per_s,
+                            latency),
             "heads_ms": round(heads_ms, 2),
             "rank_accuracy": accuracy.rank_accuracy,
             "top1": accuracy.top1,

@@ -172,3 +172,15 @@ def test_a_tree_tuned_for_chains_is_not_used_for_trees(tuned, tmp_path):
     (copy / "edgert.json").write_text(json.dumps(manifest))
     engine = edgert.load(copy, verify=False)
     assert not engine.verifies_chains and engine.draft_depth == manifest["draft"]["depth"]
+
+
+def test_the_medusa_tree_is_still_tuned(tiny_medusa_artifact):
+    """`tune-tree --drafter medusa`: the heads' static tree, with the same summary fields."""
+    from edgert.train.tune_tree import tune_tree
+
+    engine = edgert.load(tiny_medusa_artifact)
+    record = tune_tree(engine, TRAIN_PROMPTS[:2], max_nodes=4, max_new_tokens=16, write=False)
+    assert 1 <= record["nodes"] <= 4 and len(record["choices"]) == record["nodes"]
+    tuned = record["tuned_for"]
+    assert tuned["plain_step_ms"] > 0 and tuned["heads_ms"] > 0
+    assert set(tuned["forward_ms_by_q"]) >= {"1", "5"}
