@@ -450,13 +450,16 @@ def eval_draft(artifact: Path, prompts_file: Path | None, max_new_tokens: int, d
                    "12 draft]")
 @click.option("--prompts", "max_prompts", type=int, default=24, show_default=True,
               help="How many held-out prompts measure the drafter's accuracy.")
+@click.option("--backend", default="ort", show_default=True,
+              help="The backend to tune for (ort or tvm: a tree tuned on one is used by that "
+                   "backend only).")
 @click.option("--save", type=click.Path(path_type=Path), default=None,
               help="Also write the tree (with what it was tuned for) to this JSON file.")
 @click.option("--dry-run", is_flag=True, help="Report only; leave the artifact unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 @friendly_errors
 def tune_tree_cmd(artifact: Path, drafter: str, max_nodes: int | None, max_prompts: int,
-                  save: Path | None, dry_run: bool, as_json: bool) -> None:
+                  backend: str, save: Path | None, dry_run: bool, as_json: bool) -> None:
     """Measure the drafter's accuracy and verification latency here; store the fastest tree
     in ARTIFACT's manifest."""
     from tqdm import tqdm
@@ -464,7 +467,7 @@ def tune_tree_cmd(artifact: Path, drafter: str, max_nodes: int | None, max_promp
     from edgert.runtime.engine import load
     from edgert.train.prompts import heldout_prompts
 
-    engine = load(artifact)
+    engine = load(artifact, backend=backend)
     if drafter == "auto":
         drafter = "draft" if engine.has_draft else "medusa"
     if drafter == "draft" and not engine.has_draft:

@@ -117,10 +117,7 @@ class Engine:
                                           topk=min(2, int((self.manifest.draft or {}).get(
                                               "topk", 2))))
         tuned = (self.manifest.draft or {}).get("tree")
-        if tuned and tuned.get("tuned_for", {}).get("chains_only",
-                                                    self.verifies_chains) == self.verifies_chains:
-            # `edgert tune-tree` measured it on this kind of machine, verifying as this engine
-            # does (chains at int8 activations on ONNX Runtime, trees otherwise)
+        if tuned and self._tuned_here(tuned.get("tuned_for", {})):
             self.set_draft_tree(DraftTreeParams(*(tuned[k] for k in DRAFT_TREE_FIELDS)))
         self.prefix_reuse = prefix_reuse
         self._cached_ids: list[int] = []  # the tokens whose K/V fill cache[0:len], in order
@@ -538,6 +535,14 @@ class Engine:
         return {"prefill_ms": 0.0, "decode_tokens_per_s": 0.0, "new_tokens": 0, "reused_tokens": 0,
                 "kv_capacity": self.cache.capacity, "kv_bytes": self.cache.nbytes,
                 "steps": 0, "mean_accepted": 1.0}
+
+    def _tuned_here(self, tuned_for: dict) -> bool:
+        """Whether a tree `edgert tune-tree` tuned applies to this engine: measured on the same
+        backend (a TVM verification row costs more than ONNX Runtime's: the fp32 tree tuned on
+        ONNX Runtime is slower than the default there), verifying the same way (chains at
+        int8 activations on ONNX Runtime, trees otherwise)."""
+        return (tuned_for.get("backend", "ort") == self.backend_name
+                and tuned_for.get("chains_only", self.verifies_chains) == self.verifies_chains)
 
     @property
     def verifies_chains(self) -> bool:

@@ -158,9 +158,9 @@ def test_export_applies_the_draft_directorys_tuned_trees(tiny_dir, trained_draft
         export(tiny_dir, tmp_path / "bad", draft)
 
 
-def test_a_tree_tuned_for_chains_is_not_used_for_trees(tuned, tmp_path):
-    """An engine that verifies trees ignores a record tuned for chains (and keeps its
-    defaults), and the reverse."""
+def test_a_tree_tuned_for_another_engine_is_not_used(tuned, tmp_path):
+    """An engine that verifies trees ignores a record tuned for chains, and one tuned on
+    another backend (it keeps its defaults)."""
     import shutil
 
     art, _, _ = tuned
@@ -172,6 +172,14 @@ def test_a_tree_tuned_for_chains_is_not_used_for_trees(tuned, tmp_path):
     (copy / "edgert.json").write_text(json.dumps(manifest))
     engine = edgert.load(copy, verify=False)
     assert not engine.verifies_chains and engine.draft_depth == manifest["draft"]["depth"]
+    manifest["draft"]["tree"] = {"depth": 3, "beam": 1, "topk": 2, "budget": 3,
+                                 "tuned_for": {"chains_only": False, "backend": "tvm"}}
+    (copy / "edgert.json").write_text(json.dumps(manifest))
+    engine = edgert.load(copy, verify=False)  # ONNX Runtime: a tree tuned for TVM is not its
+    assert engine.draft_depth == manifest["draft"]["depth"]
+    manifest["draft"]["tree"]["tuned_for"]["backend"] = "ort"
+    (copy / "edgert.json").write_text(json.dumps(manifest))
+    assert edgert.load(copy, verify=False).draft_tree == DraftTreeParams(3, 1, 2, 3)
 
 
 def test_the_medusa_tree_is_still_tuned(tiny_medusa_artifact):
