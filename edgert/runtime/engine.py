@@ -562,8 +562,8 @@ class Engine:
         when the artifact has one, else with the Medusa heads when it has them and their tree
         is not tuned to be slower than plain decoding. Measured on SmolLM2, chat/copy prompts,
         x plain greedy: fp32 draft+lookup 1.30x/1.55x against medusa+lookup 1.17x/1.48x
-        (bench/results/speculative_draft_fp32.json); q4 1.25x/1.51x against 1.33x/1.44x, the
-        chat figures within the run's noise (speculative_draft_q4.json); before the draft
+        (bench/results/speculative_draft_fp32.json); q4, the retrained draft, 1.26x/1.39x
+        against 1.23x/1.36x, within the run's noise (speculative_draft_q4.json); before the draft
         layer, Medusa alone 1.22x/1.17x, lookup alone 1.18x/1.27x (speculative_q4.json)."""
         if self.has_draft:
             return "draft+lookup"
