@@ -7,9 +7,10 @@
        log-softmax ─TopK─> draft_topk_ids [1,n,k] int64 (token ids), draft_topk_logprobs [1,n,k]
 
 A row embedding token t+1 sits at position t+1. ``tree_mask`` masks the new rows: [1,1,q,q]
-among themselves (causal; every cached entry visible), or [1,1,q,P+q] over the cached entries
-too (a dynamic draft tree: each row sees the committed rows and its own ancestors among the
-rows drafted this step, not its cousins).
+among themselves (causal; every cached entry visible), or [1,1,q,w] over the last w entries
+(q < w <= P + q; the entries before are visible): a dynamic draft tree passes the rows drafted
+this step, so each row sees the committed rows and its own ancestors among them, not its
+cousins.
 The projection ``draft_proj_t`` is lm_head's V' columns (stored in this graph at fp32; read
 from lm_head's own blocks in quantized artifacts, like the Medusa heads').
 
@@ -155,7 +156,7 @@ def draft_graph_spec(trained: DraftLayer, topk: int, key: GraphKey = GraphKey.DR
     if shared:
         mask = TensorSpec("tree_mask", [1, 1, "q", WHOLE_BIAS_AXIS], "float32",
                           "additive mask, 0 where a row may attend and -1e9 elsewhere: [q, q] "
-                          "among the new rows (every cached entry visible), or [q, P + q] over "
+                          "among the new rows (every cached entry visible), or [q, w] over the "
                           "the cached entries too (a dynamic draft tree's ancestry)")
         cache = [TensorSpec(past_key, [1, hkv, "capacity", d], "float32",
                             "the draft's key cache buffer, bound in place"),
@@ -170,7 +171,7 @@ def draft_graph_spec(trained: DraftLayer, topk: int, key: GraphKey = GraphKey.DR
     else:
         mask = TensorSpec("tree_mask", [1, 1, "q", "q"], "float32",
                           "additive mask among the new rows, 0 or -1e9 (every cached entry "
-                          "visible); TVM's build also takes [q, P + q] over the cache")
+                          "visible); TVM's build also takes [q, w] over the last w entries")
         cache = [TensorSpec(past_key, [1, hkv, "past", d], "float32", "the draft's cached keys"),
                  TensorSpec(past_value, [1, hkv, "past", d], "float32",
                             "the draft's cached values")]

@@ -22,8 +22,8 @@ length. No whole-cache copy remains: no Concat of the past, no tile of the cache
 
 ``mask="visibility"`` (the draft layer's graph, ``draft.portable.onnx``): ``tree_mask``
 becomes ``visibility`` [q, w] float32 instead, the graph's additive mask without its two
-leading axes, read by ``edgert_masked_attention`` (w = q: among the new rows; w = past + q:
-over the whole cache, a dynamic draft tree's ancestry).
+leading axes, read by ``edgert_masked_attention`` over the last w keys (w = q: among the new
+rows; w > q: the step's earlier draft rows too, a dynamic draft tree's ancestry).
 """
 
 from __future__ import annotations

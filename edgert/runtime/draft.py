@@ -32,7 +32,7 @@ class DraftState:
         self.backend = backend
         self.cache = backend.draft_cache
         self.depth = depth
-        self._mask_buffer = np.empty(0, dtype=np.float32)  # dynamic trees' whole-cache masks
+        self._mask_buffer = np.empty(0, dtype=np.float32)  # dynamic trees' masks
         self.last_tree: DraftTree | None = None  # the last dynamic tree grown, all its nodes
         self._tokens: list[int] = []  # pending rows: x_p ...
         self._features: list[np.ndarray] = []  # ... and h_{p-1}, [m, H] blocks
@@ -99,7 +99,8 @@ class DraftState:
     def propose_tree(self, params: DraftTreeParams) -> tuple[np.ndarray, np.ndarray] | None:
         """Catch up, then grow a dynamic tree (``edgert.speculative.dynamic_tree``): each
         depth, one draft call over the ``beam`` best nodes of the depth before, every row
-        attending to the committed rows and its own ancestors (a whole-cache mask); returns
+        attending to the committed rows and its own ancestors (a mask over the rows drafted
+        this step, the committed ones all visible); returns
         the ``budget`` best nodes as (parents, tokens), node 0 the root; None without room."""
         rows = params.beam * (params.depth - 1)
         root = self._catch_up(rows + 1)
@@ -110,17 +111,17 @@ class DraftState:
         tree = DraftTree.rooted(self._root_token)
         frontier = tree.add_children(0, ids[:params.topk], logprobs[:params.topk])
         feature_of = {0: feature[0]}  # node -> the feature its row produced
-        entry_of: dict[int, int] = {}  # node -> its draft-cache entry
+        entry_of: dict[int, int] = {}  # node -> its draft-cache entry past the committed ones
         written = 0
         for _ in range(params.depth - 1):
             expand = tree.best(frontier, params.beam)
             q = len(expand)
-            total = committed + written + q
-            mask = self._mask(q, total)
-            mask[..., committed:] = MASK_VALUE
-            mask[..., :committed] = 0.0
+            # over this step's rows only (every committed entry visible): q x (written + q),
+            # not q x the context
+            mask = self._mask(q, written + q)
+            mask[...] = MASK_VALUE
             for r, node in enumerate(expand):
-                entry_of[node] = committed + written + r
+                entry_of[node] = written + r  # column: the entry past the committed ones
                 for ancestor in tree.ancestors(node):
                     mask[0, 0, r, entry_of[ancestor]] = 0.0
             position = committed + 1  # the root row's position is ``committed``
@@ -138,12 +139,12 @@ class DraftState:
         self.last_tree = tree  # (tune-tree selects several budgets from one growth)
         return tree.select(params.budget)
 
-    def _mask(self, q: int, total: int) -> np.ndarray:
-        """A [1,1,q,total] view of one buffer, grown only for a wider beam (no allocation per
+    def _mask(self, q: int, width: int) -> np.ndarray:
+        """A [1,1,q,width] view of one buffer, grown only for a larger tree (no allocation per
         draft call)."""
-        if self._mask_buffer.size < q * total:
-            self._mask_buffer = np.empty(q * self.cache.capacity, dtype=np.float32)
-        return self._mask_buffer[:q * total].reshape(1, 1, q, total)
+        if self._mask_buffer.size < q * width:
+            self._mask_buffer = np.empty(q * width, dtype=np.float32)
+        return self._mask_buffer[:q * width].reshape(1, 1, q, width)
 
     def _call(self, tokens: np.ndarray, features: np.ndarray, position: int, past: int = 0
               ) -> tuple[np.ndarray, np.ndarray]:

@@ -64,7 +64,8 @@ def test_the_build_has_the_draft_and_shares_its_weights(fp32_draft):
 def test_draft_calls_match_onnx_runtime(backends, loaded):
     """A causal call of 7 rows, then a dynamic-tree call of 3 rows over the whole cache (each
     row hides some drafted entries): top-k ids equal, log-probabilities and features within
-    1e-4, and the draft caches equal."""
+    1e-4, and the draft caches equal; the tree call's mask narrowed to the step's rows gives
+    the same call."""
     rng = np.random.default_rng(0)
     h, vocab = loaded.config.hidden_size, loaded.config.vocab_size
     p, q = 7, 3
@@ -83,6 +84,16 @@ def test_draft_calls_match_onnx_runtime(backends, loaded):
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], atol=1e-4)
         np.testing.assert_allclose(got[2], want[2], atol=1e-4)
+    # the runtime's dynamic trees pass the mask over this step's rows only (the first 5
+    # entries committed, all visible): the same call as the whole-cache mask, on both backends
+    ids, features, positions, mask, index, past = calls[1]
+    for b in backends:
+        whole = b.draft_forward(ids, features.astype(np.float32), positions, mask, index, past)
+        narrow = b.draft_forward(ids, features.astype(np.float32), positions,
+                                 np.ascontiguousarray(mask[..., 5:]), index, past)
+        np.testing.assert_array_equal(narrow[0], whole[0])
+        np.testing.assert_allclose(narrow[1], whole[1], atol=1e-6)
+        np.testing.assert_allclose(narrow[2], whole[2], atol=1e-6)
     ort_cache, tvm_cache = (b.draft_cache.storage[..., :p + q, :] for b in backends)
     np.testing.assert_allclose(tvm_cache, ort_cache, atol=1e-5)
 

@@ -22,10 +22,10 @@ reads a dense visibility row per new token instead of the intervals::
 
     visibility [n, w] float32   0: the key is visible, the mask value (-1e9; anything below
                                 VISIBLE_ABOVE = -1e4): it is not; column c is
-                                key past + n - w + c (w = n: over the new tokens, every cached
-                                key visible; w = past + n: over the whole cache, which a
-                                dynamic draft tree needs: a row sees the committed entries and
-                                its ancestors among the rows drafted earlier in the step)
+                                key past + n - w + c, the keys before it visible (w = n: over
+                                the new tokens; w > n: over the rows a dynamic draft tree
+                                drafted earlier in the step too: a row sees the committed
+                                entries and its ancestors among those rows, not its cousins)
 
 It is the ONNX graphs' additive mask read as a visibility: their masks only ever hold 0 and
 the mask value.

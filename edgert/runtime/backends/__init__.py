@@ -83,8 +83,8 @@ class Backend(Protocol):
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One draft call of q rows after ``past_len`` draft-cache entries (written at
         [past_len, past_len + q)): (top-k ids [1,n,k], log-probabilities [1,n,k], features
-        [1,n,H]) of the rows ``logits_index``; ``tree_mask`` [1,1,q,q] or [1,1,q,past_len+q]
-        (0 visible, -1e9 hidden)."""
+        [1,n,H]) of the rows ``logits_index``; ``tree_mask`` [1,1,q,w] over the last w of the
+        past_len + q entries, those before visible (0 visible, -1e9 hidden)."""
         ...
 
 

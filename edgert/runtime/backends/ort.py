@@ -352,7 +352,7 @@ class OrtBackend:
         """One draft call of q rows after ``past_len`` draft-cache entries (written at
         [past_len, past_len + q)): (top-k ids [1,n,k], their log-probabilities [1,n,k], the
         draft's features [1,n,H]) for the rows ``logits_index``. ``tree_mask``: [1,1,q,q], or
-        [1,1,q,past_len+q] over the cached entries too."""
+        [1,1,q,w] over the last w entries (q <= w <= past_len + q; those before visible)."""
         session = self.draft_session
         b = self._draft_binding
         total = past_len + input_ids.shape[1]

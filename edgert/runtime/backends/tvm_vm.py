@@ -301,7 +301,7 @@ class TvmBackend:
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One draft call (the ONNX Runtime backend's ``draft_forward``): q rows after
         ``past_len`` draft-cache entries, written at [past_len, past_len + q); ``tree_mask``
-        [1,1,q,q] or [1,1,q,past_len+q]. Returns (top-k ids, log-probabilities, features)."""
+        [1,1,q,w] over the last w entries. Returns (top-k ids, log-probabilities, features)."""
         if self.draft_cache is None:
             raise BackendError("this TVM build has no draft layer; re-export the artifact with "
                                "a draft and re-run `edgert compile`")
