@@ -4,8 +4,12 @@ Export traces every graph in fp32, then rewrites each weight matmul whose weight
 form (``edgert.model.block_quant``) and the token embedding that reads the same tensor::
 
     y = MatMul(x, W.T)          ->   y = MatMulNBits(x, W.q, W.scales)            symmetric
-                                     y = MatMulNBits(x, W.q, W.scales)            asymmetric
-                                         + MatMul(blocksum(x), W.correction)      (Q4_1, rtn4)
+                                     y = MatMulNBits(x, W.q, W.scales, W.zero_points)
+                                                                     integer zero points (rtn4)
+                                     y = MatMulNBits(x, W.q, W.scales)         minimum (Q4_1),
+                                         + MatMul(blocksum(x), W.correction)   fp32 compute
+                                     y = MatMulNBits(Concat(x, blocksum(x)),   minimum (Q4_1),
+                                             W.q, W.scales, W.zero_points)     int8 compute
         blocksum(x) = ReduceSum(Reshape(x, [0, 0, K/32, 32]), -1)    [.., K/32], one per x
 
     emb = Gather(lm_head_t, ids, axis=1)   ->   emb = Transpose((Cast(Gather(W.q, ids)) - zero)
@@ -16,9 +20,16 @@ form (``edgert.model.block_quant``) and the token embedding that reads the same 
 MatMulNBits computes ``scale * (q - zero)`` with its default zero point (8 for 4 bits, 128
 for 8 bits); an asymmetric block's minimum comes back through the correction, a [K/32, N]
 fp32 matmul (1/32 of the weight's size), so GGUF's Q4_1 runs exactly, with no float zero
-points (which take MLAS's slow dequantize-every-call path). ``accuracy_level`` is the
-``--compute`` mode: 1 computes in fp32 (output = the dequantized model up to summation
-order), 4 quantizes the activations to int8 per block (VNNI). ONNX Runtime has no fp32
+points (which take MLAS's slow dequantize-every-call path). At int8 compute the correction's
+four nodes per weight group cost 18% of a SmolLM2 decode step, so there the minimum runs as
+minimum rows instead (``edgert.model.block_quant.MinimumRows``): integer zero points take the
+minimum's whole steps, and its remainder, rounded to 4 bits, rides in K/32 extra rows of the
+same MatMulNBits that multiply the block sums appended to its input. The blocks themselves stay
+as stored; each block's minimum moves by that rounding (the manifest's ``minimum_rows``
+error). The vocabulary keeps the exact form (the embedding reads its blocks).
+``accuracy_level`` is the ``--compute`` mode: 1 computes in fp32 (output = the dequantized
+model up to summation order), 4 quantizes the activations to int8 per block (VNNI). ONNX
+Runtime has no fp32
 kernel for 8-bit weights, so at ``--compute fp32`` an 8-bit weight is expanded to fp32 when
 the session loads (constant-folded; the file stays 8-bit).
 
@@ -36,7 +47,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgert.errors import ConfigError
-from edgert.model.block_quant import BLOCK, BlockQuantized, quantization_error, quantize_rtn
+from edgert.model.block_quant import (
+    BLOCK,
+    MINIMUM_ROWS_BITS,
+    BlockQuantized,
+    minimum_as_rows,
+    quantization_error,
+    quantize_rtn,
+)
 from edgert.model.config import DecoderConfig
 from edgert.model.loaded import LoadedModel
 
@@ -93,6 +111,14 @@ def _is_vocab_weight(name: str) -> bool:
     return name in ("model.embed_tokens.weight", "lm_head.weight")
 
 
+def _runs_as_minimum_rows(name: str, w: BlockQuantized, accuracy_level: int) -> bool:
+    """Whether ``w`` runs as minimum rows (edgert.model.block_quant.MinimumRows): a 4-bit
+    minimum form (Q4_1) at int8 activations, not the vocabulary (the embedding reads its exact
+    blocks). At fp32 compute the minimum stays exact (the correction matmul)."""
+    return (w.minimum is not None and w.bits == MINIMUM_ROWS_BITS
+            and accuracy_level == COMPUTE_MODES["int8"] and not _is_vocab_weight(name))
+
+
 def plan_quantization(loaded: LoadedModel, options: WeightOptions
                       ) -> tuple[dict[str, BlockQuantized], dict[str, dict]]:
     """The block form of every weight matrix ``options`` quantizes (HF name -> blocks), and
@@ -113,6 +139,8 @@ def plan_quantization(loaded: LoadedModel, options: WeightOptions
         if exact is not None and exact.bits == bits and _keeps(exact, name, options.weights):
             chosen[name] = exact
             report[name] = {"format": exact.source, "bits": bits, "requantized": False}
+            if _runs_as_minimum_rows(name, exact, options.accuracy_level):
+                report[name]["minimum_rows"] = minimum_as_rows(exact).error()
             continue
         weight = tensor.numpy()
         quantized = quantize_rtn(weight, bits)
@@ -155,6 +183,11 @@ def summarize(report: dict[str, dict], options: WeightOptions) -> dict | None:
                                           "tensors": 0, "requantized": row["requantized"],
                                           "max_error": 0.0, "rms_error": 0.0})
         entry["tensors"] += 1
+        if "minimum_rows" in row:
+            moved = entry.setdefault("minimum_rows", {"bits": MINIMUM_ROWS_BITS,
+                                                      "max_error": 0.0, "rms_error": 0.0})
+            moved["max_error"] = max(moved["max_error"], row["minimum_rows"]["max"])
+            moved["rms_error"] = max(moved["rms_error"], row["minimum_rows"]["rms"])
         if row["requantized"]:
             entry["max_error"] = max(entry["max_error"], row["max"])
             entry["rms_error"] = max(entry["rms_error"], row["rms"])
@@ -176,6 +209,7 @@ class _GraphQuantizer:
         self.inits = {init.name: init for init in graph.initializer}
         self.added: dict[str, onnx.TensorProto] = {}
         self.blocksums: dict[str, str] = {}  # x -> its blocksum, shared by its matmuls
+        self.widened: dict[str, str] = {}  # x -> Concat(x, blocksum(x)), likewise
         self.constants: dict[str, str] = {}
         self.used: set[str] = set()  # the HF weights this graph now reads quantized
         self.casts: set[str] = set()  # load-time expansions already emitted
@@ -403,19 +437,15 @@ class _GraphQuantizer:
                 return nodes + [helper.make_node("MatMul", [x, t], [out], name=prefix)]
             return nodes + [helper.make_node("Gemm", [x, t, bias], [out], name=prefix)]
         nodes: list[onnx.NodeProto] = []
+        if rows is None and _runs_as_minimum_rows(name, w, self.accuracy_level):
+            return nodes + self._minimum_rows_matmul(node, name, w, bias)
         b, scales = self._packed(name, w, nodes)
         zero_points = self._zero_points(name, w) if w.zero_point is not None else ""
         if rows is not None:
             b, scales = (self._gather(t, rows, 0, nodes) for t in (b, scales))
             zero_points = zero_points and self._gather(zero_points, rows, 0, nodes)
         main = out if w.minimum is None else f"{prefix}/nbits_output"
-        inputs = [x, b, scales, zero_points, "", bias or ""]  # bias is input 5
-        while inputs[-1] == "":  # optional inputs left out at the end
-            inputs.pop()
-        nodes.append(helper.make_node("MatMulNBits", inputs, [main],
-                                      name=f"{prefix}NBits", domain=MS_DOMAIN, K=k, N=n,
-                                      bits=w.bits, block_size=BLOCK,
-                                      accuracy_level=self.accuracy_level))
+        nodes.append(self._nbits(x, (b, scales, zero_points), bias, main, prefix, k, n, w.bits))
         if w.minimum is None:
             return nodes
         sums = self._blocksum(x, k, nodes)
@@ -427,6 +457,40 @@ class _GraphQuantizer:
                   helper.make_node("Add", [main, f"{prefix}/correction"], [out],
                                    name=f"{prefix}AddCorrection")]
         return nodes
+
+    def _nbits(self, x: str, weight: tuple[str, str, str], bias: str | None, out: str,
+               prefix: str, k: int, n: int, bits: int) -> onnx.NodeProto:
+        """MatMulNBits(x, B, scales, zero points) (+ bias); ``k`` inputs, ``n`` outputs."""
+        inputs = [x, *weight, "", bias or ""]  # bias is input 5
+        while inputs[-1] == "":  # optional inputs left out at the end
+            inputs.pop()
+        return helper.make_node("MatMulNBits", inputs, [out], name=f"{prefix}NBits",
+                                domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=BLOCK,
+                                accuracy_level=self.accuracy_level)
+
+    def _minimum_rows_matmul(self, node: onnx.NodeProto, name: str, w: BlockQuantized,
+                             bias: str | None) -> list[onnx.NodeProto]:
+        """``out = MatMulNBits(Concat(x, blocksum(x)), minimum_as_rows(W))``: the stored
+        blocks with integer zero points, the minimum's remainder in the rows that read the
+        block sums (edgert.model.block_quant.MinimumRows)."""
+        folded = minimum_as_rows(w)
+        nodes: list[onnx.NodeProto] = []
+        b, scales = self._packed(name, folded.widened, nodes)
+        zero_points = self._zero_points(name, folded.widened)
+        x = self._with_blocksums(node.input[0], w.shape[1], nodes)
+        prefix = node.name or node.output[0]
+        nodes.append(self._nbits(x, (b, scales, zero_points), bias, node.output[0], prefix,
+                                 folded.inputs, w.shape[0], folded.widened.bits))
+        return nodes
+
+    def _with_blocksums(self, x: str, k: int, nodes: list[onnx.NodeProto]) -> str:
+        """``Concat(x, blocksum(x))`` [.., K + K/32], once per x."""
+        if x not in self.widened:
+            out = f"{x}/with_blocksums"
+            nodes.append(helper.make_node("Concat", [x, self._blocksum(x, k, nodes)], [out],
+                                          axis=-1, name=f"{out}/Concat"))
+            self.widened[x] = out
+        return self.widened[x]
 
     def _gather(self, tensor: str, rows: str, axis: int, nodes: list[onnx.NodeProto]) -> str:
         """``tensor``'s entries ``rows`` along ``axis`` (once per graph)."""

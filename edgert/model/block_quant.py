@@ -21,6 +21,11 @@ minimum block adds ``blocksum(x) @ (minimum + zero * scale).T`` (:meth:`BlockQua
 correction`; docs/artifact.md). Other GGUF types (K-quants, Q5_x, Q6_K) and fp32/fp16 sources
 are quantized here by round-to-nearest (:func:`quantize_rtn`): 8 bits symmetric, 4 bits with
 an integer zero point (the form onnxruntime-genai's int4 uses: no correction).
+
+At int8 activations a minimum block runs as :class:`MinimumRows` instead: integer zero points
+take the minimum's whole steps, and its remainder rides in K/32 extra 4-bit "minimum rows"
+that multiply the block sums appended to the input, so one MatMulNBits computes the layer on
+its fast path (the remainder is rounded to 4 bits: the one change to the weight).
 """
 
 from __future__ import annotations
@@ -106,6 +111,68 @@ class BlockQuantized:
         extra = {"minimum": 2 * blocks, "zero_point": blocks * self.bits // 8,
                  "symmetric": 0}[self.form]
         return n * k * self.bits // 8 + 2 * blocks + extra
+
+
+MINIMUM_ROWS_BITS = 4
+
+
+@dataclass(frozen=True)
+class MinimumRows:
+    """A minimum-form weight ``W [N, K]`` as one integer-zero-point weight over the input
+    widened with its block sums, ``[x, blocksum(x)]`` (``inputs`` = K + K/32 values)::
+
+        W[n, k] = d (q - z) + r          z = clip(round(-m / d), 0, 15)   (integer)
+                                         r = m + z d                      (|r| <= d/2 unless
+                                                                           z was clipped)
+        x @ W.T = [x, blocksum(x)] @ [d (q - z) | r'].T
+
+    ``widened`` holds the stored blocks (q and d as they are, z as integer zero points), then
+    the minimum rows: r [N, K/32] quantized to ``MINIMUM_ROWS_BITS`` bits in blocks of 32 (a
+    scale and integer zero point each, round to nearest), r' its dequantized value, zero
+    weights after the last. ``effective()`` is what it computes on x: W with each block's
+    minimum moved by r' - r."""
+
+    widened: BlockQuantized  # [N, 32 * (K/32 + ceil(K/32 / 32))], zero-point form
+    k: int  # the weight's own input width K
+    moved: np.ndarray  # [N, K/32] r' - r: how far each block's minimum moved
+
+    def error(self) -> dict[str, float]:
+        """Max and RMS change of the weight's values (each block's all move by its r' - r)."""
+        return {"max": float(np.abs(self.moved).max()),
+                "rms": float(np.sqrt(np.mean(self.moved * self.moved)))}
+
+    @property
+    def inputs(self) -> int:
+        return self.k + self.k // BLOCK
+
+    def remainder(self) -> np.ndarray:
+        """r' [N, K/32], the minimum rows' dequantized values."""
+        return self.widened.dequantize()[:, self.k:self.inputs]
+
+    def effective(self) -> np.ndarray:
+        """float32 [N, K]: the weight applied to x."""
+        main = self.widened.dequantize()[:, :self.k]
+        return main + np.repeat(self.remainder(), BLOCK, axis=1)
+
+
+def minimum_as_rows(w: BlockQuantized) -> MinimumRows:
+    """``w`` (4-bit minimum form, Q4_1) as :class:`MinimumRows`."""
+    if w.minimum is None or w.bits != 4:
+        raise ValueError(f"minimum rows take 4-bit minimum-form blocks, not {w.bits}-bit "
+                         f"{w.form}")
+    n, k = w.shape
+    safe = np.where(w.scale > 0, w.scale, np.float32(1))
+    zero_point = np.clip(np.rint(-w.minimum / safe), 0, 15)
+    remainder = (w.minimum + zero_point * w.scale).astype(np.float32)
+    width = -(-remainder.shape[1] // BLOCK) * BLOCK
+    rows = quantize_rtn(np.pad(remainder, ((0, 0), (0, width - remainder.shape[1]))),
+                        MINIMUM_ROWS_BITS)
+    widened = BlockQuantized(
+        4, np.concatenate([w.q, rows.q], axis=1), np.concatenate([w.scale, rows.scale], axis=1),
+        None, w.source,
+        np.concatenate([zero_point.astype(np.uint8), rows.zero_point], axis=1))
+    moved = rows.dequantize()[:, :remainder.shape[1]] - remainder
+    return MinimumRows(widened, k, moved)
 
 
 def _blocks(raw: np.ndarray, rows: int, cols: int, block_bytes: int) -> np.ndarray:

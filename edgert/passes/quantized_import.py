@@ -13,7 +13,10 @@ Reshape, Gather.
 The export's Q4_1 correction (``+ MatMul(blocksum(x), C)``, C [K/32, N]: the blocks' minimum
 plus zero point times scale, ``edgert.export.quantize``) is the bias of the same blocks: when
 a MatMulNBits output is added to the correction of its own input, C joins the weight's bias and
-the correction matmul leaves the graph.
+the correction matmul leaves the graph. So are the minimum rows of int8-activation artifacts
+(``MatMulNBits(Concat(x, blocksum(x)), ..)``, K = K0 + K0/32: the last K0/32 rows multiply
+the block sums, edgert.model.block_quant.MinimumRows): their values join the bias of the
+blocks they belong to and the matmul reads x.
 
 After import, :func:`bind_quantized_weights` replaces each placeholder parameter of the Relax
 function by ``call_tir(edgert_dequantize_<bits>_<K>_<N>, [words, scale, bias])`` over
@@ -29,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgert.passes.tir.quant_matmul import QuantizedWeight, dequantize_tir
+from edgert.passes.tir.quant_matmul import QuantizedWeight, dequantize_tir, per_word
 
 FOLDABLE = {"Cast", "Mul", "Add", "Sub", "Transpose", "Unsqueeze", "Reshape", "Gather"}
 PLACEHOLDER = "edgert_quantized_"
@@ -109,6 +112,27 @@ class _Graph:
         return add, table.T.astype(np.float32)
 
 
+    def minimum_rows(self, node: onnx.NodeProto, weight: QuantizedWeight, k: int
+                     ) -> tuple[str, QuantizedWeight] | None:
+        """(x, the weight over x) when ``node`` reads ``Concat(x, blocksum(x))`` and its last
+        K0/block rows (K = K0 + K0/block) multiply those block sums: each such row's values
+        join its block's bias."""
+        concat = self.made_by(node.input[0], "Concat")
+        if concat is None or len(concat.input) != 2 or k % (weight.block + 1):
+            return None
+        x, sums = concat.input
+        own = k // (weight.block + 1) * weight.block
+        if own % weight.block or self.blocksum_of(sums, weight.block) != x:
+            return None
+        blocks = own // weight.block
+        rows = weight.dequantize()[own:own + blocks].T  # [N, K0/block]
+        words = own // per_word(weight.bits)
+        return x, QuantizedWeight(weight.bits, weight.block,
+                                  np.ascontiguousarray(weight.words[:, :words]),
+                                  np.ascontiguousarray(weight.scale[:, :blocks]),
+                                  np.ascontiguousarray(weight.bias[:, :blocks] + rows))
+
+
 def take_matmul_nbits(model: onnx.ModelProto) -> dict[str, QuantizedWeight]:
     """Rewrite every MatMulNBits of ``model`` in place (see the module docstring); returns
     the weights taken out, by placeholder input name."""
@@ -122,10 +146,18 @@ def take_matmul_nbits(model: onnx.ModelProto) -> dict[str, QuantizedWeight]:
         attrs = _attrs(node)
         args = list(node.input) + [""] * (6 - len(node.input))
         x, b, scales, zero_points, _, bias = args
+        block = attrs["block_size"]
+        stored = -(-attrs["K"] // block) * block  # whole blocks (minimum rows: the last partly)
         weight = QuantizedWeight.from_matmul_nbits(
             info.constants[b], info.constants[scales],
             info.constants.get(zero_points) if zero_points else None,
-            attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"])
+            stored, attrs["N"], attrs.get("bits", 4), block)
+        folded = info.minimum_rows(node, weight, attrs["K"])
+        if folded is not None:
+            x, weight = folded
+        elif stored != attrs["K"]:
+            raise ValueError(f"{node.name}: K={attrs['K']} is not a whole number of "
+                             f"{block}-value blocks")
         out = node.output[0]
         correction = info.correction(node, weight) if not bias else None
         if correction is not None:

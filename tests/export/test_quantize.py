@@ -208,6 +208,47 @@ def test_tvm_runs_a_quantized_artifact_as_ort_does_at_fp32_compute(mixed, tmp_pa
                                medusa=False).output_ids == want
 
 
+def test_int8_compute_runs_the_minimum_as_rows(mixed):
+    """At int8 compute the Q4_1 layer's matmuls read [x, blocksum(x)] (no correction matmul,
+    edgert.model.block_quant.MinimumRows); the Q4_1 vocabulary keeps the exact correction (its
+    embedding reads the blocks); the manifest records how far the minimums moved."""
+    model, fp32_compute, int8, _ = mixed
+    graph = onnx.load(str(int8 / "model.ort.onnx"), load_external_data=False).graph
+    k = model.config.hidden_size
+    widened = [n for n in graph.node if n.op_type == "MatMulNBits"
+               and n.input[0].endswith("/with_blocksums")]
+    assert len(widened) == 4  # layer 0's q/k/v, o, gate/up, down: layer 1 has zero points
+    qkv = next(n for n in widened if "q_proj" in n.name)
+    assert {a.name: a.i for a in qkv.attribute}["K"] == k + k // 32
+    # the one correction matmul left is the lm_head's
+    assert [n.input[1] for n in graph.node if n.op_type == "MatMul"] == [
+        "model.embed_tokens.weight.correction"]
+    groups = edgert.load(int8).manifest.quantization["groups"]
+    assert 0 < groups["q_proj"]["minimum_rows"]["max_error"] < 0.05
+    assert "minimum_rows" not in groups["vocab"]
+    exact = edgert.load(fp32_compute).manifest.quantization["groups"]
+    assert not any("minimum_rows" in g for g in exact.values())
+
+
+def test_tvm_runs_an_int8_artifact_with_the_minimum_rows_in_the_block_bias(mixed, tmp_path):
+    """TVM computes in fp32: the int8 artifact's minimum rows fold into its kernel's block
+    bias, scoring as the dequantized model up to the moved minimums."""
+    pytest.importorskip("tvm")
+    import shutil
+
+    from edgert.passes.build import compile_artifact
+
+    art = tmp_path / "q"
+    shutil.copytree(mixed[2], art)
+    compile_artifact(art, "llvm", dump_ir=tmp_path / "ir", log=lambda m: None)
+    built = (tmp_path / "ir" / "decoder-2-legalize.py").read_text()
+    assert "edgert_quant_matmul4" in built and "edgert_dequantize" not in built
+    tvm_logprobs = edgert.load(art, backend="tvm").logprobs(IDS)
+    reference = logprobs(mixed[3])
+    diff = np.abs(tvm_logprobs - reference)
+    assert diff.max() < 0.05
+
+
 @pytest.mark.parametrize("target, ext", [("cuda", "cu"), ("opencl", "cl"), ("metal", "metal"),
                                          ("webgpu", "wgsl")])
 def test_gpu_builds_of_a_quantized_artifact_carry_the_quantized_kernel(mixed, tmp_path, target,

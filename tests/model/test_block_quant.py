@@ -10,6 +10,7 @@ from edgert.model.block_quant import (
     BLOCK,
     BlockQuantized,
     from_gguf,
+    minimum_as_rows,
     quantization_error,
     quantize_rtn,
 )
@@ -55,6 +56,42 @@ def test_correction_makes_the_symmetric_form_equal_the_asymmetric_one():
     np.testing.assert_allclose(symmetric, w.dequantize(), rtol=0, atol=1e-6)
     assert from_gguf(quantize(random_weight(), gguf.GGMLQuantizationType.Q8_0), "Q8_0",
                      24, 96).correction() is None
+
+
+@pytest.mark.parametrize("cols", [96, 1536])  # 3 block sums (one partial row block), 48 (two)
+def test_minimum_rows_compute_the_weight_on_the_block_sums(cols):
+    """[x, blocksum(x)] @ widened.T == x @ effective().T (float64 reference), and effective()
+    is the Q4_1 weight with each block's minimum moved by at most half a 4-bit step of its
+    rows' block (the only change: q and d stay as stored)."""
+    w = from_gguf(quantize(random_weight(8, cols, seed=2), gguf.GGMLQuantizationType.Q4_1),
+                  "Q4_1", 8, cols)
+    folded = minimum_as_rows(w)
+    n, k = w.shape
+    blocks = k // BLOCK
+    assert folded.inputs == k + blocks
+    assert folded.widened.shape == (n, BLOCK * (blocks + -(-blocks // BLOCK)))
+    np.testing.assert_array_equal(folded.widened.q[:, :k], w.q)
+    np.testing.assert_array_equal(folded.widened.scale[:, :blocks], w.scale)
+
+    x = np.random.default_rng(3).standard_normal((3, k))
+    sums = x.reshape(3, blocks, BLOCK).sum(axis=2)
+    widened = np.concatenate([x, sums], axis=1) @ folded.widened.dequantize()[:, :folded.inputs].T
+    np.testing.assert_allclose(widened, x @ folded.effective().astype(np.float64).T, atol=1e-5)
+
+    change = folded.effective() - w.dequantize()
+    per_block = change.reshape(n, blocks, BLOCK)
+    np.testing.assert_allclose(per_block, per_block[:, :, :1].repeat(BLOCK, axis=2), atol=1e-6)
+    np.testing.assert_allclose(per_block[:, :, 0], folded.moved, atol=1e-6)
+    step = np.repeat(folded.widened.scale[:, blocks:], BLOCK, axis=1)[:, :blocks]
+    assert np.all(np.abs(folded.moved) <= step / 2 + 1e-6)
+    assert folded.error()["max"] == pytest.approx(np.abs(folded.moved).max())
+    # the integer zero points leave a remainder of at most half a scale: a small 4-bit range
+    assert np.all(np.abs(folded.remainder()) <= w.scale / 2 + step / 2 + 1e-6)
+
+
+def test_minimum_rows_take_only_4_bit_minimum_blocks():
+    with pytest.raises(ValueError, match="minimum"):
+        minimum_as_rows(quantize_rtn(random_weight(), 4))
 
 
 def test_take_rows_moves_whole_blocks():

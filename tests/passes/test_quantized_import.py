@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgert.model.block_quant import BLOCK, quantize_rtn
+from edgert.model.block_quant import BLOCK, minimum_as_rows, quantize_rtn
 from edgert.passes.quantized_import import PLACEHOLDER, take_matmul_nbits
 
 K, N = 64, 48
@@ -123,6 +123,60 @@ def test_a_correction_of_another_input_stays():
     take_matmul_nbits(model)
     assert [n.op_type for n in model.graph.node] == ["MatMul", "Reshape", "ReduceSum", "MatMul",
                                                      "Add"]
+
+
+def graph_with_minimum_rows(folded, x_shape=(2, K), accuracy_level=1):
+    """y = MatMulNBits(Concat(x, blocksum(x)), minimum rows), as an int8-compute export
+    writes a Q4_1 weight (edgert.export.quantize)."""
+    b, scales, zero_points = packed(folded.widened)
+    n, k = folded.widened.shape[0], folded.k
+    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S"),
+             numpy_helper.from_array(zero_points, "Z"),
+             numpy_helper.from_array(np.array([0] * (len(x_shape) - 1)
+                                              + [k // BLOCK, BLOCK]), "blocks"),
+             numpy_helper.from_array(np.array([-1]), "last")]
+    nodes = [helper.make_node("Reshape", ["x", "blocks"], ["xb"]),
+             helper.make_node("ReduceSum", ["xb", "last"], ["sums"], keepdims=0),
+             helper.make_node("Concat", ["x", "sums"], ["wide"], axis=-1),
+             helper.make_node("MatMulNBits", ["wide", "B", "S", "Z"], ["y"],
+                              domain="com.microsoft", K=folded.inputs, N=n, bits=4,
+                              block_size=BLOCK, accuracy_level=accuracy_level, name="mm")]
+    return _model(nodes, inits, list(x_shape), n)
+
+
+def minimum_rows_weight():
+    """A Q4_1 weight (d * q + m, m fp16) as minimum rows."""
+    w = quantize_rtn(RNG.standard_normal((N, K)).astype(np.float32), 4)
+    m = RNG.standard_normal(w.scale.shape).astype(np.float16).astype(np.float32)
+    return minimum_as_rows(type(w)(4, w.q, w.scale, m, "Q4_1", None))
+
+
+def test_minimum_rows_join_the_block_bias():
+    """The rows that multiply the block sums become the bias of their blocks: the matmul reads
+    x, the weight is the minimum rows' effective weight, the output ONNX Runtime's."""
+    folded = minimum_rows_weight()
+    model = graph_with_minimum_rows(folded)
+    x = RNG.standard_normal((2, K)).astype(np.float32)
+    want = run(model, {"x": x})
+    np.testing.assert_allclose(want, x @ folded.effective().T, atol=1e-4)
+    weights = take_matmul_nbits(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul"]
+    assert model.graph.node[0].input[0] == "x"
+    weight = weights[f"{PLACEHOLDER}0"]
+    assert weight.k == K
+    np.testing.assert_allclose(weight.dequantize(), folded.effective().T, atol=1e-5)
+    got = run(model, {"x": x, f"{PLACEHOLDER}0": weight.dequantize()})
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_minimum_rows_of_another_input_are_refused():
+    """K not a whole number of blocks but no block sums of its own input: named, not guessed."""
+    model = graph_with_minimum_rows(minimum_rows_weight())
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    model.graph.input.append(helper.make_tensor_value_info("x2", 1, [2, K]))
+    reshape.input[0] = "x2"
+    with pytest.raises(ValueError, match="whole number of 32-value blocks"):
+        take_matmul_nbits(model)
 
 
 @pytest.mark.parametrize("x_shape", [(2, K), (1, 3, K)])
