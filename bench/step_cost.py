@@ -13,8 +13,11 @@ rounds' per-call means):
   plain steps ran before the in-graph padding;
 - ``unpadded``: the padding removed (edgert.export.row_padding undone). One row is then
   faster but not lossless against speculative steps: what padding costs;
-- each again without the Q4_1 correction (the block sums, the ``[K/32, N]`` fp32 matmuls and
-  their adds removed; the output is then wrong: what the exact minimum costs).
+- each again without the Q4_1 minimum (the output is then wrong: what the minimum costs). An
+  artifact exported at ``--compute int8`` runs it as minimum rows (each matmul reads
+  ``Concat(x, blocksum(x))``; removed: it reads x, its weight cut to x's blocks); an older
+  one, or ``--compute fp32``, as the exact correction (the block sums, the ``[K/32, N]`` fp32
+  matmuls and their adds; removed).
 
 With ``--json`` the last line printed is the record.
 """
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from bench import common
 from edgert.artifact.io import load_manifest
@@ -78,15 +82,67 @@ def without_padding(model) -> int:
 
 
 def without_correction(model) -> int:
-    """Remove the Q4_1 correction from ``model`` in place (each ``Add(y, MatMul(blocksum,
-    W.correction))`` becomes ``y``, then every node nothing reads); the corrections removed."""
+    """Remove the Q4_1 minimum from ``model`` in place, in either form (see the module doc);
+    the matmuls changed."""
+    return _without_correction_matmuls(model) + _without_minimum_rows(model)
+
+
+def _without_minimum_rows(model) -> int:
+    """Each MatMulNBits over ``Concat(x, blocksum(x))`` reads x instead, its B, scales and
+    zero points cut to x's blocks (new initializers), then every node nothing reads."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    inits = {init.name: init for init in graph.initializer}
+    changed = 0
+    for node in graph.node:
+        concat = producer.get(node.input[0]) if node.op_type == "MatMulNBits" else None
+        if concat is None or concat.op_type != "Concat" or not node.output[0]:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        block = attrs["block_size"].i
+        k = attrs["K"].i // (block + 1) * block
+        blocks = k // block
+        # columns kept of B [N, blocks, 16], scales [N, blocks], zero points (two a byte)
+        for slot, width in ((1, blocks), (2, blocks), (3, -(-blocks // 2))):
+            source = node.input[slot]
+            if source not in inits:  # the scales: Cast(fp16 initializer), cut as fp32
+                source = producer[source].input[0]
+            array = numpy_helper.to_array(inits[source]).astype(
+                np.float32 if slot == 2 else np.uint8)
+            name = f"{source}.cut"
+            array = array.reshape(array.shape[0], -1) if slot == 2 else array
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(array[:, :width]), name))
+            node.input[slot] = name
+        node.input[0] = concat.input[0]
+        attrs["K"].i = k
+        changed += 1
+    if changed:
+        _drop_unread(graph, list(graph.node))
+        read = {name for node in graph.node for name in node.input}
+        kept = [init for init in graph.initializer if init.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return changed
+
+
+def _without_correction_matmuls(model) -> int:
+    """Each ``Add(y, MatMul(blocksum, W.correction))`` becomes ``y``, then every node nothing
+    reads is removed; the corrections removed."""
     graph = model.graph
     corrections = {node.output[0] for node in graph.node if node.op_type == "MatMul"
                    and node.input[1].endswith(CORRECTION_SUFFIX)}
+    outputs = {out.name for out in graph.output}
     alias, kept = {}, []
     for node in graph.node:
         if node.op_type == "Add" and corrections.intersection(node.input):
-            alias[node.output[0]] = next(i for i in node.input if i not in corrections)
+            main = next(i for i in node.input if i not in corrections)
+            if node.output[0] in outputs:  # a graph output keeps its name
+                kept.append(onnx.helper.make_node("Identity", [main], [node.output[0]]))
+            else:
+                alias[node.output[0]] = main
         else:
             kept.append(node)
     for node in kept:
@@ -98,7 +154,8 @@ def without_correction(model) -> int:
 class GraphTimer:
     """One decode graph in a session, its cache bound in place, fed one step at a time."""
 
-    def __init__(self, model_bytes: bytes, manifest, past: int, threads: int) -> None:
+    def __init__(self, model_bytes: bytes, manifest, past: int, threads: int,
+                 token: int = 1234) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -106,7 +163,7 @@ class GraphTimer:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(model_bytes, options,
                                             providers=["CPUExecutionProvider"])
-        self.past = past
+        self.past, self.token = past, token
         self.binding = self.session.io_binding()
         spec = manifest.kv_cache
         rng = np.random.default_rng(0)
@@ -124,7 +181,7 @@ class GraphTimer:
 
     def bind(self, rows: int) -> None:
         b, p = self.binding, self.past
-        b.bind_cpu_input("input_ids", np.full((1, rows), 1234, dtype=np.int64))
+        b.bind_cpu_input("input_ids", np.full((1, rows), self.token, dtype=np.int64))
         b.bind_cpu_input("position_ids", np.arange(p, p + rows, dtype=np.int64)[None])
         mask = np.triu(np.full((rows, rows), -1e9, dtype=np.float32), 1)[None, None]
         b.bind_cpu_input("tree_mask", mask)
@@ -154,8 +211,6 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    import onnx
-
     artifact = Path(args.artifact)
     manifest = load_manifest(artifact)
     spec = manifest.graphs[GraphKey.ORT_GQA]
@@ -170,7 +225,7 @@ def main() -> None:
         stripped = onnx.load_from_string(variants[name])
         removed = without_correction(stripped)
         if removed:
-            variants[f"{name}, no correction"] = stripped.SerializeToString()
+            variants[f"{name}, no minimum"] = stripped.SerializeToString()
     del model, unpadded
     graphs = {name: GraphTimer(data, manifest, args.past, args.threads)
               for name, data in variants.items()}
@@ -188,7 +243,7 @@ def main() -> None:
               "min_attention_rows": spec.min_attention_rows,
               "quantization": {k: (manifest.quantization or {}).get(k)
                                for k in ("accuracy_level", "block_size")},
-              "corrections_removed": removed, "rounds": args.rounds, "calls": args.calls,
+              "minimum_removed": removed, "rounds": args.rounds, "calls": args.calls,
               "machine": common.machine(), "forms": rows}
     common.emit(record, rows, ["graph", "rows", "ms_per_step", "vs_plain_step"], args.json)
 
