@@ -29,9 +29,8 @@ as stored; each block's minimum moves by that rounding (the manifest's ``minimum
 error). The vocabulary keeps the exact form (the embedding reads its blocks).
 ``accuracy_level`` is the ``--compute`` mode: 1 computes in fp32 (output = the dequantized
 model up to summation order), 4 quantizes the activations to int8 per block (VNNI). ONNX
-Runtime has no fp32
-kernel for 8-bit weights, so at ``--compute fp32`` an 8-bit weight is expanded to fp32 when
-the session loads (constant-folded; the file stays 8-bit).
+Runtime has no fp32 kernel for 8-bit weights, so at ``--compute fp32`` an 8-bit weight is
+expanded to fp32 when the session loads (constant-folded; the file stays 8-bit).
 
 The new initializers are named after the HF weight (``model.layers.3.self_attn.q_proj.weight.q``
 ...), so every graph of the artifact refers to one copy in ``model.onnx.data``.
@@ -436,9 +435,9 @@ class _GraphQuantizer:
             if bias is None:
                 return nodes + [helper.make_node("MatMul", [x, t], [out], name=prefix)]
             return nodes + [helper.make_node("Gemm", [x, t, bias], [out], name=prefix)]
-        nodes: list[onnx.NodeProto] = []
         if rows is None and _runs_as_minimum_rows(name, w, self.accuracy_level):
-            return nodes + self._minimum_rows_matmul(node, name, w, bias)
+            return self._minimum_rows_matmul(node, name, w, bias)
+        nodes: list[onnx.NodeProto] = []
         b, scales = self._packed(name, w, nodes)
         zero_points = self._zero_points(name, w) if w.zero_point is not None else ""
         if rows is not None:
