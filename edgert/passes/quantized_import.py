@@ -111,7 +111,6 @@ class _Graph:
             return None
         return add, table.T.astype(np.float32)
 
-
     def minimum_rows(self, node: onnx.NodeProto, weight: QuantizedWeight, k: int
                      ) -> tuple[str, QuantizedWeight] | None:
         """(x, the weight over x) when ``node`` reads ``Concat(x, blocksum(x))`` and its last
@@ -122,7 +121,7 @@ class _Graph:
             return None
         x, sums = concat.input
         own = k // (weight.block + 1) * weight.block
-        if own % weight.block or self.blocksum_of(sums, weight.block) != x:
+        if self.blocksum_of(sums, weight.block) != x:
             return None
         blocks = own // weight.block
         rows = weight.dequantize()[own:own + blocks].T  # [N, K0/block]
