@@ -257,12 +257,19 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
               default=None,
               help="An exported artifact of MODEL that answers the prompts (parallel slots: "
                    "about 4x faster than transformers on a CPU).")
+@click.option("--token-target", type=click.Choice(["argmax", "distribution"]),
+              default="argmax", show_default=True,
+              help="What the token loss teaches: the backbone's argmax, or its whole "
+                   "next-token distribution (soft labels).")
+@click.option("--token-weight", type=float, default=0.1, show_default=True,
+              help="The token loss's weight beside the feature regression's (1.0).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
 def train_draft(model: str, output: Path, steps: int, sequences_per_step: int, max_tokens: int,
                 lr: float, data_file: Path | None, max_prompts: int | None,
                 max_new_tokens: int, prompts_per_topic: int, prompt_set: str,
-                output_vocab: int, responses_artifact: Path | None, seed: int) -> None:
+                output_vocab: int, responses_artifact: Path | None, token_target: str,
+                token_weight: float, seed: int) -> None:
     """Train an EAGLE-style draft layer for MODEL on its own responses (frozen backbone)."""
     from edgert.train.distill import DistillOptions
     from edgert.train.draft_loop import DraftTrainOptions
@@ -271,7 +278,8 @@ def train_draft(model: str, output: Path, steps: int, sequences_per_step: int, m
     options = TrainDraftOptions(
         train=DraftTrainOptions(output_vocab=output_vocab, steps=steps,
                                 sequences_per_step=sequences_per_step, max_tokens=max_tokens,
-                                lr=lr, seed=seed),
+                                lr=lr, token_weight=token_weight, token_target=token_target,
+                                seed=seed),
         distill=DistillOptions(max_new_tokens=max_new_tokens, seed=seed),
         data_file=data_file, max_prompts=max_prompts, prompts_per_topic=prompts_per_topic,
         prompt_set=prompt_set, responses_artifact=responses_artifact)

@@ -195,6 +195,17 @@ def summarize(report: dict[str, dict], options: WeightOptions) -> dict | None:
             "op": "com.microsoft.MatMulNBits", "groups": groups}
 
 
+def _module_path(weight: str) -> list[str]:
+    """The module a weight belongs to, as its name's parts: "model.layers.0.mlp.up_proj" from
+    an HF name (``...up_proj.weight``), "draft.layer.mlp.up_proj" from an exported graph's own
+    initializer (``...up_proj.MatMul.B``)."""
+    parts = weight.split(".")
+    for suffix in (["MatMul", "B"], ["weight"]):
+        if parts[-len(suffix):] == suffix:
+            return parts[:-len(suffix)]
+    return parts
+
+
 class _GraphQuantizer:
     """Rewrites one graph's weight MatMuls and tied-embedding Gather (see the module doc)."""
 
@@ -250,6 +261,9 @@ class _GraphQuantizer:
             if node.op_type != "MatMul" or len(node.input) != 2:
                 continue
             name = hf_weight_name(node.input[1], self.config)
+            if (name is None and node.input[1] in self.inits
+                    and node.input[1] not in VOCAB_SELECTIONS):
+                name = self._own_name(node.input[1])
             if node.input[1] in self.inits and name in self.blocks:
                 by_input.setdefault(node.input[0], []).append((node, name))
         groups = {}
@@ -263,7 +277,7 @@ class _GraphQuantizer:
 
     def _fused(self, members: list[tuple[onnx.NodeProto, str]]) -> list[onnx.NodeProto]:
         names = [name for _, name in members]
-        self.used.update(names)
+        self.used.update(name for name in names if name not in self.own)  # the HF weights
         weights = [self.blocks[name] for name in names]
         def stack(field: str):
             values = [getattr(w, field) for w in weights]
@@ -271,8 +285,9 @@ class _GraphQuantizer:
 
         stacked = BlockQuantized(weights[0].bits, stack("q"), stack("scale"), stack("minimum"),
                                  weights[0].source, stack("zero_point"))
-        parts = [name.split(".")[-2] for name in names]  # q_proj, k_proj, ...
-        fused_name = ".".join(names[0].split(".")[:-2] + ["_".join(parts), "weight"])
+        modules = [_module_path(name) for name in names]
+        parts = [module[-1] for module in modules]  # q_proj, k_proj, ...
+        fused_name = ".".join(modules[0][:-1] + ["_".join(parts), "weight"])
         first = members[0][0]
         prefix = first.name.rsplit("/", 2)[0] + "/" + "_".join(parts)
         out = f"{prefix}/fused_output"
@@ -318,6 +333,13 @@ class _GraphQuantizer:
                                      "requantized": True, "from": "F32",
                                      **quantization_error(weight, self.blocks[initializer])}
         return initializer, self.blocks[initializer]
+
+    def _own_name(self, initializer: str) -> str | None:
+        """A MatMul's own weight, quantized (its blocks' key), to join a parallel group:
+        round-to-nearest works per output column, so quantizing the weights one by one and
+        stacking them gives the same blocks as quantizing the stack."""
+        found = self._own_weight(initializer, transposed=True)
+        return found[0] if found else None
 
     def _vocab_rows(self, initializer: str) -> tuple[str, BlockQuantized, str] | None:
         """(the vocab weight's name, its blocks, the ids initializer) when ``initializer`` is

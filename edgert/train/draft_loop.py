@@ -3,9 +3,13 @@
 Row t of a sequence reads (h_t, x_{t+1}) at position t+1 and is trained towards the
 backbone's next feature and token::
 
-    loss = feature_weight * SmoothL1(f_{t+1}, h_{t+1}) + token_weight * CE(logits(f_{t+1}), a_{t+1})
+    loss = feature_weight * SmoothL1(f_{t+1}, h_{t+1}) + token_weight * CE(logits(f_{t+1}), target)
 
-a_{t+1} being the backbone's own argmax at t+1 (its choice of x_{t+2}). The input features get
+``token_target`` "argmax": the target is a_{t+1}, the backbone's own argmax at t+1 (its choice
+of x_{t+2}); "distribution": the backbone's whole next-token distribution there,
+softmax(h_{t+1} W) over the output vocabulary (computed from the cached feature: no extra data),
+a soft-label cross-entropy that also teaches the runners-up, as EAGLE's classification loss
+does. The input features get
 uniform noise (``noise`` x their standard deviation), as EAGLE does, so that the layer
 tolerates its own imperfect features when it drafts several tokens. Each step packs
 ``sequences_per_step`` whole sequences into one row of at most ``max_tokens`` tokens, a
@@ -44,9 +48,13 @@ class DraftTrainOptions:
     weight_decay: float = 0.0
     feature_weight: float = 1.0
     token_weight: float = 0.1
+    token_target: str = "argmax"  # or "distribution" (TOKEN_TARGETS)
     noise: float = 0.1
     seed: int = 0
     checkpoint_every: int = 50
+
+
+TOKEN_TARGETS = ("argmax", "distribution")
 
 
 @dataclass
@@ -110,10 +118,24 @@ def draft_forward(draft: DraftLayer, features: torch.Tensor, token_embeddings: t
     return out
 
 
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, target_logits: torch.Tensor | None
+               ) -> torch.Tensor:
+    """The draft's token loss over rows [q, V']: cross-entropy against ``targets`` (positions
+    in the logits, IGNORE where outside them) or, given the backbone's ``target_logits`` [q, V']
+    over the same vocabulary, against its softmax (a soft-label cross-entropy)."""
+    if target_logits is not None:
+        target = torch.softmax(target_logits.float(), dim=-1)
+        return -(target * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    if not bool((targets != IGNORE).any()):
+        return logits.sum() * 0
+    return nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE)
+
+
 def _checkpoint_compatible(saved: dict, options: DraftTrainOptions) -> None:
     theirs, mine = dict(saved["options"]), dataclasses.asdict(options)
-    for key in mine:
-        if key != "checkpoint_every" and theirs.get(key) != mine[key]:
+    defaults = dataclasses.asdict(DraftTrainOptions())
+    for key in mine:  # an option newer than the checkpoint: it was made with the default
+        if key != "checkpoint_every" and theirs.get(key, defaults[key]) != mine[key]:
             raise ConfigError(f"checkpoint was made with {key}={theirs.get(key)!r}, this run "
                               f"uses {mine[key]!r}; pass the same options or delete the "
                               "checkpoint to start over")
@@ -127,6 +149,9 @@ def train_draft(data: DraftData, backbone: DecoderConfig, lm_head_t: torch.Tenso
     ``embedding`` [V,H]: the backbone's token embedding when not tied to ``lm_head_t``."""
     if data.sequences < 1:
         raise ConfigError("the draft data has no sequences; rebuild it")
+    if options.token_target not in TOKEN_TARGETS:
+        raise ConfigError(f"token_target must be one of {', '.join(TOKEN_TARGETS)}, got "
+                          f"{options.token_target!r}")
     torch.manual_seed(options.seed)
     vocab = lm_head_t.shape[1]
     vocab_ids = (most_frequent(data.argmax, options.output_vocab, vocab)
@@ -160,9 +185,12 @@ def train_draft(data: DraftData, backbone: DecoderConfig, lm_head_t: torch.Tenso
         logits = draft.logits(predicted, projection)
         targets = to_projected(rows.target_tokens, vocab_ids, vocab)
         feature_loss = nn.functional.smooth_l1_loss(predicted, rows.target_features)
-        token_loss = (nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE)
-                      if bool((targets != IGNORE).any()) else logits.sum() * 0)
-        loss = options.feature_weight * feature_loss + options.token_weight * token_loss
+        target_logits = None
+        if options.token_target == "distribution":
+            with torch.no_grad():
+                target_logits = draft.logits(rows.target_features, projection)
+        token_part = token_loss(logits, targets, target_logits)
+        loss = options.feature_weight * feature_loss + options.token_weight * token_part
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -96,6 +96,41 @@ def test_draft_graph_equals_its_torch_module(draft_artifact, random_draft_dir, l
         assert np.array_equal(ids[0], draft.to_vocab(top_index).numpy())
 
 
+def test_the_8_bit_draft_fuses_the_matmuls_that_share_an_input(tiny_dir, random_draft_dir,
+                                                                 loaded, tmp_path):
+    """q/k/v and gate/up run as one MatMulNBits each (fc, qkv, o, gate_up, down, the vocab
+    rows: six), and the graph still computes the torch module's features (8-bit weights,
+    int8 activations: within 3% of their scale)."""
+    import onnx
+
+    artifact = export(tiny_dir, tmp_path / "q8", random_draft_dir)
+    graph = onnx.load(str(artifact / "draft.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 6, [n.name for n in nbits]
+    widths = sorted(next(a.i for a in n.attribute if a.name == "N") for n in nbits)
+    cfg = loaded.config
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    assert cfg.hidden_size + 2 * kv in widths and 2 * cfg.intermediate_size in widths
+    draft = load_draft(random_draft_dir, cfg)
+    rng = np.random.default_rng(1)
+    n = 6
+    tokens = rng.integers(0, cfg.vocab_size, size=(1, n))
+    features = rng.standard_normal((1, n, cfg.hidden_size)).astype(np.float32)
+    positions = np.arange(1, n + 1)[None]
+    with torch.no_grad():
+        ref = draft_forward(draft, torch.from_numpy(features),
+                            embed_tokens(torch.from_numpy(tokens), loaded.lm_head_t(), cfg),
+                            torch.from_numpy(positions), torch.from_numpy(causal_mask(n)))[0]
+    cache = np.zeros((1, cfg.num_key_value_heads, 8, cfg.head_dim), np.float32)
+    _, _, hidden, _, _ = ort.InferenceSession(str(artifact / "draft.onnx")).run(None, {
+        "input_ids": tokens, "features": features, "position_ids": positions,
+        "tree_mask": causal_mask(n), "logits_index": np.arange(n),
+        "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32),
+        "draft_past_key": cache, "draft_past_value": cache.copy()})
+    scale = float(np.abs(ref.numpy()).max())
+    np.testing.assert_allclose(hidden[0], ref.numpy(), atol=0.03 * scale)
+
+
 def test_features_output_is_every_rows_hidden_state(draft_artifact, tiny_reference):
     engine = edgert.load(draft_artifact)
     ids = engine.encode("What is a function?")

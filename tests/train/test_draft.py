@@ -19,8 +19,10 @@ from edgert.train.draft_loop import (
     draft_forward,
     embed_tokens,
     pack,
+    token_loss,
     train_draft,
 )
+from edgert.train.distill import IGNORE
 
 PROMPTS = ["Explain loops.", "What is a class?", "Write a poem about rain.", "Sum 2 and 3.",
            "Describe a cat.", "Why is the sky blue?", "Name three colours.", "Count to five."]
@@ -100,6 +102,46 @@ def test_training_lowers_the_loss_and_learns_the_next_token(loaded, data):
     assert sum(top1[-5:]) / 5 > sum(top1[:5]) / 5
 
 
+def test_soft_token_loss_is_the_cross_entropy_against_the_backbones_softmax():
+    """-sum p log q per row, averaged (NumPy reference, 1e-5); a near one-hot target gives the
+    argmax cross-entropy; the hard loss ignores targets outside the output vocab."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    logits, target_logits = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g) * 3
+    p = np.exp(target_logits.numpy() - target_logits.numpy().max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    z = logits.numpy().astype(np.float64)
+    log_q = z - z.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    expected = float(-(p * log_q).sum(-1).mean())
+    assert abs(float(token_loss(logits, torch.zeros(5, dtype=torch.int64), target_logits))
+               - expected) < 1e-5
+    argmax = target_logits.argmax(-1)
+    peaked = torch.nn.functional.one_hot(argmax, 7).float() * 100.0
+    torch.testing.assert_close(token_loss(logits, argmax, peaked),
+                               torch.nn.functional.cross_entropy(logits, argmax))
+    partly = torch.tensor([1, IGNORE, 2, IGNORE, 0])
+    torch.testing.assert_close(token_loss(logits, partly, None),
+                               torch.nn.functional.cross_entropy(logits[[0, 2, 4]],
+                                                                 partly[[0, 2, 4]]))
+
+
+def test_training_on_the_backbones_distribution_learns_the_next_token(loaded, data):
+    losses, top1 = [], []
+    options = DraftTrainOptions(**{**QUICK.__dict__, "token_target": "distribution",
+                                   "token_weight": 1.0})
+    train_draft(data, loaded.config, loaded.lm_head_t(), options,
+                report=lambda r: (losses.append(r.loss), top1.append(r.top1)))
+    # the soft cross-entropy cannot fall below the targets' entropy (the random tiny
+    # backbone's distributions are wide): a smaller drop than the argmax loss's
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    assert sum(top1[-5:]) / 5 > sum(top1[:5]) / 5
+    with pytest.raises(ConfigError, match="token_target"):
+        train_draft(data, loaded.config, loaded.lm_head_t(),
+                    DraftTrainOptions(**{**QUICK.__dict__, "token_target": "soft"}))
+
+
 class Interrupted(Exception):
     pass
 
@@ -122,6 +164,14 @@ def test_training_is_deterministic_and_resumes(loaded, data, tmp_path):
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
     assert whole.config.output_vocab == 64 and whole.vocab_ids.shape == (64,)
+    saved = torch.load(tmp_path / "c.pt", weights_only=False)  # made before token_target
+    del saved["options"]["token_target"]
+    torch.save(saved, tmp_path / "old.pt")
+    train_draft(data, loaded.config, loaded.lm_head_t(), options, checkpoint=tmp_path / "old.pt")
+    with pytest.raises(ConfigError, match="token_target"):
+        train_draft(data, loaded.config, loaded.lm_head_t(),
+                    DraftTrainOptions(**{**options.__dict__, "token_target": "distribution"}),
+                    checkpoint=tmp_path / "old.pt")
     with pytest.raises(ConfigError, match="lr"):
         train_draft(data, loaded.config, loaded.lm_head_t(),
                     DraftTrainOptions(**{**options.__dict__, "lr": 0.5}),
