@@ -12,7 +12,13 @@ from edgert.errors import ConfigError, ModelSourceError
 from edgert.export.decoder import MASK_VALUE
 from edgert.export.draft_layer import DraftLayer, load_draft, save_draft
 from edgert.model.draft_config import DraftConfig
-from edgert.train.distill import DistillOptions, PromptEncoder, build_hf_model, generate_responses
+from edgert.train.distill import (
+    IGNORE,
+    DistillOptions,
+    PromptEncoder,
+    build_hf_model,
+    generate_responses,
+)
 from edgert.train.draft_data import sequence_features
 from edgert.train.draft_loop import (
     DraftTrainOptions,
@@ -22,7 +28,6 @@ from edgert.train.draft_loop import (
     token_loss,
     train_draft,
 )
-from edgert.train.distill import IGNORE
 
 PROMPTS = ["Explain loops.", "What is a class?", "Write a poem about rain.", "Sum 2 and 3.",
            "Describe a cat.", "Why is the sky blue?", "Name three colours.", "Count to five."]
