@@ -62,13 +62,12 @@ def _session_run(artifact, feed, capacity):
     return session.run(None, feed)
 
 
-def test_draft_graph_equals_its_torch_module(draft_artifact, random_draft_dir, loaded):
-    """Rows written after a cached prefix equal the matching rows of one causal forward of
-    the whole sequence in the torch module (atol 1e-4): ids, log-probabilities, features."""
-    draft = load_draft(random_draft_dir, loaded.config)
+def _torch_rows(draft_dir, loaded, n: int, seed: int):
+    """The draft module in ``draft_dir`` and one causal forward of n random rows (tokens,
+    features, positions 1..n): (draft, tokens, features, positions, its features [n,H])."""
+    draft = load_draft(draft_dir, loaded.config)
     cfg = loaded.config
-    rng = np.random.default_rng(0)
-    n, first = 9, 5
+    rng = np.random.default_rng(seed)
     tokens = rng.integers(0, cfg.vocab_size, size=(1, n))
     features = rng.standard_normal((1, n, cfg.hidden_size)).astype(np.float32)
     positions = np.arange(1, n + 1)[None]
@@ -76,6 +75,16 @@ def test_draft_graph_equals_its_torch_module(draft_artifact, random_draft_dir, l
         ref = draft_forward(draft, torch.from_numpy(features),
                             embed_tokens(torch.from_numpy(tokens), loaded.lm_head_t(), cfg),
                             torch.from_numpy(positions), torch.from_numpy(causal_mask(n)))[0]
+    return draft, tokens, features, positions, ref
+
+
+def test_draft_graph_equals_its_torch_module(draft_artifact, random_draft_dir, loaded):
+    """Rows written after a cached prefix equal the matching rows of one causal forward of
+    the whole sequence in the torch module (atol 1e-4): ids, log-probabilities, features."""
+    cfg = loaded.config
+    n, first = 9, 5
+    draft, tokens, features, positions, ref = _torch_rows(random_draft_dir, loaded, n, seed=0)
+    with torch.no_grad():
         ref_logprobs = torch.log_softmax(
             draft.logits(ref, draft.select_vocab(loaded.lm_head_t())), dim=-1)
     capacity = 16
@@ -111,16 +120,8 @@ def test_the_8_bit_draft_fuses_the_matmuls_that_share_an_input(tiny_dir, random_
     cfg = loaded.config
     kv = cfg.num_key_value_heads * cfg.head_dim
     assert cfg.hidden_size + 2 * kv in widths and 2 * cfg.intermediate_size in widths
-    draft = load_draft(random_draft_dir, cfg)
-    rng = np.random.default_rng(1)
     n = 6
-    tokens = rng.integers(0, cfg.vocab_size, size=(1, n))
-    features = rng.standard_normal((1, n, cfg.hidden_size)).astype(np.float32)
-    positions = np.arange(1, n + 1)[None]
-    with torch.no_grad():
-        ref = draft_forward(draft, torch.from_numpy(features),
-                            embed_tokens(torch.from_numpy(tokens), loaded.lm_head_t(), cfg),
-                            torch.from_numpy(positions), torch.from_numpy(causal_mask(n)))[0]
+    _, tokens, features, positions, ref = _torch_rows(random_draft_dir, loaded, n, seed=1)
     cache = np.zeros((1, cfg.num_key_value_heads, 8, cfg.head_dim), np.float32)
     _, _, hidden, _, _ = ort.InferenceSession(str(artifact / "draft.onnx")).run(None, {
         "input_ids": tokens, "features": features, "position_ids": positions,
