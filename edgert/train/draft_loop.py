@@ -136,7 +136,8 @@ def _checkpoint_compatible(saved: dict, options: DraftTrainOptions) -> None:
     defaults = dataclasses.asdict(DraftTrainOptions())
     for key in mine:  # an option newer than the checkpoint: it was made with the default
         if key != "checkpoint_every" and theirs.get(key, defaults[key]) != mine[key]:
-            raise ConfigError(f"checkpoint was made with {key}={theirs.get(key)!r}, this run "
+            raise ConfigError(f"checkpoint was made with {key}="
+                              f"{theirs.get(key, defaults[key])!r}, this run "
                               f"uses {mine[key]!r}; pass the same options or delete the "
                               "checkpoint to start over")
 

@@ -173,7 +173,7 @@ def test_training_is_deterministic_and_resumes(loaded, data, tmp_path):
     del saved["options"]["token_target"]
     torch.save(saved, tmp_path / "old.pt")
     train_draft(data, loaded.config, loaded.lm_head_t(), options, checkpoint=tmp_path / "old.pt")
-    with pytest.raises(ConfigError, match="token_target"):
+    with pytest.raises(ConfigError, match="token_target='argmax'"):
         train_draft(data, loaded.config, loaded.lm_head_t(),
                     DraftTrainOptions(**{**options.__dict__, "token_target": "distribution"}),
                     checkpoint=tmp_path / "old.pt")
