@@ -239,6 +239,14 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
     train_heads_for_model(model, output, options)
 
 
+def _layer_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of layer counts "
+                                 "(e.g. 2,15)") from None
+
+
 @main.command("train-draft")
 @click.argument("model", default="smollm2-135m")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
@@ -263,13 +271,21 @@ def train_heads(model: str, output: Path, num_heads: int, num_layers: int, steps
                    "next-token distribution (soft labels).")
 @click.option("--token-weight", type=float, default=0.1, show_default=True,
               help="The token loss's weight beside the feature regression's (1.0).")
+@click.option("--feature-layers", default="", callback=_layer_list,
+              help="Comma-separated layer counts, e.g. 2,15: the residual stream after those "
+                   "layers joins the draft's feature (EAGLE-3-style multi-layer features; the "
+                   "backbone's graphs return them too). Default: the final hidden state only.")
+@click.option("--feature-dropout", type=float, default=0.1, show_default=True,
+              help="Share of rows trained without those residual states (as the rows the "
+                   "draft runs on its own output have none).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
 def train_draft(model: str, output: Path, steps: int, sequences_per_step: int, max_tokens: int,
                 lr: float, data_file: Path | None, max_prompts: int | None,
                 max_new_tokens: int, prompts_per_topic: int, prompt_set: str,
                 output_vocab: int, responses_artifact: Path | None, token_target: str,
-                token_weight: float, seed: int) -> None:
+                token_weight: float, feature_layers: tuple[int, ...], feature_dropout: float,
+                seed: int) -> None:
     """Train an EAGLE-style draft layer for MODEL on its own responses (frozen backbone)."""
     from edgert.train.distill import DistillOptions
     from edgert.train.draft_loop import DraftTrainOptions
@@ -279,7 +295,8 @@ def train_draft(model: str, output: Path, steps: int, sequences_per_step: int, m
         train=DraftTrainOptions(output_vocab=output_vocab, steps=steps,
                                 sequences_per_step=sequences_per_step, max_tokens=max_tokens,
                                 lr=lr, token_weight=token_weight, token_target=token_target,
-                                seed=seed),
+                                feature_layers=feature_layers,
+                                feature_dropout=feature_dropout, seed=seed),
         distill=DistillOptions(max_new_tokens=max_new_tokens, seed=seed),
         data_file=data_file, max_prompts=max_prompts, prompts_per_topic=prompts_per_topic,
         prompt_set=prompt_set, responses_artifact=responses_artifact)

@@ -1,11 +1,16 @@
-"""A/B of the draft layer's token loss on train-draft's cached data (no new answers).
+"""Same-steps A/B of draft-layer training options on train-draft's cached data (no new
+answers).
 
-    python scripts/draft_loss_ab.py CACHE_FILE TOKEN_TARGET TOKEN_WEIGHT STEPS
+    python scripts/draft_loss_ab.py CACHE_FILE TOKEN_TARGET TOKEN_WEIGHT STEPS \
+        [FEATURE_LAYERS [FEATURE_DROPOUT]]
 
 Trains on 95% of the cached sequences (every 20th held out) with DraftTrainOptions' defaults
-but the token target/weight and the steps, then prints the teacher-forced step-1 top-1 on the
-held-out sequences' response rows. CACHE_FILE: ``DIR/cache/draft-data-<key>.pt`` from
-``edgert train-draft``. Made bench/results/eval_draft_token_target.json's ``same_steps_ab``.
+but the given options, then prints the teacher-forced step-1 top-1 on the held-out sequences'
+response rows. CACHE_FILE: ``DIR/cache/draft-data-<key>.pt`` from ``edgert train-draft``;
+FEATURE_LAYERS (e.g. ``2,15``) must be the layers that file was built with; without them a
+multi-layer file is read as its final hidden states alone (the same values a plain build
+stores). Made bench/results/eval_draft_token_target.json's ``same_steps_ab`` and
+eval_draft_feature_layers.json's.
 """
 
 from __future__ import annotations
@@ -56,19 +61,27 @@ def held_out_top1(draft, data: DraftData, loaded) -> tuple[float, int]:
     return hits / rows_counted, rows_counted
 
 
-def main(cache_file: str, token_target: str, token_weight: float, steps: int) -> None:
+def main(cache_file: str, token_target: str, token_weight: float, steps: int,
+         feature_layers: tuple[int, ...] = (), feature_dropout: float = 0.1) -> None:
     loaded = load_model("smollm2-135m")
     data = DraftData.load(cache_file)
+    if not feature_layers:
+        data.hidden = data.hidden[:, :loaded.config.hidden_size]
     held = [s for s in range(data.sequences) if s % 20 == 0]
     train = [s for s in range(data.sequences) if s % 20]
     started = time.time()
     draft = train_draft(subset(data, train), loaded.config, loaded.lm_head_t(),
                         DraftTrainOptions(steps=steps, token_target=token_target,
-                                          token_weight=token_weight))
+                                          token_weight=token_weight,
+                                          feature_layers=feature_layers,
+                                          feature_dropout=feature_dropout))
     top1, rows = held_out_top1(draft, subset(data, held), loaded)
-    print(f"{token_target} weight {token_weight}, {steps} steps: held-out step-1 top-1 "
+    layers = f", layers {list(feature_layers)} dropout {feature_dropout}" if feature_layers else ""
+    print(f"{token_target} weight {token_weight}{layers}, {steps} steps: held-out step-1 top-1 "
           f"{top1:.4f} over {rows} rows, {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]),
+         tuple(int(k) for k in sys.argv[5].split(",")) if len(sys.argv) > 5 else (),
+         float(sys.argv[6]) if len(sys.argv) > 6 else 0.1)

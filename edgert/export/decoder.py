@@ -214,12 +214,15 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, config: DecoderConfig, attention: str = GraphKey.PORTABLE,
-                 features: bool = False, **core_options) -> None:
+                 features: bool = False, feature_layers: tuple[int, ...] = (),
+                 **core_options) -> None:
         super().__init__()
         self.config = config
         # an extra output, ``features`` [1,q,H]: every row's final-norm hidden state (what
-        # the draft layer reads; ``hidden`` has only the logits rows)
+        # the draft layer reads; ``hidden`` has only the logits rows), then [1,q,H] more per
+        # ``feature_layers``: the residual stream after that many layers (a multi-layer draft)
         self.features_output = features
+        self.feature_layers = tuple(feature_layers)
         self.attention: AttentionVariant = ATTENTION_VARIANTS[attention]
         # prefill-only variants (DHSA) are traced with a chunk this long after a cached
         # prefix: full sparse blocks and a partial last one (every graph path)
@@ -253,20 +256,26 @@ class Decoder(nn.Module):
     def forward(self, input_ids, position_ids, tree_mask, logits_index, *rest):
         """rest = (*extra inputs of the attention variant, past_key_0, past_value_0, ...);
         returns (logits [1,n,V], hidden [1,n,H], present_key_0, present_value_0, ...,
-        *extra outputs of the variant, features [1,q,H] when ``features``)."""
+        *extra outputs of the variant, features [1,q,(1 + len(feature_layers))H] when
+        ``features``)."""
         n_extra = len(self.attention.extra_inputs)
         extra, past = rest[:n_extra], rest[n_extra:]
         x = self.embed(input_ids)
         rotary = self.rotary(position_ids)
         ctx = self.attention.context(tree_mask, past[0], extra)
-        presents = []
+        presents, residual = [], {}
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, rotary, past[2 * i], past[2 * i + 1], ctx)
             presents += [k, v]
+            if i + 1 in self.feature_layers:
+                residual[i + 1] = x
         normed = self.norm(x)
         hidden = normed.index_select(1, logits_index)
         logits = softcap(torch.matmul(hidden, self.lm_head_t), self.config.final_logit_softcapping)
-        features = (normed,) if self.features_output else ()
+        features = ()
+        if self.features_output:
+            features = (torch.cat([normed, *(residual[k] for k in self.feature_layers)], dim=-1)
+                        if self.feature_layers else normed,)
         return (logits, hidden, *presents, *self.attention.context_outputs(ctx), *features)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -1,10 +1,14 @@
 """The draft layer -> ``draft.onnx``: one draft call over its own fixed-capacity KV cache.
 
     input_ids [1,q] (x_{t+1}) ─embed (lm_head_t, shared with the decode graph)─┐
-    features [1,q,H] (h_t: the backbone's, or the draft's own) ─────────────────┴─ draft layer
+    features [1,q,F] (h_t: the backbone's, or the draft's own) ─────────────────┴─ draft layer
       (GroupQueryAttention over draft_past_key/value [1,Hkv,C,D], written in place at [P,P+q))
-    ─> f [1,q,H] ─rows logits_index─> draft_hidden [1,n,H] ─MatMul(draft_proj_t [H,V'])─>
-       log-softmax ─TopK─> draft_topk_ids [1,n,k] int64 (token ids), draft_topk_logprobs [1,n,k]
+    ─> f [1,q,H] ─rows logits_index─> MatMul(draft_proj_t [H,V']) ─> log-softmax ─TopK─>
+       draft_topk_ids [1,n,k] int64 (token ids), draft_topk_logprobs [1,n,k];
+       draft_hidden [1,n,F]: f of those rows (the next draft row's feature)
+
+F = H, or (1 + L)H for a draft with L ``feature_layers`` (EAGLE-3-style: the backbone's
+residual stream after those layers follows h_t; ``draft_hidden`` has zeros there).
 
 A row embedding token t+1 sits at position t+1. ``tree_mask`` masks the new rows: [1,1,q,q]
 among themselves (causal; every cached entry visible), or [1,1,q,w] over the last w entries
@@ -107,7 +111,8 @@ class DraftStep(nn.Module):
         hidden = out.index_select(1, logits_index)
         logits = self.draft.logits(hidden, getattr(self, DRAFT_PROJECTION))
         values, index = torch.topk(torch.log_softmax(logits, dim=-1), self.topk, dim=-1)
-        return self.draft.to_vocab(index), values, hidden, present_key, present_value
+        return (self.draft.to_vocab(index), values, self.draft.as_feature(hidden), present_key,
+                present_value)
 
 
 def trace_draft(trained: DraftLayer, backbone: DecoderConfig, lm_head_t: torch.Tensor,
@@ -121,7 +126,8 @@ def trace_draft(trained: DraftLayer, backbone: DecoderConfig, lm_head_t: torch.T
     q, past = 3, 2
     cached = past + q + 2 if variant.shared_cache else past
     kv = torch.zeros((1, cfg.num_key_value_heads, cached, cfg.head_dim))
-    example = (torch.zeros((1, q), dtype=torch.int64), torch.zeros((1, q, cfg.hidden_size)),
+    example = (torch.zeros((1, q), dtype=torch.int64),
+               torch.zeros((1, q, trained.config.feature_size)),
                torch.arange(past, past + q)[None], torch.zeros((1, 1, q, q)),
                torch.tensor([q - 1]), *variant.example_extra(q, past), kv, kv)
     cache_axis = {2: "capacity"} if variant.shared_cache else {2: "past"}
@@ -152,6 +158,10 @@ def draft_graph_spec(trained: DraftLayer, topk: int, key: GraphKey = GraphKey.DR
     shared = ATTENTION_VARIANTS[form.variant].shared_cache
     cfg = trained.config.decoder_config
     h, hkv, d = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim
+    width = trained.config.feature_size
+    residual = (f", then the backbone's residual stream after layers "
+                f"{list(trained.config.feature_layers)} (zeros on the draft's own rows)"
+                if trained.config.feature_layers else "")
     (past_key, past_value), (present_key, present_value) = PAST, PRESENT
     if shared:
         mask = TensorSpec("tree_mask", [1, 1, "q", WHOLE_BIAS_AXIS], "float32",
@@ -184,9 +194,9 @@ def draft_graph_spec(trained: DraftLayer, topk: int, key: GraphKey = GraphKey.DR
         file=form.file, attention=form.variant, shared_cache=shared,
         inputs=[
             TensorSpec("input_ids", [1, "q"], "int64", "token t+1 of each row"),
-            TensorSpec("features", [1, "q", h], "float32",
+            TensorSpec("features", [1, "q", width], "float32",
                        "feature t of each row: the backbone's final-norm hidden state, or the "
-                       "draft's own draft_hidden"),
+                       f"draft's own draft_hidden{residual}"),
             TensorSpec("position_ids", [1, "q"], "int64", "t+1"),
             mask,
             TensorSpec("logits_index", ["n"], "int64", "rows to return drafts for"),
@@ -197,7 +207,8 @@ def draft_graph_spec(trained: DraftLayer, topk: int, key: GraphKey = GraphKey.DR
                        "the draft's top-k next tokens after each row, best first"),
             TensorSpec("draft_topk_logprobs", [1, "n", topk], "float32",
                        "their log-probabilities under the draft (over its output vocab)"),
-            TensorSpec("draft_hidden", [1, "n", h], "float32",
-                       "the draft's feature f_{t+1} (the next draft row's input)"),
+            TensorSpec("draft_hidden", [1, "n", width], "float32",
+                       "the draft's feature f_{t+1} (the next draft row's input)"
+                       + (", zeros after the first " + str(h) if width > h else "")),
             *presents,
         ])

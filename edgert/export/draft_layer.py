@@ -20,6 +20,13 @@ from edgert.model.draft_config import DRAFT_CONFIG, DRAFT_WEIGHTS, DraftConfig, 
 from edgert.model.module_files import save_module_files
 from edgert.model.rope import inverse_frequencies
 
+RMS_EPS = 1e-6
+
+
+def rms_normalized(x: torch.Tensor) -> torch.Tensor:
+    """x / rms(x) over the last axis, no weight (zero rows stay zero)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+
 
 class DraftLayer(nn.Module):
     """``forward(features [1,q,H], token_embeddings [1,q,H], rotary, past_k, past_v, ctx)
@@ -35,6 +42,8 @@ class DraftLayer(nn.Module):
         layer_config = config.decoder_config
         h = layer_config.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=False)
+        if config.feature_layers:  # EAGLE-3-style residual states (draft_config's docstring)
+            self.aux_fc = nn.Linear(len(config.feature_layers) * h, h, bias=False)
         self.layer = DecoderLayer(layer_config, make_core or PortableCore)
         self.norm = norm(layer_config)
         inv_freq = torch.tensor(inverse_frequencies(layer_config), dtype=torch.float32)
@@ -53,9 +62,22 @@ class DraftLayer(nn.Module):
         return rotary_tables(self.inv_freq, position_ids, fused)
 
     def forward(self, features, token_embeddings, rotary, past_k, past_v, ctx):
-        x = self.fc(torch.cat([token_embeddings, features], dim=-1))
+        """``features`` [1,q,feature_size]: h_t, then the residual states (zeros on rows that
+        have none)."""
+        h = self.config.hidden_size
+        x = self.fc(torch.cat([token_embeddings, features[..., :h]], dim=-1))
+        if self.config.feature_layers:
+            x = x + self.aux_fc(torch.cat(
+                [rms_normalized(features[..., h * i:h * (i + 1)])
+                 for i in range(1, len(self.config.feature_layers) + 1)], dim=-1))
         x, present_k, present_v = self.layer(x, rotary, past_k, past_v, ctx)
         return self.norm(x), present_k, present_v
+
+    def as_feature(self, f: torch.Tensor) -> torch.Tensor:
+        """The draft's own output f [..., H] as a feature row: zeros where the residual
+        states go (the rows it drafts on its own read ``fc``'s part alone)."""
+        layers = len(self.config.feature_layers)
+        return torch.cat([f, *[torch.zeros_like(f)] * layers], dim=-1) if layers else f
 
     def select_vocab(self, lm_head_t: torch.Tensor) -> torch.Tensor:
         """The columns of ``lm_head_t`` [H, V] the draft scores: [H, V']."""

@@ -356,9 +356,11 @@ def _trace_graphs(loaded: LoadedModel, heads: MedusaHeads | None, draft: DraftLa
         core_options = {"dhsa": dhsa} if variant == GraphKey.DHSA else {}
         # with a draft layer, the decode graphs return every row's features (its input)
         features = draft is not None
+        layers = draft.config.feature_layers if draft is not None else ()
         graphs[file] = trace_decoder(_build_decoder(loaded, variant, features=features,
-                                                    **core_options), workdir / variant)
-        graph_specs[variant] = decode_graph_spec(file, variant, config, features)
+                                                    feature_layers=layers, **core_options),
+                                     workdir / variant)
+        graph_specs[variant] = decode_graph_spec(file, variant, config, features, layers)
     if heads is not None:
         log(f"exporting {MEDUSA_FILE} ({heads.config.num_heads} Medusa heads)...")
         untied = None if config.tie_word_embeddings else loaded.embedding()

@@ -15,15 +15,19 @@ def _head_outputs(config: DecoderConfig) -> list[TensorSpec]:
     ]
 
 
-def _features_output(config: DecoderConfig) -> TensorSpec:
-    return TensorSpec("features", [1, "q", config.hidden_size], "float32",
-                      "every new token's final-norm hidden state (the draft layer's input)")
+def _features_output(config: DecoderConfig, feature_layers: tuple[int, ...]) -> TensorSpec:
+    residual = (f", then the residual stream after layers {list(feature_layers)}"
+                if feature_layers else "")
+    return TensorSpec("features", [1, "q", (1 + len(feature_layers)) * config.hidden_size],
+                      "float32", "every new token's final-norm hidden state" + residual
+                      + " (the draft layer's input)")
 
 
 def decode_graph_spec(file: str, variant_name: str, config: DecoderConfig,
-                      features: bool = False) -> GraphSpec:
+                      features: bool = False, feature_layers: tuple[int, ...] = ()
+                      ) -> GraphSpec:
     """``features``: the graph also returns every row's hidden state (artifacts with a draft
-    layer)."""
+    layer), and the residual stream after ``feature_layers`` (a multi-layer draft)."""
     variant = ATTENTION_VARIANTS[variant_name]
     hkv, d = config.num_key_value_heads, config.head_dim
     cache_len = "capacity" if variant.shared_cache else "past"
@@ -39,7 +43,8 @@ def decode_graph_spec(file: str, variant_name: str, config: DecoderConfig,
                    "which of the q positions to return logits and hidden states for"),
     ]
     if variant.prefill_only:
-        return _prefill_graph_spec(file, variant_name, config, inputs, features)
+        return _prefill_graph_spec(file, variant_name, config, inputs, features,
+                                   feature_layers)
     if variant.shared_cache:
         inputs[2] = TensorSpec(
             "tree_mask", [1, 1, "q", WHOLE_BIAS_AXIS], "float32",
@@ -66,13 +71,14 @@ def decode_graph_spec(file: str, variant_name: str, config: DecoderConfig,
                 outputs.append(TensorSpec(f"present_{kind}_{i}", [1, hkv, "q", d], "float32",
                                           f"layer {i} {kind}s of the q new tokens"))
     if features:
-        outputs.append(_features_output(config))
+        outputs.append(_features_output(config, feature_layers))
     return GraphSpec(file=file, attention=variant_name, shared_cache=variant.shared_cache,
                      inputs=inputs, outputs=outputs)
 
 
 def _prefill_graph_spec(file: str, variant_name: str, config: DecoderConfig,
-                        common: list[TensorSpec], features: bool = False) -> GraphSpec:
+                        common: list[TensorSpec], features: bool = False,
+                        feature_layers: tuple[int, ...] = ()) -> GraphSpec:
     """A prefill-call graph (DHSA): q prompt tokens after the P cached ones, no tree mask
     (causal inside); the cache buffers are read and written in place."""
     hkv, d = config.num_key_value_heads, config.head_dim
@@ -99,6 +105,6 @@ def _prefill_graph_spec(file: str, variant_name: str, config: DecoderConfig,
     outputs.append(TensorSpec("chunk_starts", ["q"], "bool",
                               "which of the q new tokens start a key chunk"))
     if features:
-        outputs.append(_features_output(config))
+        outputs.append(_features_output(config, feature_layers))
     return GraphSpec(file=file, attention=variant_name, shared_cache=False, inputs=inputs,
                      outputs=outputs)

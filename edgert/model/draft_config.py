@@ -16,6 +16,18 @@ the backbone's own (frozen, not stored here); only ``fc``, the layer and its nor
 With ``output_vocab`` V' the logits cover only ``vocab_ids`` (the tokens the backbone produces
 most often), so a draft step reads V'/V of the lm_head.
 
+``feature_layers`` (EAGLE-3's multi-layer features): the feature also carries the backbone's
+residual stream after those decoder layers (low and middle layers, say), each RMS-normalised
+and projected by ``aux_fc`` onto the layer's input next to ``fc``'s::
+
+    x = fc([embed(x_{t+1}); h_t]) + aux_fc([rms(r_t^(l1)); rms(r_t^(l2)); ...])
+
+The backbone's graphs then return ``features`` [1,q,(1+L)H]: h_t, then the L residual
+states. The draft's own output f has no residual states: ``draft_hidden`` carries f with
+zeros in their place, which the RMS norm keeps at zero, so rows drafted on the draft's own
+features read ``fc``'s part alone (training drops the residual states of a share of the rows
+to match).
+
 Stored as ``draft.safetensors`` + ``draft.json``.
 """
 
@@ -43,6 +55,8 @@ class DraftConfig:
     layer: dict[str, Any]
     output_vocab: int = 0
     training: dict[str, Any] = field(default_factory=dict)
+    # residual-stream indices (after k decoder layers, 1 <= k < layers) joining the feature
+    feature_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         config = self.decoder_config
@@ -52,10 +66,20 @@ class DraftConfig:
         if not 0 <= self.output_vocab < config.vocab_size:
             raise ConfigError(f"output_vocab must be 0 (all) or below vocab_size="
                               f"{config.vocab_size}, got {self.output_vocab}")
+        object.__setattr__(self, "feature_layers", tuple(int(k) for k in self.feature_layers))
+        if len(set(self.feature_layers)) != len(self.feature_layers) or any(
+                k < 1 for k in self.feature_layers):
+            raise ConfigError(f"feature_layers must be distinct layer counts >= 1, got "
+                              f"{list(self.feature_layers)}")
 
     @classmethod
-    def for_backbone(cls, backbone: DecoderConfig, output_vocab: int = 0) -> DraftConfig:
-        return cls(dataclasses.replace(backbone, num_hidden_layers=1).to_dict(), output_vocab)
+    def for_backbone(cls, backbone: DecoderConfig, output_vocab: int = 0,
+                     feature_layers: tuple[int, ...] = ()) -> DraftConfig:
+        if any(k >= backbone.num_hidden_layers for k in feature_layers):
+            raise ConfigError(f"feature_layers {list(feature_layers)} must be below the "
+                              f"backbone's {backbone.num_hidden_layers} layers")
+        return cls(dataclasses.replace(backbone, num_hidden_layers=1).to_dict(), output_vocab,
+                   feature_layers=tuple(feature_layers))
 
     @functools.cached_property
     def decoder_config(self) -> DecoderConfig:
@@ -70,12 +94,20 @@ class DraftConfig:
         return self.decoder_config.vocab_size
 
     @property
+    def feature_size(self) -> int:
+        """Width of a feature row: h_t, then one residual state per ``feature_layers``."""
+        return (1 + len(self.feature_layers)) * self.hidden_size
+
+    @property
     def projected_vocab(self) -> int:
         return self.output_vocab or self.vocab_size
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "output_vocab": self.output_vocab,
-                "training": self.training}
+        out = {"layer": self.layer, "output_vocab": self.output_vocab,
+               "training": self.training}
+        if self.feature_layers:  # older readers keep loading single-feature drafts
+            out["feature_layers"] = list(self.feature_layers)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DraftConfig:
@@ -92,6 +124,11 @@ class DraftConfig:
             raise ModelSourceError(
                 f"{where} does not fit this model (it differs in {', '.join(differ[:4])}); "
                 "train one for this model with `edgert train-draft`")
+        if any(k >= backbone.num_hidden_layers for k in self.feature_layers):
+            raise ModelSourceError(
+                f"{where} reads the residual stream after layers {list(self.feature_layers)}, "
+                f"but this model has {backbone.num_hidden_layers}; train one for this model "
+                "with `edgert train-draft`")
 
 
 def read_draft_config(directory: Path, backbone: DecoderConfig | None = None) -> DraftConfig:

@@ -166,14 +166,18 @@ def read_data_file(path: Path, encoder: PromptEncoder) -> list[tuple[list[int], 
     return pairs
 
 
-def padded_states(model, seqs: list[list[int]]) -> torch.Tensor:
+def padded_states(model, seqs: list[list[int]], layers: tuple[int, ...] = ()) -> torch.Tensor:
     """One teacher-forced forward of ``model`` over ``seqs`` (padded on the right): the
-    final-norm hidden states [B, T, H] (rows past a sequence's end are padding)."""
+    final-norm hidden states [B, T, H] (rows past a sequence's end are padding), then the
+    residual stream after each of ``layers`` ([B, T, (1 + len(layers))H])."""
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
     with torch.no_grad():
-        return model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers))
+    if not layers:
+        return out.last_hidden_state
+    return torch.cat([out.last_hidden_state, *(out.hidden_states[k] for k in layers)], dim=-1)
 
 
 def argmax_tokens(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,10 @@ softmax(h_{t+1} W) over the output vocabulary (computed from the cached feature:
 a soft-label cross-entropy that also teaches the runners-up, as EAGLE's classification loss
 does. The input features get
 uniform noise (``noise`` x their standard deviation), as EAGLE does, so that the layer
-tolerates its own imperfect features when it drafts several tokens. Each step packs
+tolerates its own imperfect features when it drafts several tokens. A multi-layer draft
+(``feature_layers``, EAGLE-3's low/middle/high features) also reads the residual stream after
+those layers; ``feature_dropout`` of the rows lose it (zeros), as the rows the draft runs on
+its own output do at run time. Each step packs
 ``sequences_per_step`` whole sequences into one row of at most ``max_tokens`` tokens, a
 block-diagonal causal bias keeping them apart. AdamW with linear warmup and cosine decay;
 deterministic under a seed; checkpoints every ``checkpoint_every`` steps and resumes from one.
@@ -52,6 +55,8 @@ class DraftTrainOptions:
     noise: float = 0.1
     seed: int = 0
     checkpoint_every: int = 50
+    feature_layers: tuple[int, ...] = ()  # residual states in the feature (data built so)
+    feature_dropout: float = 0.1  # share of rows trained without them (multi-layer only)
 
 
 TOKEN_TARGETS = ("argmax", "distribution")
@@ -68,11 +73,11 @@ class DraftStepReport:
 class PackedRows:
     """One step's input: the rows of several sequences in one [1, q] row."""
 
-    features: torch.Tensor  # [1,q,H] h_t (noised)
+    features: torch.Tensor  # [1,q,F] h_t (then the residual states, if any)
     tokens: torch.Tensor  # [1,q] x_{t+1}
     positions: torch.Tensor  # [1,q] t+1
     bias: torch.Tensor  # [1,1,q,q] block-diagonal causal
-    target_features: torch.Tensor  # [q,H] h_{t+1}
+    target_features: torch.Tensor  # [q,F] h_{t+1} (the first H columns are the target)
     target_tokens: torch.Tensor  # [q] a_{t+1}
 
 
@@ -153,12 +158,17 @@ def train_draft(data: DraftData, backbone: DecoderConfig, lm_head_t: torch.Tenso
     if options.token_target not in TOKEN_TARGETS:
         raise ConfigError(f"token_target must be one of {', '.join(TOKEN_TARGETS)}, got "
                           f"{options.token_target!r}")
+    config = DraftConfig.for_backbone(backbone, options.output_vocab, options.feature_layers)
+    if data.hidden.shape[1] != config.feature_size:
+        raise ConfigError(f"the draft data's features are {data.hidden.shape[1]} wide, a draft "
+                          f"with feature_layers {list(options.feature_layers)} reads "
+                          f"{config.feature_size}; rebuild the data with the same layers")
     torch.manual_seed(options.seed)
     vocab = lm_head_t.shape[1]
     vocab_ids = (most_frequent(data.argmax, options.output_vocab, vocab)
                  if options.output_vocab else None)
-    draft = DraftLayer(DraftConfig.for_backbone(backbone, options.output_vocab),
-                       vocab_ids=vocab_ids)
+    draft = DraftLayer(config, vocab_ids=vocab_ids)
+    h = config.hidden_size
     optimizer = torch.optim.AdamW(draft.parameters(), lr=options.lr,
                                   weight_decay=options.weight_decay)
     lm_head_t = lm_head_t.detach()
@@ -170,26 +180,31 @@ def train_draft(data: DraftData, backbone: DecoderConfig, lm_head_t: torch.Tenso
         draft.load_state_dict(saved["draft"])
         optimizer.load_state_dict(saved["optimizer"])
         start = int(saved["step"])
-    noise = options.noise * float(data.hidden[:65536].float().std())
+    noise = options.noise * float(data.hidden[:65536, :h].float().std())
     per_step = min(options.sequences_per_step, data.sequences)
     draft.train()
     for step in range(start, options.steps):
         chosen = batch_indices(step, data.sequences, per_step, options.seed).tolist()
         rows = pack(data, chosen, options.max_tokens)
         generator = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
-        features = rows.features + (torch.rand(rows.features.shape, generator=generator)
-                                    * 2 - 1) * noise
+        features = rows.features.clone()
+        features[..., :h] += (torch.rand(features[..., :h].shape, generator=generator)
+                              * 2 - 1) * noise
+        if options.feature_layers and options.feature_dropout > 0:
+            kept = torch.rand(features.shape[1], generator=generator) >= options.feature_dropout
+            features[..., h:] *= kept[None, :, None]
         embedded = embed_tokens(rows.tokens, lm_head_t, backbone, embedding)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, options)
         predicted = draft_forward(draft, features, embedded, rows.positions, rows.bias)[0]
         logits = draft.logits(predicted, projection)
         targets = to_projected(rows.target_tokens, vocab_ids, vocab)
-        feature_loss = nn.functional.smooth_l1_loss(predicted, rows.target_features)
+        target_features = rows.target_features[:, :h]
+        feature_loss = nn.functional.smooth_l1_loss(predicted, target_features)
         target_logits = None
         if options.token_target == "distribution":
             with torch.no_grad():
-                target_logits = draft.logits(rows.target_features, projection)
+                target_logits = draft.logits(target_features, projection)
         token_part = token_loss(logits, targets, target_logits)
         loss = options.feature_weight * feature_loss + options.token_weight * token_part
         optimizer.zero_grad(set_to_none=True)

@@ -47,7 +47,8 @@ class TrainDraftOptions:
     responses_artifact: Path | None = None
 
 
-def data_key(loaded: LoadedModel, options: TrainDraftOptions) -> str:
+def responses_key(loaded: LoadedModel, options: TrainDraftOptions) -> str:
+    """What the sequences depend on (the prompts, the answering, ``--data``)."""
     described = {"source": loaded.source, "distill": dataclasses.asdict(options.distill),
                  "max_prompts": options.max_prompts, "per_topic": options.prompts_per_topic,
                  **({"prompt_set": options.prompt_set} if options.prompt_set != "base" else {}),
@@ -55,6 +56,15 @@ def data_key(loaded: LoadedModel, options: TrainDraftOptions) -> str:
                  **({"responses_artifact": str(options.responses_artifact)}
                     if options.responses_artifact else {})}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_key(loaded: LoadedModel, options: TrainDraftOptions) -> str:
+    """What the features depend on: the sequences, and the residual layers they carry."""
+    key = responses_key(loaded, options)
+    if not options.train.feature_layers:
+        return key
+    layers = ",".join(str(k) for k in options.train.feature_layers)
+    return f"{key}-layers{layers.replace(',', '_')}"
 
 
 def sequences(loaded: LoadedModel, model, options: TrainDraftOptions, cache: Path,
@@ -68,7 +78,7 @@ def sequences(loaded: LoadedModel, model, options: TrainDraftOptions, cache: Pat
         pairs = read_data_file(options.data_file, encoder)
         log(f"using {len(pairs)} examples from {options.data_file}")
         return pairs
-    path = cache / f"responses-{data_key(loaded, options)}.json"
+    path = cache / f"responses-{responses_key(loaded, options)}.json"
     if path.is_file():
         log(f"using cached backbone responses {path}")
         return [tuple(pair) for pair in json.loads(path.read_text())]
@@ -103,7 +113,8 @@ def draft_data(loaded: LoadedModel, options: TrainDraftOptions, cache: Path,
     model = build_hf_model(loaded)
     pairs = sequences(loaded, model, options, cache, log)
     with tqdm(total=len(pairs), desc="backbone features", unit="seq") as bar:
-        data = sequence_features(model, pairs, progress=bar.update)
+        data = sequence_features(model, pairs, progress=bar.update,
+                                 feature_layers=options.train.feature_layers)
     data.save(path)
     return data
 
@@ -136,7 +147,8 @@ def train_draft_for_model(source: str, output: Path,
                             report, None if loaded.config.tie_word_embeddings
                             else loaded.embedding())
     recipe = {
-        "method": "EAGLE-1-style draft layer, self-distillation (frozen backbone)",
+        "method": ("EAGLE-3-style multi-layer features" if options.train.feature_layers
+                   else "EAGLE-1-style") + " draft layer, self-distillation (frozen backbone)",
         "source": loaded.source,
         "data": {"file": str(options.data_file) if options.data_file else None,
                  "prompts": "edgert.train.prompts.training_prompts",

@@ -18,17 +18,27 @@ def loaded(tiny_dir):
     return load_model(str(tiny_dir))
 
 
-@pytest.fixture(scope="session")
-def random_draft_dir(loaded, tmp_path_factory):
+def _random_draft(loaded, out, feature_layers=()):
     torch.manual_seed(3)
-    draft = DraftLayer(DraftConfig.for_backbone(loaded.config, output_vocab=96),
+    draft = DraftLayer(DraftConfig.for_backbone(loaded.config, output_vocab=96,
+                                                feature_layers=feature_layers),
                        vocab_ids=torch.randperm(loaded.config.vocab_size)[:96].sort().values)
     with torch.no_grad():
         for p in draft.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    out = tmp_path_factory.mktemp("draft")
     save_draft(draft, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def random_draft_dir(loaded, tmp_path_factory):
+    return _random_draft(loaded, tmp_path_factory.mktemp("draft"))
+
+
+@pytest.fixture(scope="session")
+def multilayer_draft_dir(loaded, tmp_path_factory):
+    """A random draft that also reads the residual stream after the tiny model's layer 1."""
+    return _random_draft(loaded, tmp_path_factory.mktemp("draft_ml"), feature_layers=(1,))
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,7 @@ def _torch_rows(draft_dir, loaded, n: int, seed: int):
     cfg = loaded.config
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, cfg.vocab_size, size=(1, n))
-    features = rng.standard_normal((1, n, cfg.hidden_size)).astype(np.float32)
+    features = rng.standard_normal((1, n, draft.config.feature_size)).astype(np.float32)
     positions = np.arange(1, n + 1)[None]
     with torch.no_grad():
         ref = draft_forward(draft, torch.from_numpy(features),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -43,11 +44,24 @@ def loaded(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def data(loaded):
-    model = build_hf_model(loaded)
-    pairs = generate_responses(model, PromptEncoder(loaded), PROMPTS,
-                               DistillOptions(max_new_tokens=24, batch_size=4, seed=0))
+def model(loaded):
+    return build_hf_model(loaded)
+
+
+@pytest.fixture(scope="module")
+def pairs(loaded, model):
+    return generate_responses(model, PromptEncoder(loaded), PROMPTS,
+                              DistillOptions(max_new_tokens=24, batch_size=4, seed=0))
+
+
+@pytest.fixture(scope="module")
+def data(model, pairs):
     return sequence_features(model, pairs, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def multilayer_data(model, pairs):
+    return sequence_features(model, pairs, batch_size=3, feature_layers=(1,))
 
 
 def test_features_are_the_backbones(loaded, data, tiny_reference):
@@ -61,6 +75,35 @@ def test_features_are_the_backbones(loaded, data, tiny_reference):
     assert torch.equal(data.argmax[span], out.logits[0].argmax(-1))
     assert data.sequences == len(PROMPTS)
     assert int(data.prompt_lengths[2]) < span.stop - span.start
+
+
+def test_multilayer_features_append_the_residual_stream(data, multilayer_data, tiny_reference):
+    """With feature_layers (1,): h_t, then transformers' hidden_states[1] (the residual
+    stream after layer 1); tokens and argmax as without."""
+    h = data.hidden.shape[1]
+    assert multilayer_data.hidden.shape == (len(data.tokens), 2 * h)
+    torch.testing.assert_close(multilayer_data.hidden[:, :h], data.hidden)
+    assert torch.equal(multilayer_data.argmax, data.argmax)
+    span = data.span(1)
+    with torch.no_grad():
+        states = tiny_reference(data.tokens[span][None], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(multilayer_data.hidden[span, h:].float(), states[1][0],
+                               atol=2e-3, rtol=2e-3)  # stored fp16
+
+
+def test_multilayer_training_learns_and_needs_matching_data(loaded, data, multilayer_data):
+    options = dataclasses.replace(QUICK, feature_layers=(1,))
+    losses, top1 = [], []
+    draft = train_draft(multilayer_data, loaded.config, loaded.lm_head_t(), options,
+                        report=lambda r: (losses.append(r.loss), top1.append(r.top1)))
+    assert draft.config.feature_layers == (1,) and draft.aux_fc.weight.abs().sum() > 0
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert sum(top1[-5:]) / 5 > sum(top1[:5]) / 5
+    with pytest.raises(ConfigError, match="rebuild the data with the same layers"):
+        train_draft(data, loaded.config, loaded.lm_head_t(), options)
+    with pytest.raises(ConfigError, match="below the backbone's 2 layers"):
+        train_draft(multilayer_data, loaded.config, loaded.lm_head_t(),
+                    dataclasses.replace(QUICK, feature_layers=(2,)))
 
 
 def test_pack_keeps_sequences_apart(data):
@@ -200,6 +243,16 @@ def test_save_load_round_trip_and_refusals(loaded, tmp_path):
         load_draft(tmp_path, loaded.config)
     with pytest.raises(ConfigError, match="one decoder layer"):
         DraftConfig({**cfg["layer"], "num_hidden_layers": 2})
+    multilayer = DraftLayer(DraftConfig.for_backbone(loaded.config, feature_layers=(1,)))
+    save_draft(multilayer, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "draft.json").read_text())["feature_layers"] == [1]
+    assert load_draft(tmp_path / "m", loaded.config).config.feature_layers == (1,)
+    assert "feature_layers" not in json.loads((tmp_path / "d" / "draft.json").read_text())
+    wide = json.loads((tmp_path / "m" / "draft.json").read_text())
+    wide["feature_layers"] = [5]
+    (tmp_path / "m" / "draft.json").write_text(json.dumps(wide))
+    with pytest.raises(ModelSourceError, match="after layers \\[5\\], but this model has 2"):
+        load_draft(tmp_path / "m", loaded.config)
 
 
 def test_batched_responses_equal_transformers_greedy(loaded, tiny_artifact):
