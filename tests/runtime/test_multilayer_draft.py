@@ -140,3 +140,26 @@ def test_tvm_drafts_with_a_multilayer_draft(tiny_dir, multilayer_draft_dir, tmp_
         plain = ort_engine.generate(prompt, max_new_tokens=32, speculative="off")
         spec = tvm_engine.generate(prompt, max_new_tokens=32, speculative="draft")
         assert spec.output_ids == plain.output_ids, prompt
+
+
+def test_dhsa_prefill_returns_the_wider_features(tiny_dir, multilayer_draft_dir, tmp_path):
+    """The sparse prefill graph returns the residual states too, and drafting after it stays
+    lossless."""
+    from edgert.dhsa.params import DHSAParams
+
+    params = DHSAParams(block_size=16, budget=64, local=16, sink=4, dense_tail=8,
+                        probe_stride=8, min_context=128, prefill_chunk=64, early_layers=0)
+    art = export(tiny_dir, tmp_path / "art", multilayer_draft_dir, draft_weights="fp32",
+                 dhsa=params)
+    engine = edgert.load(art)
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    ids = engine.encode(text, chat=False)
+    assert len(ids) > params.min_context and engine.backend.has_dhsa
+    sparse = engine.prefill_ids(ids, sparse=True).features
+    dense = engine.prefill_ids(ids).features
+    h = engine.manifest.config.hidden_size
+    assert sparse.shape == dense.shape == (len(ids), 2 * h)
+    plain = engine.generate(text, max_new_tokens=24, chat=False, dhsa=True, speculative="off")
+    drafted = engine.generate(text, max_new_tokens=24, chat=False, dhsa=True,
+                              speculative="draft")
+    assert drafted.stats["prefill"] == "dhsa" and drafted.output_ids == plain.output_ids
