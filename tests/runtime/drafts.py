@@ -16,3 +16,12 @@ def export(tiny_dir, out, draft, **options):
     return export_model(str(tiny_dir), out, ExportOptions(draft=draft, max_context=512,
                                                           draft_depth=4, **options),
                         log=lambda m: None)
+
+
+def assert_lossless(engine, mode: str, prompts=PROMPTS, max_new_tokens: int = 40) -> None:
+    """Speculative ``mode`` gives plain greedy's tokens on every prompt."""
+    for prompt in prompts:
+        plain = engine.generate(prompt, max_new_tokens=max_new_tokens, speculative="off")
+        spec = engine.generate(prompt, max_new_tokens=max_new_tokens, speculative=mode)
+        assert spec.output_ids == plain.output_ids, prompt
+        assert spec.stats["speculative"] == mode

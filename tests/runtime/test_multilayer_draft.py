@@ -16,7 +16,7 @@ import edgert
 from edgert.export.draft_layer import load_draft
 from edgert.runtime.steps import causal_mask
 from edgert.train.draft_loop import draft_forward, embed_tokens
-from tests.runtime.drafts import PROMPTS, export
+from tests.runtime.drafts import PROMPTS, assert_lossless, export
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +107,7 @@ def test_rows_without_residual_states_read_fc_alone(multilayer_draft_dir, loaded
 
 @pytest.mark.parametrize("mode", ["draft", "draft+lookup"])
 def test_a_multilayer_draft_is_lossless(artifact, mode):
-    engine = edgert.load(artifact)
-    for prompt in PROMPTS:
-        plain = engine.generate(prompt, max_new_tokens=40, speculative="off")
-        spec = engine.generate(prompt, max_new_tokens=40, speculative=mode)
-        assert spec.output_ids == plain.output_ids, prompt
+    assert_lossless(edgert.load(artifact), mode)
 
 
 def test_the_8_bit_multilayer_draft_is_lossless(tiny_dir, multilayer_draft_dir, tmp_path):
@@ -120,10 +116,7 @@ def test_the_8_bit_multilayer_draft_is_lossless(tiny_dir, multilayer_draft_dir, 
     art = export(tiny_dir, tmp_path / "q8", multilayer_draft_dir)
     graph = onnx.load(str(art / "draft.onnx"), load_external_data=False).graph
     assert len([n for n in graph.node if n.op_type == "MatMulNBits"]) == 7  # + aux_fc
-    engine = edgert.load(art)
-    for prompt in PROMPTS[:2]:
-        assert (engine.generate(prompt, max_new_tokens=32, speculative="draft").output_ids
-                == engine.generate(prompt, max_new_tokens=32, speculative="off").output_ids)
+    assert_lossless(edgert.load(art), "draft", PROMPTS[:2], max_new_tokens=32)
 
 
 def test_tvm_drafts_with_a_multilayer_draft(tiny_dir, multilayer_draft_dir, tmp_path):
