@@ -195,6 +195,8 @@ def _draft_manifest(draft: DraftLayer, options: ExportOptions, capacity: int,
                "kv_cache": dataclasses.asdict(spec),
                "draft_source": str(options.draft or "registered model's draft"),
                "training": draft.config.training}
+    if draft.config.feature_layers:  # the decode graphs' features carry these layers too
+        section["feature_layers"] = list(draft.config.feature_layers)
     if tree is not None:
         section["tree"] = tree
     return section

@@ -50,6 +50,7 @@ def test_manifest_and_files(draft_artifact):
     assert manifest["draft"]["weights"] == "fp32"
     assert manifest["draft"]["topk"] == 4 and manifest["draft"]["depth"] == 4  # as exported
     assert manifest["draft"]["kv_cache"]["num_layers"] == 1
+    assert "feature_layers" not in manifest["draft"]  # a single-feature draft
     assert manifest["draft"]["kv_cache"]["capacity"] >= manifest["kv_cache"]["capacity"]
     assert (draft_artifact / "draft.onnx").is_file()
     outputs = [t["name"] for t in manifest["graphs"]["ort_gqa"]["outputs"]]

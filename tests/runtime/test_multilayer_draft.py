@@ -43,6 +43,7 @@ def test_the_manifest_names_the_wider_features(artifact, loaded):
         assert "after layers [1]" in features["meaning"]
     draft_in = {t["name"]: t for t in manifest["graphs"]["draft"]["inputs"]}
     assert draft_in["features"]["shape"][-1] == 2 * h
+    assert manifest["draft"]["feature_layers"] == [1]
 
 
 def test_features_are_the_final_state_then_the_residual_stream(artifact, tiny_reference,
