@@ -63,8 +63,7 @@ def data_key(loaded: LoadedModel, options: TrainDraftOptions) -> str:
     key = responses_key(loaded, options)
     if not options.train.feature_layers:
         return key
-    layers = ",".join(str(k) for k in options.train.feature_layers)
-    return f"{key}-layers{layers.replace(',', '_')}"
+    return f"{key}-layers" + "_".join(str(k) for k in options.train.feature_layers)
 
 
 def sequences(loaded: LoadedModel, model, options: TrainDraftOptions, cache: Path,

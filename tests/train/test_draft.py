@@ -271,3 +271,14 @@ def test_batched_responses_equal_transformers_greedy(loaded, tiny_artifact):
     again = generate_responses_batched(edgert.load(tiny_artifact), encoder, PROMPTS, options,
                                        slots=2)
     assert again == batched  # the sampled ones too: seeded per prompt, whatever runs beside
+
+
+def test_feature_layers_key_the_features_not_the_answers(loaded):
+    """Adding residual layers rebuilds only the features: the cached answers keep their key."""
+    from edgert.train.train_draft import TrainDraftOptions, data_key, responses_key
+
+    plain = TrainDraftOptions()
+    layered = TrainDraftOptions(train=DraftTrainOptions(feature_layers=(1,)))
+    assert responses_key(loaded, plain) == responses_key(loaded, layered)
+    assert data_key(loaded, plain) == responses_key(loaded, plain)
+    assert data_key(loaded, layered) == responses_key(loaded, plain) + "-layers1"
