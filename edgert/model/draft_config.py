@@ -105,7 +105,7 @@ class DraftConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {"layer": self.layer, "output_vocab": self.output_vocab,
                "training": self.training}
-        if self.feature_layers:  # older readers keep loading single-feature drafts
+        if self.feature_layers:  # omitted when empty: older edgerts read the file
             out["feature_layers"] = list(self.feature_layers)
         return out
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgert.export.draft_layer import DraftLayer, save_draft
+from edgert.model.draft_config import DraftConfig
 from edgert.model.loaded import LoadedModel
 from edgert.model.sources import load_model
 from edgert.train.distill import (
@@ -128,6 +129,9 @@ def train_draft_for_model(source: str, output: Path,
 
     started = time.time()
     loaded = load_model(source)
+    # refuse layers the backbone lacks now, not after an hour of answers and features
+    DraftConfig.for_backbone(loaded.config, options.train.output_vocab,
+                             options.train.feature_layers)
     cache = output / CACHE_DIR
     cache.mkdir(parents=True, exist_ok=True)
     data = draft_data(loaded, options, cache, log)

@@ -282,3 +282,12 @@ def test_feature_layers_key_the_features_not_the_answers(loaded):
     assert responses_key(loaded, plain) == responses_key(loaded, layered)
     assert data_key(loaded, plain) == responses_key(loaded, plain)
     assert data_key(loaded, layered) == responses_key(loaded, plain) + "-layers1"
+
+
+def test_train_draft_refuses_missing_layers_before_building_data(tiny_dir, tmp_path):
+    from edgert.train.train_draft import TrainDraftOptions, train_draft_for_model
+
+    options = TrainDraftOptions(train=DraftTrainOptions(feature_layers=(5,)))
+    with pytest.raises(ConfigError, match="below the backbone's 2 layers"):
+        train_draft_for_model(str(tiny_dir), tmp_path / "d", options, log=lambda m: None)
+    assert not (tmp_path / "d").exists()  # nothing answered, nothing written
